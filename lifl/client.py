@@ -1,0 +1,199 @@
+"""Python client for LIFL's gRPC service.
+
+    with Client("127.0.0.1:50051") as c:
+        rid = c.open_round(initial_arrays, expected=10)
+        c.push(rid, arrays, num_examples=128, client_id="phone-7")
+        global_arrays = c.pull(rid, wait_s=60)
+
+Updates stream as the flat layout in ``chunk_size`` pieces straight from the
+arrays (no whole-model copy). RESOURCE_EXHAUSTED (server's slot budget full)
+is retried with the server's ``retry-after-ms`` hint for up to ``retry_s``.
+Other refusals raise :class:`RpcFailure` with the gRPC status and message.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import grpc
+import numpy as np
+
+from .layout import Layout
+from .rounds import State
+from .v1 import aggregation_pb2 as pb
+from .wire import chunk_payload, encode_chunk
+
+MiB = 2**20
+
+
+class RpcFailure(Exception):
+    """A call LIFL refused or could not complete. ``code`` is a grpc.StatusCode."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Receipt:
+    round: int
+    client_id: str
+    bytes_received: int
+    accepted: int
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    job: str
+    round: int
+    state: str
+    expected: int
+    quorum: int
+    accepted: int
+    in_flight: int
+    total_weight: float
+    detail: str
+    post_arrival_seconds: float
+
+    @classmethod
+    def from_proto(cls, r: pb.RoundInfo) -> "RoundStatus":
+        state = State(r.state).name.lower() if r.state else "unknown"
+        return cls(r.job, r.round, state, r.expected, r.quorum, r.accepted, r.in_flight, r.total_weight,
+                   r.detail, r.post_arrival_seconds)
+
+
+def _failure(e: grpc.RpcError) -> RpcFailure:
+    return RpcFailure(e.code(), e.details() or "")
+
+
+def _retry_after(e: grpc.RpcError, default: float) -> float:
+    for k, v in e.trailing_metadata() or ():
+        if k == "retry-after-ms":
+            return int(v) / 1000
+    return default
+
+
+class Client:
+    def __init__(self, address: str, token: str | None = None, root_cert: bytes | None = None,
+                 chunk_size: int = 2 * MiB, retry_s: float = 60.0, timeout_s: float | None = None):
+        if not MiB // 4 <= chunk_size <= 8 * MiB:
+            raise ValueError("chunk_size must be between 256 KiB and 8 MiB")
+        opts = [("grpc.max_receive_message_length", 16 * MiB), ("grpc.max_send_message_length", 16 * MiB)]
+        self._channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(root_cert), opts)
+                         if root_cert else grpc.insecure_channel(address, opts))
+        self._md = (("authorization", f"Bearer {token}"),) if token else ()
+        self.chunk_size, self.retry_s, self.timeout_s = chunk_size, retry_s, timeout_s
+        ch = self._channel
+        self._push = ch.stream_unary("/lifl.v1.Aggregation/Push", response_deserializer=pb.PushReply.FromString)
+        self._pull = ch.unary_stream("/lifl.v1.Aggregation/Pull", request_serializer=pb.PullRequest.SerializeToString)
+        self._get = ch.unary_unary("/lifl.v1.Aggregation/GetRound",
+                                   request_serializer=pb.GetRoundRequest.SerializeToString,
+                                   response_deserializer=pb.RoundInfo.FromString)
+        self._open = ch.stream_unary("/lifl.v1.Admin/OpenRound", response_deserializer=pb.RoundInfo.FromString)
+        self._close = ch.unary_unary("/lifl.v1.Admin/CloseRound",
+                                     request_serializer=pb.CloseRoundRequest.SerializeToString,
+                                     response_deserializer=pb.RoundInfo.FromString)
+        self._status = ch.unary_unary("/lifl.v1.Admin/Status", request_serializer=pb.StatusRequest.SerializeToString,
+                                      response_deserializer=pb.StatusReply.FromString)
+
+    # -- streams -------------------------------------------------------------------
+    def _stream(self, header_msg: bytes, layout: Layout | None, arrays) -> Iterator[bytes]:
+        yield header_msg
+        if layout is not None:
+            for piece in layout.chunks(arrays, self.chunk_size):
+                yield encode_chunk(piece)
+
+    def push(self, round: int, arrays: Mapping[str, np.ndarray], num_examples: float, client_id: str,
+             job: str = "default") -> Receipt:
+        """Stream one update; returns once the server has accepted it (not yet folded)."""
+        layout = Layout.from_arrays(arrays)
+        header = pb.PushHeader(job=job, round=round, client_id=client_id, num_examples=float(num_examples),
+                               total_size=layout.total_size, encoding=pb.ENCODING_RAW)
+        layout.to_proto(header.tensors)
+        first = pb.PushRequest(header=header).SerializeToString()
+        give_up = time.monotonic() + self.retry_s
+        while True:
+            try:
+                r = self._push(self._stream(first, layout, arrays), metadata=self._md, timeout=self.timeout_s)
+                return Receipt(r.round, r.client_id, r.bytes_received, r.accepted)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < give_up:
+                    time.sleep(_retry_after(e, 0.5))
+                    continue
+                raise _failure(e) from None
+
+    def push_raw(self, messages: Iterator[bytes]) -> Receipt:
+        """Send pre-serialized PushRequest messages as they are (for tests and other tools)."""
+        try:
+            r = self._push(messages, metadata=self._md, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise _failure(e) from None
+        return Receipt(r.round, r.client_id, r.bytes_received, r.accepted)
+
+    def pull(self, round: int, wait_s: float = 0.0, initial: bool = False, job: str = "default"
+             ) -> dict[str, np.ndarray]:
+        """The round's aggregate (or the model it was opened with), as arrays over one buffer."""
+        req = pb.PullRequest(job=job, round=round, wait_seconds=wait_s,
+                             kind=pb.MODEL_KIND_INITIAL if initial else pb.MODEL_KIND_RESULT)
+        timeout = None if self.timeout_s is None else self.timeout_s + wait_s
+        try:
+            stream = self._pull(req, metadata=self._md, timeout=timeout)
+            head = pb.PullChunk.FromString(next(stream)).header
+            layout = Layout.from_proto(head.tensors)
+            buf = bytearray(layout.total_size)
+            pos = 0
+            for raw in stream:
+                piece = chunk_payload(raw, pb.PullChunk, "model chunk")
+                buf[pos:pos + len(piece)] = piece
+                pos += len(piece)
+        except grpc.RpcError as e:
+            raise _failure(e) from None
+        if pos != layout.total_size:
+            raise RpcFailure(grpc.StatusCode.DATA_LOSS, f"model stream ended after {pos} of {layout.total_size} bytes")
+        return layout.views(buf)
+
+    # -- rounds ------------------------------------------------------------------------
+    def open_round(self, model: Mapping[str, np.ndarray] | None = None, expected: int = 1, quorum: int = 0,
+                   deadline_s: float = 0.0, job: str = "default", from_round: int = 0,
+                   layout: Layout | None = None) -> int:
+        """Open a round; the model (or ``layout`` alone, or ``from_round``'s result) fixes its tensor specs."""
+        h = pb.OpenRoundHeader(job=job, expected=expected, quorum=quorum, deadline_seconds=deadline_s,
+                               from_round=from_round, encoding=pb.ENCODING_RAW)
+        lay = None
+        if model is not None:
+            lay = Layout.from_arrays(model)
+            lay.to_proto(h.tensors)
+            h.total_size = lay.total_size
+        elif layout is not None:
+            layout.to_proto(h.tensors)
+        first = pb.OpenRoundRequest(header=h).SerializeToString()
+        try:
+            info = self._open(self._stream(first, lay, model), metadata=self._md, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise _failure(e) from None
+        return info.round
+
+    def close_round(self, round: int, abort: bool = False, job: str = "default") -> RoundStatus:
+        return RoundStatus.from_proto(self._call(self._close, pb.CloseRoundRequest(job=job, round=round, abort=abort)))
+
+    def round_info(self, round: int, job: str = "default") -> RoundStatus:
+        return RoundStatus.from_proto(self._call(self._get, pb.GetRoundRequest(job=job, round=round)))
+
+    def status(self) -> pb.StatusReply:
+        return self._call(self._status, pb.StatusRequest())
+
+    def _call(self, fn, req):
+        try:
+            return fn(req, metadata=self._md, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise _failure(e) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

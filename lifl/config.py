@@ -1,0 +1,99 @@
+"""Server configuration: defaults < TOML file < ``LIFL_*`` environment < command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+MiB = 2**20
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051                 # 0 picks a free port
+    metrics_port: int = 9464          # 0 picks a free port, -1 disables /metrics
+    runtime: str = "local"
+    # data plane
+    shm_budget_mb: int = 1024         # update slots in flight (received, not yet folded)
+    shm_prefix: str = "lifl"
+    admission_timeout_s: float = 30.0  # how long a push waits for a slot before RESOURCE_EXHAUSTED
+    reject_nonfinite: bool = True
+    max_chunk_bytes: int = 8 * MiB
+    header_limit_bytes: int = 1 * MiB
+    keep_rounds: int = 8              # results kept for Pull
+    grpc_threads: int = 32
+    # hierarchy (static planner)
+    workers: int = 4                  # aggregator functions kept by the local runtime
+    leaves: int = 4
+    fan_in: int = 4
+    # security
+    tokens: list[str] = field(default_factory=list)  # client bearer tokens; empty = no auth
+    admin_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def validate(self) -> "ServerConfig":
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.shm_budget_mb < 1:
+            raise ValueError("shm_budget_mb must be >= 1")
+        if self.leaves < 1 or self.workers < 1:
+            raise ValueError("leaves and workers must be >= 1")
+        if self.leaves > 1 and self.fan_in < 2:
+            raise ValueError("fan_in must be >= 2 when there is more than one leaf")
+        if self.runtime not in ("local",):
+            raise ValueError(f"unknown runtime {self.runtime!r}; available: local")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if t == "bool":
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{f.name}: expected a boolean, got {value!r}")
+    if t == "int":
+        return int(value)
+    if t == "float":
+        return float(value)
+    if t.startswith("list"):
+        return [v for v in value.split(",") if v]
+    return value
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+    """Merge a TOML file (top-level keys or a ``[server]`` table), ``LIFL_<FIELD>`` env vars and overrides."""
+    env = os.environ if env is None else env
+    known = {f.name: f for f in fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    if path:
+        data = tomllib.loads(Path(path).read_text())
+        data = data.get("server", data)
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        values.update(data)
+    for name, f in known.items():
+        key = "LIFL_" + name.upper()
+        if key in env:
+            values[name] = _coerce(f, env[key])
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = v
+    cfg = ServerConfig(**{k: _coerce(known[k], v) for k, v in values.items()})
+    return cfg.validate()

@@ -1,0 +1,1 @@
+"""Pure control-plane policies: no processes, no gRPC, no shared memory."""

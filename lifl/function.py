@@ -1,0 +1,131 @@
+"""One aggregator function: a separate OS process that folds shared-memory slots.
+
+It owns nothing: every segment is created by the server and only attached
+here (cached by name, since slots are reused), so a SIGKILL leaks no memory.
+Commands arrive as JSON lines on an inherited Unix socket, one at a time;
+each is answered with ``{"seq": n, "ok": true, ...}`` or an error. No pickle.
+
+Commands (a round's first one on a function carries its layout): ``reset`` (zero an accumulator),
+``fold`` (updates and/or child partials into an accumulator), ``finalize``
+(accumulator / total weight -> native-dtype result), ``forget`` (drop cached
+mappings), ``exit``.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+import numpy as np
+
+from . import fold
+from .layout import Layout, TensorSpec
+from .shm import Segment
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the server dies, so no orphan keeps mappings alive."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+class Function:
+    def __init__(self):
+        self.layouts: dict[int, Layout] = {}
+        self.segments: dict[str, Segment] = {}
+        self.views: dict[tuple[str, int], fold.UpdateViews] = {}
+
+    def seg(self, name: str) -> Segment:
+        s = self.segments.get(name)
+        if s is None:
+            s = self.segments[name] = Segment.attach(name)
+        return s
+
+    def acc(self, name: str, layout: Layout) -> np.ndarray:
+        return self.seg(name).array(np.float64, layout.numel)
+
+    def update_views(self, name: str, lid: int) -> fold.UpdateViews:
+        v = self.views.get((name, lid))
+        if v is None:
+            v = self.views[(name, lid)] = fold.UpdateViews(self.layouts[lid], self.seg(name).buf)
+        return v
+
+    def handle(self, cmd: dict) -> dict:
+        op = cmd["op"]
+        if "specs" in cmd:  # first command of a round on this function carries its layout
+            self.layouts[cmd["layout"]] = Layout.from_specs(
+                TensorSpec(n, d, tuple(s)) for n, d, s in cmd["specs"])
+        if op == "reset":
+            self.acc(cmd["acc"], self.layouts[cmd["layout"]])[:] = 0.0
+            return {}
+        if op == "fold":
+            layout = self.layouts[cmd["layout"]]
+            acc = self.acc(cmd["acc"], layout)
+            t0 = time.perf_counter()
+            ups = cmd.get("updates", [])
+            if ups:
+                fold.fold_updates(acc, layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
+                                  [w for _, w in ups])
+            parts = cmd.get("partials", [])
+            if parts:
+                fold.fold_partials(acc, [self.acc(n, layout) for n in parts])
+            return {"seconds": time.perf_counter() - t0}
+        if op == "finalize":
+            layout = self.layouts[cmd["layout"]]
+            t0 = time.perf_counter()
+            fold.finalize(self.acc(cmd["acc"], layout), layout, cmd["weight"], self.seg(cmd["out"]).buf)
+            return {"seconds": time.perf_counter() - t0}
+        if op == "forget":
+            for name in cmd["segments"]:
+                for key in [k for k in self.views if k[0] == name]:
+                    del self.views[key]
+                seg = self.segments.pop(name, None)
+                if seg is not None:
+                    seg.close()
+            for lid in cmd.get("layouts", []):
+                self.layouts.pop(lid, None)
+                for key in [k for k in self.views if k[1] == lid]:
+                    del self.views[key]
+            return {}
+        raise ValueError(f"unknown op {op!r}")
+
+
+def serve(sock: socket.socket) -> None:
+    fn = Function()
+    rfile = sock.makefile("rb")
+    for line in rfile:
+        cmd = json.loads(line)
+        if cmd.get("op") == "exit":
+            break
+        try:
+            reply = {"seq": cmd.get("seq"), "ok": True, **fn.handle(cmd)}
+        except Exception as e:  # report, keep serving: the dispatcher decides
+            reply = {"seq": cmd.get("seq"), "ok": False, "error": f"{type(e).__name__}: {e}"}
+        sock.sendall(json.dumps(reply).encode() + b"\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="LIFL aggregator function (started by the runtime)")
+    p.add_argument("--fd", type=int, required=True)
+    args = p.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us explicitly
+    sock = socket.socket(fileno=args.fd)
+    sock.sendall(json.dumps({"seq": 0, "ok": True, "ready": os.getpid()}).encode() + b"\n")
+    try:
+        serve(sock)
+    finally:
+        sock.close()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

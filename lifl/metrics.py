@@ -1,0 +1,46 @@
+"""Prometheus metrics (names prefixed ``lifl_``) on a per-server registry.
+
+A registry per server keeps several servers in one process (tests, benchmarks)
+apart; ``serve_http`` exposes it at ``/metrics``.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.updates_received = Counter("lifl_updates_received", "Updates accepted", ["job"], registry=r)
+        self.updates_rejected = Counter("lifl_updates_rejected", "Updates refused, by gRPC status",
+                                        ["reason"], registry=r)
+        self.bytes_ingested = Counter("lifl_bytes_ingested", "Update bytes written into shared memory", registry=r)
+        self.fold_seconds = Histogram("lifl_fold_seconds", "Time of one fold command in a function",
+                                      ["level"], buckets=_LAT, registry=r)
+        self.post_arrival = Histogram("lifl_post_arrival_seconds",
+                                      "Last accepted update -> global model pullable", buckets=_LAT, registry=r)
+        self.round_duration = Histogram("lifl_round_duration_seconds", "Round open -> result",
+                                        buckets=_LAT, registry=r)
+        self.rounds = Counter("lifl_rounds", "Rounds closed, by outcome", ["outcome"], registry=r)
+        self.aggregators_active = Gauge("lifl_aggregators_active", "Aggregator functions running, by level and node",
+                                        ["level", "node"], registry=r)
+        self.cold_starts = Counter("lifl_cold_starts", "Aggregator functions started from nothing", registry=r)
+        self.warm_reuses = Counter("lifl_warm_reuses", "Dispatches to an already running function", registry=r)
+        self.queue_depth = Gauge("lifl_queue_depth", "Updates received but not yet folded", registry=r)
+        self.slots_in_use = Gauge("lifl_shm_slots_in_use", "Update slots holding an update", registry=r)
+        self.shm_bytes = Gauge("lifl_shm_bytes", "Shared memory held, by kind", ["kind"], registry=r)
+        self._http = None
+
+    def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Start /metrics on ``port`` (0 picks one); return the bound port."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

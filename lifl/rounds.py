@@ -1,0 +1,124 @@
+"""Round lifecycle: open -> aggregating -> done | failed, as a pure state machine.
+
+It decides, it does not act: the dispatcher asks it whether an update may start,
+records what was accepted, and learns when to close. Close rules:
+
+* all expected updates accepted -> close and aggregate them;
+* deadline passed with at least ``quorum`` accepted -> close, aggregate those,
+  cancel streams still in flight;
+* deadline passed below quorum -> fail (updates discarded);
+* an explicit close (admin) -> like a deadline; an abort -> fail.
+Updates for an unknown, closed or failed round are refused.
+"""
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+from .errors import LiflError
+from .layout import Layout
+
+
+class State(enum.IntEnum):
+    OPEN = 1
+    AGGREGATING = 2
+    DONE = 3
+    FAILED = 4
+
+
+@dataclass
+class Round:
+    job: str
+    id: int
+    layout: Layout
+    expected: int
+    quorum: int
+    deadline_s: float = 0.0
+    opened: float = field(default_factory=time.time)
+    state: State = State.OPEN
+    accepted: dict[str, float] = field(default_factory=dict)   # client -> weight
+    in_flight: set[str] = field(default_factory=set)
+    detail: str = ""
+    closed: float = 0.0
+    last_arrival: float = 0.0        # monotonic time of the last accepted update
+    post_arrival_s: float = 0.0
+    total_weight: float = 0.0
+
+    @staticmethod
+    def check_params(expected: int, quorum: int, deadline_s: float) -> int:
+        """Validate open parameters; return the effective quorum."""
+        if expected < 1:
+            raise LiflError("INVALID_ARGUMENT", f"expected clients must be >= 1, got {expected}")
+        quorum = quorum or expected
+        if not 1 <= quorum <= expected:
+            raise LiflError("INVALID_ARGUMENT", f"quorum must be between 1 and expected ({expected}), got {quorum}")
+        if deadline_s < 0 or not math.isfinite(deadline_s):
+            raise LiflError("INVALID_ARGUMENT", f"deadline must be >= 0 seconds, got {deadline_s}")
+        return quorum
+
+    @property
+    def deadline_unix(self) -> float:
+        return self.opened + self.deadline_s if self.deadline_s else 0.0
+
+    # -- admission -----------------------------------------------------------
+    def begin(self, client: str) -> None:
+        """An update's header was valid: may its bytes be received?"""
+        if self.state != State.OPEN:
+            raise LiflError("FAILED_PRECONDITION",
+                            f"round {self.id} is {self.state.name.lower()} and takes no more updates"
+                            + (f" ({self.detail})" if self.detail else ""))
+        if not client:
+            raise LiflError("INVALID_ARGUMENT", "client_id must not be empty")
+        if client in self.accepted:
+            raise LiflError("ALREADY_EXISTS",
+                            f"round {self.id} already accepted an update from client {client!r}; it is counted once")
+        if client in self.in_flight:
+            raise LiflError("ALREADY_EXISTS",
+                            f"an update from client {client!r} for round {self.id} is still being received")
+        if len(self.accepted) + len(self.in_flight) >= self.expected:
+            raise LiflError("FAILED_PRECONDITION",
+                            f"round {self.id} already has all {self.expected} expected updates (accepted or in flight)")
+        self.in_flight.add(client)
+
+    def abandon(self, client: str) -> None:
+        """The stream failed; the client may try again."""
+        self.in_flight.discard(client)
+
+    def accept(self, client: str, weight: float, now: float) -> None:
+        self.in_flight.discard(client)
+        if self.state != State.OPEN:
+            raise LiflError("FAILED_PRECONDITION", f"round {self.id} closed while the update was being received")
+        self.accepted[client] = weight
+        self.total_weight += weight
+        self.last_arrival = now
+
+    # -- closing ---------------------------------------------------------------
+    def complete(self) -> bool:
+        return len(self.accepted) >= self.expected
+
+    def decide_close(self, now_unix: float, forced: bool = False) -> State | None:
+        """What the round should become now (None: stay open)."""
+        if self.state != State.OPEN:
+            return None
+        if self.complete():
+            return State.AGGREGATING
+        if forced or (self.deadline_s and now_unix >= self.deadline_unix):
+            return State.AGGREGATING if len(self.accepted) >= self.quorum else State.FAILED
+        return None
+
+    def close(self, to: State, detail: str) -> None:
+        self.state, self.detail = to, detail
+        self.closed = time.time()
+        if to == State.FAILED:
+            self.in_flight.clear()
+
+    def close_detail(self, now_unix: float, forced: bool) -> str:
+        n = len(self.accepted)
+        if self.complete():
+            return f"all {self.expected} expected updates arrived"
+        why = "closed by an operator" if forced else "deadline passed"
+        if n >= self.quorum:
+            return f"{why} with {n} of {self.expected} updates (quorum {self.quorum})"
+        return f"{why} with {n} of {self.expected} updates, below the quorum of {self.quorum}"

@@ -1,0 +1,1 @@
+"""Runtimes execute the control plane's decisions: start, message and stop aggregator functions."""

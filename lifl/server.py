@@ -1,0 +1,109 @@
+"""The embedded LIFL server: arena + runtime + dispatcher + gateway + /metrics, as one context manager."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+from .config import MiB, ServerConfig
+from .dispatcher import Dispatcher
+from .gateway import Gateway
+from .metrics import Metrics
+from .runtime.local import LocalRuntime
+from .shm import Arena
+
+
+def _make_runtime(config: ServerConfig):
+    if config.runtime == "local":
+        return LocalRuntime()
+    raise ValueError(f"unknown runtime {config.runtime!r}")
+
+
+class EmbeddedServer:
+    """Start with ``with EmbeddedServer(ServerConfig(port=0)) as srv: ...``; ``srv.address`` is host:port."""
+
+    def __init__(self, config: ServerConfig | None = None):
+        self.config = (config or ServerConfig()).validate()
+        self.metrics = Metrics()
+        self.arena: Arena | None = None
+        self.runtime = None
+        self.dispatcher: Dispatcher | None = None
+        self.grpc: grpc.Server | None = None
+        self.port = 0
+        self.metrics_port = -1
+        self._stats_stop = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> "EmbeddedServer":
+        cfg = self.config
+        try:
+            self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=cfg.shm_prefix)
+            self.runtime = _make_runtime(cfg)
+            self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics)
+            gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics)
+            limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
+            self.grpc = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads, thread_name_prefix="lifl-grpc"),
+                handlers=gateway.handlers(),
+                options=[("grpc.max_receive_message_length", limit),
+                         ("grpc.max_send_message_length", 16 * MiB),
+                         ("grpc.so_reuseport", 0)])
+            target = f"{cfg.host}:{cfg.port}"
+            if cfg.tls_cert:
+                with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                self.port = self.grpc.add_secure_port(target, creds)
+            else:
+                self.port = self.grpc.add_insecure_port(target)
+            if not self.port:
+                raise OSError(f"cannot listen on {target}")
+            self.grpc.start()
+            if cfg.metrics_port >= 0:
+                self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.host)
+            threading.Thread(target=self._sample_stats, name="lifl-stats", daemon=True).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _sample_stats(self) -> None:
+        while not self._stats_stop.wait(0.5):
+            st = self.arena.stats()
+            self.metrics.slots_in_use.set(st.slots_in_use)
+            self.metrics.shm_bytes.labels("slots").set(st.slot_bytes_in_use + st.slot_bytes_cached)
+            self.metrics.shm_bytes.labels("accumulators_and_results").set(st.other_bytes)
+            self.metrics.aggregators_active.clear()
+            for w in self.dispatcher.workers():
+                self.metrics.aggregators_active.labels(w.role, w.handle.id).set(1)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._stats_stop.set()
+        if self.grpc is not None:
+            self.grpc.stop(grace).wait()
+            self.grpc = None
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+            self.dispatcher = None
+        elif self.runtime is not None:
+            self.runtime.close()
+        self.runtime = None
+        self.metrics.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
+    def wait(self) -> None:
+        """Block until stop() is called from elsewhere (a signal handler)."""
+        while self.grpc is not None:
+            time.sleep(0.2)
+
+    def __enter__(self) -> "EmbeddedServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

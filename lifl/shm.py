@@ -1,0 +1,258 @@
+"""Shared-memory arena: named POSIX segments with owner-only permissions.
+
+Every segment is created by the server process (the gateway's owner); worker
+processes only attach. Names are ``{prefix}-{pid}-{serial}`` so a restarted
+server can find and unlink what a crashed one (a dead pid) left behind, and a
+SIGKILLed worker can leak nothing because it owns nothing.
+
+Update slots come from a budgeted pool: a slot is taken when an update's header
+is accepted and returned after its leaf has folded it, so memory held by
+in-flight updates never exceeds the budget (that is the gateway's backpressure).
+Free slots are kept for reuse (pages stay mapped and faulted in); they are
+evicted only when a slot of another size needs room.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+
+
+class BudgetExhausted(RuntimeError):
+    """No slot could be had within the wait allowed."""
+
+
+class Segment:
+    """One mapped shared-memory segment. Use as a context manager or call close()."""
+
+    def __init__(self, name: str, size: int, create: bool, shm_dir: Path = SHM_DIR):
+        self.name, self.size, self.path = name, size, shm_dir / name
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, max(size, 1))
+            else:
+                size = os.fstat(fd).st_size
+                self.size = size
+            self._mmap = mmap.mmap(fd, max(size, 1))
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self._mmap)[:size]
+
+    @classmethod
+    def attach(cls, name: str, shm_dir: Path = SHM_DIR) -> "Segment":
+        return cls(name, 0, create=False, shm_dir=shm_dir)
+
+    def array(self, dtype=np.uint8, count: int = -1, offset: int = 0) -> np.ndarray:
+        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
+
+    def close(self) -> None:
+        if self._mmap is None:
+            return
+        self.buf.release()
+        try:
+            self._mmap.close()
+        except BufferError:  # a numpy view still alive: leave the mapping to GC
+            pass
+        self._mmap = None
+
+    def unlink(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_stale(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink segments ``{prefix}-{pid}-*`` whose creating process is dead; return their names."""
+    pat = re.compile(rf"^{re.escape(prefix)}-(\d+)-\d+$")
+    gone = []
+    for p in shm_dir.iterdir():
+        m = pat.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            try:
+                p.unlink()
+                gone.append(p.name)
+            except FileNotFoundError:
+                pass
+    return gone
+
+
+def list_segments(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
+    return sorted(p.name for p in shm_dir.iterdir() if p.name.startswith(prefix + "-"))
+
+
+@dataclass
+class ArenaStats:
+    budget_bytes: int
+    slots_in_use: int
+    slot_bytes_in_use: int
+    slot_bytes_cached: int
+    other_bytes: int
+    segments: int = field(default=0)
+
+
+class Arena:
+    """Owns every segment of one server; close() unlinks them all."""
+
+    def __init__(self, budget_bytes: int, prefix: str = "lifl", shm_dir: Path = SHM_DIR):
+        self.budget = int(budget_bytes)
+        self.prefix, self.shm_dir = prefix, shm_dir
+        self._serial = 0
+        self._cond = threading.Condition()
+        self._free: dict[int, list[Segment]] = {}   # size -> cached free update slots
+        self._in_use: dict[str, Segment] = {}        # update slots handed out
+        self._scratch_free: dict[int, list[Segment]] = {}
+        self._others: dict[str, Segment] = {}        # accumulators, results, initial models
+        self._closed = False
+        self.reclaimed = reclaim_stale(prefix, shm_dir)
+
+    # -- naming / creation ---------------------------------------------------
+    def _new(self, size: int) -> Segment:
+        self._serial += 1
+        return Segment(f"{self.prefix}-{os.getpid()}-{self._serial}", size, create=True, shm_dir=self.shm_dir)
+
+    # -- budgeted update slots ---------------------------------------------
+    def _cached_bytes(self) -> int:
+        return sum(s.size for segs in self._free.values() for s in segs)
+
+    def _used_bytes(self) -> int:
+        return sum(s.size for s in self._in_use.values())
+
+    def acquire_slot(self, size: int, timeout: float = 0.0) -> Segment:
+        """A slot of exactly ``size`` bytes; waits up to ``timeout`` s for budget, else BudgetExhausted."""
+        if size > self.budget:
+            raise BudgetExhausted(f"an update of {size} bytes is larger than the whole slot budget ({self.budget} bytes)")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise BudgetExhausted("the arena is closed")
+                if self._free.get(size):
+                    seg = self._free[size].pop()
+                    self._in_use[seg.name] = seg
+                    return seg
+                used = self._used_bytes()
+                if used + size <= self.budget:
+                    self._evict_for(size)
+                    seg = self._new(size)
+                    self._in_use[seg.name] = seg
+                    return seg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BudgetExhausted(
+                        f"slot budget full: {len(self._in_use)} updates ({used} bytes) are waiting to be folded, "
+                        f"budget is {self.budget} bytes")
+                self._cond.wait(left)
+
+    def _evict_for(self, size: int) -> None:
+        """Unlink cached free slots (largest first) so in-use + cached + size fits the budget."""
+        excess = self._used_bytes() + self._cached_bytes() + size - self.budget
+        for sz in sorted(self._free, reverse=True):
+            segs = self._free[sz]
+            while segs and excess > 0:
+                seg = segs.pop()
+                excess -= seg.size
+                seg.close()
+                seg.unlink()
+
+    def release_slot(self, name: str) -> None:
+        with self._cond:
+            seg = self._in_use.pop(name, None)
+            if seg is None:
+                return
+            if self._closed:
+                seg.close()
+                seg.unlink()
+            else:
+                self._free.setdefault(seg.size, []).append(seg)
+            self._cond.notify_all()
+
+    def slot(self, name: str) -> Segment:
+        return self._in_use[name]
+
+    # -- unbudgeted segments: accumulators, results -------------------------
+    def scratch(self, size: int) -> Segment:
+        """A reusable segment (e.g. a float64 accumulator); give it back with release_scratch."""
+        with self._cond:
+            if self._scratch_free.get(size):
+                seg = self._scratch_free[size].pop()
+            else:
+                seg = self._new(size)
+            self._others[seg.name] = seg
+            return seg
+
+    def release_scratch(self, name: str) -> None:
+        with self._cond:
+            seg = self._others.pop(name, None)
+            if seg is not None:
+                self._scratch_free.setdefault(seg.size, []).append(seg)
+
+    def segment(self, size: int) -> Segment:
+        """A segment owned until free() (results, initial models)."""
+        with self._cond:
+            seg = self._new(size)
+            self._others[seg.name] = seg
+            return seg
+
+    def free(self, name: str) -> None:
+        with self._cond:
+            seg = self._others.pop(name, None)
+        if seg is not None:
+            seg.close()
+            seg.unlink()
+
+    def stats(self) -> ArenaStats:
+        with self._cond:
+            return ArenaStats(
+                budget_bytes=self.budget,
+                slots_in_use=len(self._in_use),
+                slot_bytes_in_use=self._used_bytes(),
+                slot_bytes_cached=self._cached_bytes(),
+                other_bytes=sum(s.size for s in self._others.values())
+                + sum(s.size for segs in self._scratch_free.values() for s in segs),
+                segments=len(self._in_use) + len(self._others) + sum(map(len, self._free.values()))
+                + sum(map(len, self._scratch_free.values())),
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            segs = list(self._in_use.values()) + list(self._others.values())
+            segs += [s for group in (self._free, self._scratch_free) for ss in group.values() for s in ss]
+            self._in_use.clear(); self._others.clear(); self._free.clear(); self._scratch_free.clear()
+            self._cond.notify_all()
+        for seg in segs:
+            seg.close()
+            seg.unlink()
+
+    def __enter__(self) -> "Arena":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
