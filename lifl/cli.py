@@ -1,0 +1,230 @@
+"""The ``lifl`` command line: serve, round open/close/info, push, pull, status, demo, bench.
+
+Models are ``.npz`` files (tensor name -> array) so any tool can produce and
+check them. Every failure exits non-zero with one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_ADDRESS = os.environ.get("LIFL_ADDRESS", "127.0.0.1:50051")
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"lifl: cannot read model file {path}: {e}") from None
+
+
+def _client(args):
+    from .client import Client
+    return Client(args.address, token=args.token or os.environ.get("LIFL_TOKEN") or None)
+
+
+def _print(obj, as_json: bool, human: str) -> None:
+    print(json.dumps(obj, indent=None if as_json else 2) if as_json else human)
+
+
+# -- commands -------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from .config import load_config
+    from .server import EmbeddedServer
+
+    cfg = load_config(args.config, overrides={
+        "host": args.host, "port": args.port, "metrics_port": args.metrics_port, "runtime": args.runtime,
+        "leaves": args.leaves, "fan_in": args.fan_in, "workers": args.workers, "shm_budget_mb": args.shm_budget_mb})
+    srv = EmbeddedServer(cfg).start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    info = {"address": srv.address, "metrics_port": srv.metrics_port, "pid": os.getpid(),
+            "runtime": cfg.runtime, "workers": cfg.workers}
+    print(f"lifl: serving on {srv.address} (runtime {cfg.runtime}, {cfg.workers} functions, "
+          f"metrics {'on :' + str(srv.metrics_port) if srv.metrics_port >= 0 else 'off'})", flush=True)
+    if args.ready_file:
+        Path(args.ready_file).write_text(json.dumps(info))
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        srv.stop()
+        print("lifl: stopped", flush=True)
+    return 0
+
+
+def _round_json(st) -> dict:
+    return asdict(st)
+
+
+def cmd_round_open(args) -> int:
+    model = _load_npz(args.model) if args.model else None
+    if model is None and not args.from_round:
+        raise SystemExit("lifl: round open needs --model FILE.npz or --from-round R")
+    with _client(args) as c:
+        rid = c.open_round(model, expected=args.expected, quorum=args.quorum, deadline_s=args.deadline,
+                           job=args.job, from_round=args.from_round)
+        st = c.round_info(rid, job=args.job)
+    _print(_round_json(st), args.json, str(rid))
+    return 0
+
+
+def cmd_round_close(args) -> int:
+    with _client(args) as c:
+        st = c.close_round(args.round, abort=args.abort, job=args.job)
+    _print(_round_json(st), args.json, f"round {st.round}: {st.state} ({st.detail})")
+    return 0
+
+
+def cmd_round_info(args) -> int:
+    with _client(args) as c:
+        st = c.round_info(args.round, job=args.job)
+    _print(_round_json(st), args.json,
+           f"round {st.round} [{st.job}]: {st.state}, {st.accepted}/{st.expected} updates "
+           f"(quorum {st.quorum}), weight {st.total_weight:g}; {st.detail}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    arrays = _load_npz(args.update)
+    with _client(args) as c:
+        r = c.push(args.round, arrays, args.num_examples, args.client, job=args.job)
+    print(f"accepted: round {r.round}, client {r.client_id}, {r.bytes_received} bytes, "
+          f"{r.accepted} updates so far")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    with _client(args) as c:
+        arrays = c.pull(args.round, wait_s=args.wait, initial=args.initial, job=args.job)
+    np.savez(args.output, **arrays)
+    print(f"wrote {args.output}: {len(arrays)} tensors")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+    with _client(args) as c:
+        rep = c.status()
+    if args.json:
+        print(json.dumps(MessageToDict(rep, preserving_proto_field_name=True)))
+        return 0
+    used = rep.shm_used_bytes / 2**20
+    print(f"lifl {rep.version}, up {rep.uptime_seconds:.0f}s; hierarchy {rep.hierarchy}; "
+          f"shm {used:.1f} MiB held, {rep.slots_in_use} slots in use, budget {rep.shm_budget_bytes / 2**20:.0f} MiB")
+    print(f"{'function':10} {'pid':>7} {'role':8} {'state':6} {'folds':>7} {'updates':>8}")
+    for w in rep.workers:
+        print(f"{w.id:10} {w.pid:7} {w.role:8} {w.state:6} {w.folds:7} {w.updates_folded:8}")
+    print(f"{'round':>6} {'job':12} {'state':12} {'accepted':>9} {'weight':>10} {'post-arrival':>13}  detail")
+    from .rounds import State
+    for r in rep.rounds:
+        state = State(r.state).name.lower() if r.state else "?"
+        print(f"{r.round:6} {r.job[:12]:12} {state:12} {f'{r.accepted}/{r.expected}':>9} {r.total_weight:10g} "
+              f"{r.post_arrival_seconds * 1000:11.1f}ms  {r.detail}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(clients=args.clients, model=args.model, concurrency=args.concurrency, leaves=args.leaves)
+
+
+def cmd_bench(args) -> int:
+    import runpy
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks").is_dir():
+        raise SystemExit("lifl: benchmarks/ is not here; run `lifl bench` from a source checkout")
+    sys.path.insert(0, str(root))
+    sys.argv = [f"benchmarks.bench_{args.name}"] + args.rest
+    runpy.run_module(f"benchmarks.bench_{args.name}", run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lifl", description="LIFL: serverless aggregation of FL updates")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def remote(sp):
+        sp.add_argument("--address", default=DEFAULT_ADDRESS, help="host:port of the server ($LIFL_ADDRESS)")
+        sp.add_argument("--token", default=None, help="bearer token ($LIFL_TOKEN)")
+        sp.add_argument("--job", default="default")
+
+    s = sub.add_parser("serve", help="run the aggregation service")
+    s.add_argument("--config", help="TOML file (top-level keys or a [server] table)")
+    s.add_argument("--host"); s.add_argument("--port", type=int); s.add_argument("--metrics-port", type=int)
+    s.add_argument("--runtime", choices=["local"]); s.add_argument("--leaves", type=int)
+    s.add_argument("--fan-in", type=int); s.add_argument("--workers", type=int)
+    s.add_argument("--shm-budget-mb", type=int)
+    s.add_argument("--ready-file", help="write {address, metrics_port, pid} as JSON here once serving")
+    s.set_defaults(fn=cmd_serve)
+
+    r = sub.add_parser("round", help="open, close or inspect a round").add_subparsers(dest="action", required=True)
+    o = r.add_parser("open", help="open a round; prints its id")
+    remote(o)
+    o.add_argument("--model", help="initial model .npz (fixes the tensor specs)")
+    o.add_argument("--from-round", type=int, default=0, help="start from this round's result instead")
+    o.add_argument("--expected", type=int, required=True)
+    o.add_argument("--quorum", type=int, default=0, help="minimum updates to aggregate at the deadline (default: all)")
+    o.add_argument("--deadline", type=float, default=0.0, help="seconds until the round closes (0 = none)")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(fn=cmd_round_open)
+    c = r.add_parser("close", help="close now (aggregate on quorum) or --abort")
+    remote(c); c.add_argument("--round", type=int, required=True); c.add_argument("--abort", action="store_true")
+    c.add_argument("--json", action="store_true"); c.set_defaults(fn=cmd_round_close)
+    i = r.add_parser("info", help="a round's state")
+    remote(i); i.add_argument("--round", type=int, required=True); i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_round_info)
+
+    pu = sub.add_parser("push", help="push one update (.npz)")
+    remote(pu)
+    pu.add_argument("--round", type=int, required=True); pu.add_argument("--client", required=True)
+    pu.add_argument("--num-examples", type=float, required=True); pu.add_argument("update")
+    pu.set_defaults(fn=cmd_push)
+
+    pl = sub.add_parser("pull", help="pull a round's aggregate to .npz")
+    remote(pl)
+    pl.add_argument("--round", type=int, required=True)
+    pl.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
+    pl.add_argument("--initial", action="store_true", help="the model the round was opened with")
+    pl.add_argument("-o", "--output", required=True)
+    pl.set_defaults(fn=cmd_pull)
+
+    st = sub.add_parser("status", help="functions, shared memory and recent rounds")
+    remote(st); st.add_argument("--json", action="store_true"); st.set_defaults(fn=cmd_status)
+
+    d = sub.add_parser("demo", help="start `lifl serve`, push N ResNet-18 updates over gRPC, check the result")
+    d.add_argument("--clients", type=int, default=100); d.add_argument("--model", default="resnet18")
+    d.add_argument("--concurrency", type=int, default=4); d.add_argument("--leaves", type=int, default=2)
+    d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="run benchmarks/bench_NAME.py (source checkout)")
+    b.add_argument("name"); b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .client import RpcFailure
+    try:
+        return args.fn(args) or 0
+    except RpcFailure as e:
+        print(f"lifl: {e.code.name}: {e.message}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, KeyError) as e:
+        print(f"lifl: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Names shared by the LIFL client mod and the LIFL strategy.
+
+Keys the strategy writes into each ``train`` message's ConfigRecord (``lifl.*``),
+keys the mod reads from the node config / run config (``lifl-*``), and the
+error-code space of the Flower error replies the mod produces.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import grpc
+
+# -- written by the strategy into the train ConfigRecord --------------------------
+ROUND = "lifl.round"            # int: the LIFL round id this train message belongs to
+JOB = "lifl.job"                # str: LIFL job name
+ADDRESS = "lifl.address"        # str: gateway host:port the client should push to
+WEIGHT_KEY = "lifl.weight-key"  # str: metric used as the FedAvg weight (e.g. "num-examples")
+ARRAYS_KEY = "lifl.arrays-key"  # str: name of the ArrayRecord in messages (e.g. "arrays")
+PULL = "lifl.pull"              # bool: the model is not in the message; pull it from LIFL
+
+# -- the reply's receipt (a ConfigRecord that replaces the ArrayRecord) -----------
+RECEIPT = "lifl-receipt"        # ConfigRecord name; fields: round, client-id, bytes, accepted
+
+# -- node config / run config keys read by the mod (node config wins) ------------
+NODE_ADDRESS = "lifl-address"      # override the address the strategy announced
+NODE_TOKEN = "lifl-token"          # bearer token for the gateway
+NODE_ROOT_CERT = "lifl-root-cert"  # path to a PEM root certificate -> TLS
+NODE_CHUNK_MIB = "lifl-chunk-mib"  # push chunk size in MiB (default 2)
+NODE_TIMEOUT_S = "lifl-timeout-s"  # per-call timeout (default: none; push retries on RESOURCE_EXHAUSTED)
+
+# Flower error replies produced by the mod carry ERROR_CODE_BASE + the numeric
+# gRPC status (UNAVAILABLE -> 1014, INVALID_ARGUMENT -> 1003, ...). The reason
+# text starts with "LIFL <STATUS_NAME>:" followed by the gateway's own message.
+ERROR_CODE_BASE = 1000
+
+
+def error_code(code: grpc.StatusCode) -> int:
+    return ERROR_CODE_BASE + int(code.value[0])
+
+
+def status_of(error_code_value: int) -> grpc.StatusCode | None:
+    """Inverse of :func:`error_code` (None when the code is not a LIFL one)."""
+    n = error_code_value - ERROR_CODE_BASE
+    for c in grpc.StatusCode:
+        if c.value[0] == n:
+            return c
+    return None
+
+
+def setting(name: str, *sources: Mapping[str, Any] | None, default: Any = None) -> Any:
+    """First value of ``name`` in ``sources`` (skipping None and empty strings)."""
+    for src in sources:
+        if src is not None and name in src and src[name] not in ("", None):
+            return src[name]
+    return default

@@ -1,0 +1,214 @@
+"""A Flower strategy wrapper that hands model aggregation to LIFL (Message API, flwr >= 1.42).
+
+    from flwr.serverapp.strategy import FedAvg
+    from lifl.flower import LiflStrategy
+    strategy = LiflStrategy(FedAvg(fraction_evaluate=0.0), address="127.0.0.1:50051")
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
+
+``configure_train`` lets the wrapped strategy sample nodes and build its train
+messages, then opens a LIFL round with the current global model (expected =
+number of sampled nodes, optional quorum and deadline) and adds the round
+reference (``lifl.round``, ``lifl.job``, ``lifl.address``, weighting key, ...)
+to each message's ConfigRecord. With ``pull_model=True`` the messages carry no
+ArrayRecord at all: the client mod pulls the model the round was opened with
+from LIFL, so the SuperLink moves neither the global model nor the updates.
+
+Clients with :func:`lifl.flower.lifl_mod` stream their update to LIFL and reply
+with a receipt. ``aggregate_train`` closes the round on quorum if some clients
+failed or never replied (LIFL closes it by itself when all expected updates
+arrived), pulls LIFL's exact FedAvg (float64-accumulated, cast back to each
+dtype) and returns it as an ArrayRecord; metrics are aggregated by the wrapped
+strategy's ``train_metrics_aggr_fn`` over the replies whose update LIFL counted.
+A reply that still carries its arrays (a client without the mod) is pushed to
+LIFL by the strategy on the client's behalf, so mixed fleets stay exact.
+
+Supported wrapped strategies: :class:`flwr.serverapp.strategy.FedAvg` and
+subclasses whose server-side aggregation is the plain weighted mean
+(``aggregate_train`` not overridden, e.g. ``FedProx``). Strategies that apply
+a server optimizer after the mean (FedAvgM, FedAdam, ...) or robust
+aggregation (Krum, median, ...) are refused unless ``allow_any=True``.
+Evaluation (``configure_evaluate`` / ``aggregate_evaluate``) and ``summary``
+are delegated unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from ..client import Client, RpcFailure
+from . import config as K
+from .mod import arrays_to_numpy, numpy_to_arrays
+
+log = logging.getLogger("flwr.lifl")  # propagates to Flower's log handlers
+
+
+class LiflStrategy(Strategy):
+    """Wrap a weighted-mean Flower strategy so that LIFL aggregates the model.
+
+    Parameters
+    ----------
+    strategy: the wrapped strategy (FedAvg or a subclass that keeps FedAvg's aggregation).
+    address: LIFL gateway ``host:port`` the ServerApp uses.
+    client_address: address announced to clients (default: ``address``); a node can
+        still override it with its node config ``lifl-address``.
+    token / root_cert: bearer token and PEM root certificate (bytes) for the ServerApp's calls.
+    job: LIFL job name for this run's rounds.
+    quorum: rounds close on quorum when some sampled clients fail or never reply; an int
+        (clients) or a float in (0, 1] (fraction of the sampled clients); 0 = all sampled.
+    deadline_s: LIFL-side round deadline in seconds (0 = none; Flower's own ``timeout``
+        then bounds the round and the strategy closes it on quorum).
+    pull_model: send train messages without the model; clients pull it from LIFL.
+    pull_wait_s: how long ``aggregate_train`` waits for LIFL's result.
+    """
+
+    def __init__(self, strategy: FedAvg, address: str, *, client_address: str | None = None,
+                 token: str | None = None, root_cert: bytes | None = None, job: str = "default",
+                 quorum: int | float = 0, deadline_s: float = 0.0, pull_model: bool = False,
+                 pull_wait_s: float = 600.0, allow_any: bool = False):
+        if not isinstance(strategy, FedAvg):
+            raise TypeError(f"LiflStrategy wraps FedAvg-family strategies, got {type(strategy).__name__}")
+        if not allow_any and type(strategy).aggregate_train is not FedAvg.aggregate_train:
+            raise TypeError(
+                f"{type(strategy).__name__} overrides aggregate_train, so its result is not the plain weighted "
+                "mean LIFL computes; pass allow_any=True to use LIFL's FedAvg anyway")
+        if isinstance(quorum, float) and not 0.0 <= quorum <= 1.0:
+            raise ValueError(f"a fractional quorum must be in [0, 1], got {quorum}")
+        self.inner = strategy
+        self.address = address
+        self.client_address = client_address or address
+        self.job, self.quorum, self.deadline_s = job, quorum, deadline_s
+        self.pull_model, self.pull_wait_s = pull_model, pull_wait_s
+        self._client = Client(address, token=token, root_cert=root_cert)
+        self._rounds: dict[int, int] = {}       # flower server_round -> LIFL round id
+        self.last_round_detail: str = ""
+
+    # -- delegation ------------------------------------------------------------------
+    def __getattr__(self, name):                # weighted_by_key, arrayrecord_key, ... of the wrapped strategy
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def summary(self) -> None:
+        log.info("LIFL aggregation at %s (job %r, quorum %s, deadline %ss, pull_model %s)",
+                 self.address, self.job, self.quorum or "all", self.deadline_s or "none", self.pull_model)
+        self.inner.summary()
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    # -- train -------------------------------------------------------------------------
+    def _quorum_for(self, expected: int) -> int:
+        q = self.quorum
+        if isinstance(q, float):
+            return max(1, min(expected, math.ceil(q * expected))) if q > 0 else 0
+        return min(int(q), expected)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if not messages:
+            return messages
+        model = arrays_to_numpy(arrays)
+        try:
+            rid = self._client.open_round(model, expected=len(messages), quorum=self._quorum_for(len(messages)),
+                                          deadline_s=self.deadline_s, job=self.job)
+        except RpcFailure as e:
+            raise RuntimeError(f"LIFL at {self.address} refused to open round for server round {server_round}: "
+                               f"{e.code.name}: {e.message}") from None
+        del model
+        self._rounds[server_round] = rid
+        log.info("LIFL round %d opened for server round %d (%d clients)", rid, server_round, len(messages))
+        akey, ckey = self.inner.arrayrecord_key, self.inner.configrecord_key
+        out = []
+        for m in messages:
+            cfg = ConfigRecord(dict(m.content[ckey]) if ckey in m.content else {})
+            cfg.update({K.ROUND: rid, K.JOB: self.job, K.ADDRESS: self.client_address,
+                        K.WEIGHT_KEY: self.inner.weighted_by_key, K.ARRAYS_KEY: akey, K.PULL: self.pull_model})
+            content = RecordDict({k: v for k, v in m.content.items()
+                                  if k != ckey and not (self.pull_model and k == akey)})
+            content[ckey] = cfg
+            md = m.metadata
+            out.append(Message(content=content, dst_node_id=md.dst_node_id, message_type=md.message_type,
+                               ttl=md.ttl, group_id=md.group_id or None))
+        return out
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        rid = self._rounds.pop(server_round, None)
+        if rid is None:
+            log.warning("aggregate_train: no LIFL round for server round %d", server_round)
+            return None, None
+        counted: list[RecordDict] = []
+        errors = 0
+        for m in replies:
+            if m.has_error():
+                errors += 1
+                log.info("aggregate_train: node %d failed: %s", m.metadata.src_node_id, m.error.reason)
+                continue
+            content = m.content
+            if K.RECEIPT in content.config_records:
+                counted.append(content)
+            elif content.array_records:          # a client without the mod: push on its behalf
+                try:
+                    self._push_for(rid, m)
+                    counted.append(content)
+                except (RpcFailure, ValueError, TypeError) as e:
+                    errors += 1
+                    log.warning("aggregate_train: update of node %d refused by LIFL: %s", m.metadata.src_node_id, e)
+            else:
+                errors += 1
+                log.warning("aggregate_train: node %d replied with neither a receipt nor arrays",
+                            m.metadata.src_node_id)
+        log.info("aggregate_train: %d updates in LIFL round %d, %d failures", len(counted), rid, errors)
+
+        arrays = None
+        try:
+            info = self._client.round_info(rid, job=self.job)
+            if info.state == "open":
+                # some sampled clients failed or did not answer within Flower's timeout: close on quorum
+                try:
+                    info = self._client.close_round(rid, job=self.job)
+                except RpcFailure as e:      # it closed by itself meanwhile
+                    log.debug("close_round(%d): %s", rid, e)
+            deadline = time.monotonic() + self.pull_wait_s
+            result = self._client.pull(rid, wait_s=self.pull_wait_s, job=self.job)
+            arrays = numpy_to_arrays(result)
+            del result
+            self.last_round_detail = self._client.round_info(rid, job=self.job).detail
+            log.info("LIFL round %d: %s (%.3fs left of the pull wait)", rid, self.last_round_detail,
+                     deadline - time.monotonic())
+        except RpcFailure as e:
+            self.last_round_detail = f"{e.code.name}: {e.message}"
+            log.warning("LIFL round %d produced no model (%s); keeping the previous global model", rid,
+                        self.last_round_detail)
+            return None, None
+
+        metrics = self.inner.train_metrics_aggr_fn(counted, self.inner.weighted_by_key) if counted else None
+        return arrays, metrics
+
+    def _push_for(self, rid: int, m: Message) -> None:
+        content = m.content
+        akey = self.inner.arrayrecord_key
+        rec = content.array_records.get(akey) or next(iter(content.array_records.values()))
+        weight = None
+        for mrec in content.metric_records.values():
+            if self.inner.weighted_by_key in mrec:
+                weight = float(mrec[self.inner.weighted_by_key])
+        if weight is None:
+            raise ValueError(f"no weighting metric {self.inner.weighted_by_key!r}")
+        self._client.push(rid, arrays_to_numpy(rec), weight, client_id=f"node-{m.metadata.src_node_id}",
+                          job=self.job)
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,120 @@
+"""Exactness of the fold kernels against an independent float64 FedAvg, for any order and hierarchy."""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import assert_matches, fedavg64
+from lifl import fold
+from lifl.control.planner import plan_static
+from lifl.layout import Layout
+
+DTYPES = [np.float32, np.float16, np.float64, ml_dtypes.bfloat16, np.int64, np.int32, np.uint8, np.bool_]
+
+
+def _model(rng, dtypes):
+    out = {}
+    for i, dt in enumerate(dtypes):
+        shape = tuple(rng.integers(1, 6, size=rng.integers(0, 3)))
+        if dt == np.bool_:
+            out[f"t{i}"] = rng.random(shape) > 0.5
+        elif np.dtype(dt).kind in "iu":
+            out[f"t{i}"] = rng.integers(0, 100, size=shape).astype(dt)
+        else:
+            out[f"t{i}"] = (rng.standard_normal(shape) * 10).astype(dt)
+    return out
+
+
+def _like(base, rng):
+    """A random update with base's shapes and dtypes."""
+    out = {}
+    for k, v in base.items():
+        if v.dtype == np.bool_:
+            out[k] = rng.random(v.shape) > 0.5
+        elif v.dtype.kind in "iu":
+            out[k] = rng.integers(0, 100, size=v.shape).astype(v.dtype)
+        else:
+            out[k] = (rng.standard_normal(v.shape) * 10).astype(v.dtype)
+    return out
+
+
+def aggregate_in_process(layout, updates, weights, leaves, fan_in, order, rng):
+    """Run the dispatcher's reduction schedule with the pure kernels (no processes)."""
+    hier = plan_static(leaves, fan_in)
+    accs = [np.zeros(layout.numel) for _ in range(hier.leaves)]
+    bufs = []
+    for u in updates:
+        b = bytearray(layout.total_size)
+        layout.pack_into(u, b)
+        bufs.append(b)
+    # eager: updates arrive in `order`, each routed to a random leaf, folded in random batches
+    pending = list(order)
+    while pending:
+        k = int(rng.integers(1, min(len(pending), 20) + 1))
+        batch, pending = pending[:k], pending[k:]
+        leaf = int(rng.integers(0, hier.leaves))
+        fold.fold_updates(accs[leaf], layout, [fold.UpdateViews(layout, bufs[i]) for i in batch],
+                          [weights[i] for i in batch])
+    for level in range(1, hier.depth):
+        for j, kids in enumerate(hier.levels[level]):
+            host = hier.host(level, j)
+            fold.fold_partials(accs[host], [accs[hier.host(level - 1, k)] for k in kids[1:]])
+    out = bytearray(layout.total_size)
+    fold.finalize(accs[hier.host(hier.depth - 1, 0)], layout, float(sum(weights)), out)
+    return layout.views(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 40), leaves=st.integers(1, 9), fan_in=st.integers(2, 5),
+       dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=6))
+def test_any_order_any_hierarchy_equals_float64_fedavg(seed, n, leaves, fan_in, dtypes):
+    rng = np.random.default_rng(seed)
+    base = _model(rng, dtypes)
+    updates = [_like(base, np.random.default_rng(seed + 1 + i)) for i in range(n)]
+    weights = list(rng.uniform(0.1, 1000, size=n))
+    layout = Layout.from_arrays(base)
+    got = aggregate_in_process(layout, updates, weights, leaves, fan_in, rng.permutation(n), rng)
+    assert_matches(got, fedavg64(updates, weights))
+
+
+def test_integer_counters_are_averaged_not_zeroed():
+    layout = Layout.from_arrays({"n": np.array(0, np.int64), "b": np.zeros(2, bool)})
+    ups = [{"n": np.array(100, np.int64), "b": np.array([True, False])},
+           {"n": np.array(201, np.int64), "b": np.array([True, True])}]
+    got = aggregate_in_process(layout, ups, [1.0, 1.0], 1, 2, [0, 1], np.random.default_rng(0))
+    assert got["n"] == 150  # 150.5 rounds half to even
+    assert got["b"].tolist() == [True, False]  # tie -> False
+
+
+@pytest.mark.skipif(not fold.have_c_kernel(), reason="C kernel not built")
+@pytest.mark.parametrize("kid,dt", [(0, np.float32), (1, np.float64), (2, np.float16), (3, ml_dtypes.bfloat16),
+                                    (4, np.int64), (5, np.int32), (6, np.int16), (7, np.int8), (8, np.uint8)])
+def test_c_kernel_equals_numpy(kid, dt, monkeypatch):
+    rng = np.random.default_rng(kid)
+    xs = [(rng.standard_normal(10_007) * 50).astype(dt) for _ in range(21)]
+    srcs = [x.view(np.uint16) if dt == ml_dtypes.bfloat16 else x for x in xs]
+    ws = list(rng.uniform(0.5, 5, 21))
+    a = np.zeros(10_007)
+    fold.fold_arrays(a, srcs, ws, kid)
+    monkeypatch.setattr(fold, "_foldc", None)
+    b = np.zeros(10_007)
+    fold.fold_arrays(b, srcs, ws, kid)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-9)
+    ref = sum(w * x.astype(np.float64) for w, x in zip(ws, xs))
+    np.testing.assert_allclose(a, ref, rtol=1e-12, atol=1e-9)
+
+
+def test_nonfinite_detection_per_dtype():
+    arrays = {"a": np.array([1.0, np.nan], np.float32), "b": np.array([np.inf], np.float16),
+              "c": np.array([1.0], ml_dtypes.bfloat16), "d": np.array([-np.inf, 0, np.nan], np.float64),
+              "e": np.array([5], np.int64)}
+    lay = Layout.from_arrays(arrays)
+    buf = bytearray(lay.total_size)
+    lay.pack_into(arrays, buf)
+    assert fold.count_nonfinite(lay, buf) == [("a", 1), ("b", 1), ("d", 2)]
+
+
+def test_finalize_refuses_zero_weight():
+    lay = Layout.from_arrays({"a": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError, match="total weight"):
+        fold.finalize(np.zeros(2), lay, 0.0, bytearray(lay.total_size))
