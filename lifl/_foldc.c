@@ -39,10 +39,11 @@ static inline double f16_to_double(uint16_t h) {
 }
 
 #define DEFINE_FOLD(NAME, T, CONV)                                                   \
-MULTIVERSION static void NAME(double *restrict acc, Py_ssize_t n, int k,             \
+MULTIVERSION static void NAME(double *restrict acc, const double *base, Py_ssize_t n, int k, \
                               const void *const *src, const double *w) {             \
     for (Py_ssize_t s = 0; s < n; s += BLOCK) {                                      \
         Py_ssize_t e = s + BLOCK < n ? s + BLOCK : n;                                \
+        if (base) memcpy(acc + s, base + s, (size_t)(e - s) * sizeof(double));       \
         int j = 0;                                                                   \
         for (; j + 4 <= k; j += 4) {                                                 \
             const T *restrict a = (const T *)src[j], *restrict b = (const T *)src[j + 1]; \
@@ -69,16 +70,18 @@ DEFINE_FOLD(fold_i16, int16_t, CAST)
 DEFINE_FOLD(fold_i8, int8_t, CAST)
 DEFINE_FOLD(fold_u8, uint8_t, CAST)
 
-typedef void (*fold_fn)(double *, Py_ssize_t, int, const void *const *, const double *);
+typedef void (*fold_fn)(double *, const double *, Py_ssize_t, int, const void *const *, const double *);
 static const fold_fn FOLDS[] = {fold_f32, fold_f64, fold_f16, fold_bf16, fold_i64, fold_i32,
                                 fold_i16, fold_i8, fold_u8, fold_u8};
 static const int ITEMSIZE[] = {4, 8, 2, 2, 8, 4, 2, 1, 1, 1};
 
-/* fold(acc, sources, weights, kind): acc float64 buffer (writable), sources a
- * sequence of buffers holding acc's element count in `kind`'s type. */
+/* fold(acc, sources, weights, kind[, base]): acc float64 buffer (writable), sources a
+ * sequence of buffers holding acc's element count in `kind`'s type. With base
+ * (a float64 buffer of acc's size), acc = base + sum instead of acc += sum: the
+ * input accumulator is never modified, so a fold cut short can be re-run. */
 static PyObject *py_fold(PyObject *self, PyObject *args) {
-    PyObject *acc_obj, *srcs, *ws; int kind;
-    if (!PyArg_ParseTuple(args, "OOOi", &acc_obj, &srcs, &ws, &kind)) return NULL;
+    PyObject *acc_obj, *srcs, *ws, *base_obj = Py_None; int kind;
+    if (!PyArg_ParseTuple(args, "OOOi|O", &acc_obj, &srcs, &ws, &kind, &base_obj)) return NULL;
     if (kind < 0 || kind > K_BOOL) { PyErr_SetString(PyExc_ValueError, "unknown kind"); return NULL; }
     Py_ssize_t k = PySequence_Size(srcs);
     if (k < 0) return NULL;
@@ -87,6 +90,13 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
     Py_buffer acc, bufs[MAXSRC]; const void *ptrs[MAXSRC]; double w[MAXSRC];
     if (PyObject_GetBuffer(acc_obj, &acc, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
     Py_ssize_t n = acc.len / 8, got = 0; PyObject *ret = NULL;
+    Py_buffer base; int have_base = 0;
+    if (base_obj != Py_None) {
+        if (PyObject_GetBuffer(base_obj, &base, PyBUF_C_CONTIGUOUS) < 0) { PyBuffer_Release(&acc); return NULL; }
+        have_base = 1;
+        if (base.len != acc.len) {
+            PyErr_SetString(PyExc_ValueError, "base and acc differ in size"); goto done; }
+    }
     for (; got < k; got++) {
         PyObject *o = PySequence_GetItem(srcs, got), *wo = PySequence_GetItem(ws, got);
         if (!o || !wo) { Py_XDECREF(o); Py_XDECREF(wo); goto done; }
@@ -103,11 +113,12 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
         ptrs[got] = bufs[got].buf;
     }
     Py_BEGIN_ALLOW_THREADS
-    FOLDS[kind]((double *)acc.buf, n, (int)k, ptrs, w);
+    FOLDS[kind]((double *)acc.buf, have_base ? (const double *)base.buf : NULL, n, (int)k, ptrs, w);
     Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
     for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
+    if (have_base) PyBuffer_Release(&base);
     PyBuffer_Release(&acc);
     return ret;
 }

@@ -33,12 +33,28 @@ MAX_BATCH = 16  # updates per fold command
 
 @dataclass
 class LeafRun:
+    """A leaf's state. Its float64 partial sum ping-pongs between two segments: a fold
+    reads ``acc`` and writes ``spare``, and only the reply commits the swap, so a
+    function killed mid-fold leaves ``acc`` intact and the fold is re-run exactly once."""
+
     index: int
     worker: "WorkerSlot"
-    acc: Segment
+    accs: tuple[Segment, Segment]
+    cur: int = 0
     pending: list[tuple[str, float]] = field(default_factory=list)
     folding: int = 0
     folded: int = 0
+
+    @property
+    def acc(self) -> Segment:
+        return self.accs[self.cur]
+
+    @property
+    def spare(self) -> Segment:
+        return self.accs[1 - self.cur]
+
+    def commit(self) -> None:
+        self.cur = 1 - self.cur
 
 
 @dataclass
@@ -147,8 +163,8 @@ class Dispatcher:
                     run.tasks_in_flight += 1
                     w.role = "leaf"
                     self.metrics.warm_reuses.inc()
-                    return Task({"op": "fold", "layout": run.round.id, "acc": leaf.acc.name,
-                                 "updates": [[n, wt] for n, wt in batch]}, run,
+                    return Task({"op": "fold", "layout": run.round.id, "acc": leaf.spare.name,
+                                 "base": leaf.acc.name, "updates": [[n, wt] for n, wt in batch]}, run,
                                 lambda r, run=run, leaf=leaf, batch=batch: self._leaf_folded(run, leaf, batch, r))
         return None
 
@@ -174,17 +190,41 @@ class Dispatcher:
             self._pump(w)
 
     def _worker_died(self, w: WorkerSlot) -> None:
+        """Start a replacement, hand it the dead function's leaves, and re-run its unfinished commands.
+
+        Safe because commands never modify their inputs (folds write the spare
+        accumulator, finalize writes the result) and update slots are released
+        only when the fold that read them is committed: nothing is folded twice.
+        """
         w.dead = True
         self._workers.remove(w)
         if self._closing:
             return
-        why = f"aggregator function {w.handle.id} (pid {w.handle.pid}) died"
-        for run in list(self._runs.values()):
-            if any(leaf.worker is w for leaf in run.leaves) and run.round.state in (State.OPEN, State.AGGREGATING):
-                if w.current is not None and w.current.run is run:
-                    run.tasks_in_flight -= 1
-                self._fail(run, why)
-        self._spawn()
+        self.metrics.function_failures.inc()
+        try:
+            repl = self._spawn()
+        except Exception as e:  # cannot even restart: fail what depended on it
+            for run in list(self._runs.values()):
+                if any(leaf.worker is w for leaf in run.leaves):
+                    self._fail(run, f"aggregator function {w.handle.id} died and no replacement started: {e}")
+            return
+        for run in self._runs.values():
+            for leaf in run.leaves:
+                if leaf.worker is w:
+                    leaf.worker = repl
+        tasks = ([w.current] if w.current is not None else []) + list(w.queue)
+        w.current, w.queue = None, collections.deque()
+        for task in tasks:
+            if task.run is None or task.run.round.state == State.FAILED:
+                if task.run is not None:
+                    task.run.tasks_in_flight -= 1
+                    self._maybe_release(task.run)
+                continue
+            task.cmd.pop("seq", None)
+            task.cmd.pop("specs", None)
+            repl.queue.append(task)
+            self.metrics.tasks_retried.inc()
+        self._pump(repl)
 
     # -- rounds --------------------------------------------------------------
     def open_round(self, job: str, layout: Layout, expected: int, quorum: int, deadline_s: float,
@@ -199,7 +239,8 @@ class Dispatcher:
             leaves = []
             for i in range(hier.leaves):
                 w = self._workers[(rid + i) % len(self._workers)]
-                leaves.append(LeafRun(i, w, self.arena.scratch(layout.numel * 8)))
+                leaves.append(LeafRun(i, w, (self.arena.scratch(layout.numel * 8),
+                                             self.arena.scratch(layout.numel * 8))))
             run = RoundRun(rnd, hier, leaves, initial=initial)
             self._runs[rid] = run
             for leaf in leaves:
@@ -244,6 +285,7 @@ class Dispatcher:
             return n
 
     def _leaf_folded(self, run: RoundRun, leaf: LeafRun, batch, reply: dict) -> None:
+        leaf.commit()
         leaf.folding = 0
         leaf.folded += len(batch)
         leaf.worker.updates_folded += len(batch)
@@ -308,7 +350,8 @@ class Dispatcher:
                     host = run.leaves[hier.host(level, j)]
                     parts = [run.leaves[hier.host(level - 1, k)].acc.name for k in ready]
                     self._enqueue(host.worker, Task(
-                        {"op": "fold", "layout": run.round.id, "acc": host.acc.name, "partials": parts}, run,
+                        {"op": "fold", "layout": run.round.id, "acc": host.spare.name, "base": host.acc.name,
+                         "partials": parts}, run,
                         lambda r, run=run, node=node, ready=ready: self._partials_folded(run, node, ready, r)))
                 if len(folded) == len(kids) - 1:
                     done.add(node)
@@ -323,6 +366,7 @@ class Dispatcher:
                 lambda r, run=run: self._finalized(run, r)))
 
     def _partials_folded(self, run: RoundRun, node, ready, reply: dict) -> None:
+        run.leaves[run.hier.host(*node)].commit()
         run.children_folding[node].difference_update(ready)
         run.children_folded[node].update(ready)
         self.metrics.fold_seconds.labels("middle" if node[0] < run.hier.depth - 1 else "top").observe(
@@ -345,7 +389,8 @@ class Dispatcher:
             return
         run.released = True
         for leaf in run.leaves:
-            self.arena.release_scratch(leaf.acc.name)
+            for seg in leaf.accs:
+                self.arena.release_scratch(seg.name)
         for w in {id(leaf.worker): leaf.worker for leaf in run.leaves}.values():
             if run.round.id in w.layouts:
                 w.layouts.discard(run.round.id)

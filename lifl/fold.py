@@ -44,15 +44,27 @@ def _as_f64(x: np.ndarray, kid: int) -> np.ndarray:
     return x.astype(np.float64)
 
 
-def fold_arrays(acc: np.ndarray, sources: Sequence[np.ndarray], weights: Sequence[float], kid: int) -> None:
-    """acc += Σ wₖ·xₖ for flat sources of one storage dtype (kernel id ``kid``)."""
+def fold_arrays(acc: np.ndarray, sources: Sequence[np.ndarray], weights: Sequence[float], kid: int,
+                base: np.ndarray | None = None) -> None:
+    """acc += Σ wₖ·xₖ for flat sources of one storage dtype (kernel id ``kid``).
+
+    With ``base``: acc = base + Σ wₖ·xₖ, leaving base untouched (how functions fold,
+    so that a fold cut short by a crash can be re-run from base exactly once).
+    """
+    if not len(sources):
+        if base is not None:
+            np.copyto(acc, base)
+        return
     for start in range(0, len(sources), MAX_FUSE):
         src, w = sources[start:start + MAX_FUSE], [float(x) for x in weights[start:start + MAX_FUSE]]
         if _foldc is not None:
-            _foldc.fold(acc, src, w, kid)
+            _foldc.fold(acc, src, w, kid, base)
         else:
+            if base is not None:
+                np.copyto(acc, base)
             for x, wk in zip(src, w):
                 acc += wk * _as_f64(x, kid)
+        base = None
 
 
 class UpdateViews:
@@ -65,15 +77,17 @@ class UpdateViews:
                       for s, off in zip(layout.specs, layout.offsets)]
 
 
-def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews], weights: Sequence[float]) -> None:
+def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews], weights: Sequence[float],
+                 base: np.ndarray | None = None) -> None:
     """Fold client updates (native layout) into a float64 accumulator of ``layout.numel`` elements."""
     for i, (spec, e) in enumerate(zip(layout.specs, layout.elem_offsets)):
-        fold_arrays(acc[e:e + spec.numel], [u.views[i] for u in updates], weights, kernel_id(spec.dtype))
+        fold_arrays(acc[e:e + spec.numel], [u.views[i] for u in updates], weights, kernel_id(spec.dtype),
+                    None if base is None else base[e:e + spec.numel])
 
 
-def fold_partials(acc: np.ndarray, partials: Sequence[np.ndarray]) -> None:
-    """acc += Σ partialₖ (children's float64 weighted sums)."""
-    fold_arrays(acc, partials, [1.0] * len(partials), 1)
+def fold_partials(acc: np.ndarray, partials: Sequence[np.ndarray], base: np.ndarray | None = None) -> None:
+    """acc += Σ partialₖ (children's float64 weighted sums); with base, acc = base + Σ."""
+    fold_arrays(acc, partials, [1.0] * len(partials), 1, base)
 
 
 def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> None:

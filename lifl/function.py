@@ -28,6 +28,10 @@ from .layout import Layout, TensorSpec
 from .shm import Segment
 
 
+#: Test-only fault injection: seconds to sleep after each fold, before replying.
+_FAULT_DELAY = float(os.environ.get("LIFL_FAULT_FOLD_DELAY_S", "0") or 0)
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGKILL when the server dies, so no orphan keeps mappings alive."""
     try:
@@ -66,17 +70,19 @@ class Function:
         if op == "reset":
             self.acc(cmd["acc"], self.layouts[cmd["layout"]])[:] = 0.0
             return {}
-        if op == "fold":
+        if op == "fold":  # acc = base + Σ (base untouched, so a cut-short fold can be re-run)
             layout = self.layouts[cmd["layout"]]
             acc = self.acc(cmd["acc"], layout)
+            base = self.acc(cmd["base"], layout) if cmd.get("base") else None
             t0 = time.perf_counter()
             ups = cmd.get("updates", [])
             if ups:
                 fold.fold_updates(acc, layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
-                                  [w for _, w in ups])
-            parts = cmd.get("partials", [])
-            if parts:
-                fold.fold_partials(acc, [self.acc(n, layout) for n in parts])
+                                  [w for _, w in ups], base)
+                base = None
+            fold.fold_partials(acc, [self.acc(n, layout) for n in cmd.get("partials", [])], base)
+            if _FAULT_DELAY:
+                time.sleep(_FAULT_DELAY)  # fault injection: a window to be killed after writing, before replying
             return {"seconds": time.perf_counter() - t0}
         if op == "finalize":
             layout = self.layouts[cmd["layout"]]

@@ -28,6 +28,8 @@ class Metrics:
                                         ["level", "node"], registry=r)
         self.cold_starts = Counter("lifl_cold_starts", "Aggregator functions started from nothing", registry=r)
         self.warm_reuses = Counter("lifl_warm_reuses", "Dispatches to an already running function", registry=r)
+        self.function_failures = Counter("lifl_function_failures", "Aggregator functions that died", registry=r)
+        self.tasks_retried = Counter("lifl_tasks_retried", "Commands re-run after their function died", registry=r)
         self.queue_depth = Gauge("lifl_queue_depth", "Updates received but not yet folded", registry=r)
         self.slots_in_use = Gauge("lifl_shm_slots_in_use", "Update slots holding an update", registry=r)
         self.shm_bytes = Gauge("lifl_shm_bytes", "Shared memory held, by kind", ["kind"], registry=r)

@@ -225,8 +225,8 @@ def _score(counts: Sequence[int], share: Sequence[float], load: Load, costs: Fol
 
 
 def _search(start: Sequence[int], share: Sequence[float], load: Load, costs: FoldCosts, capacity: int,
-            policy: PlannerPolicy, extra_cap: int) -> tuple[list[int], LatencyBreakdown, float, int]:
-    """Water-fill leaves from ``start`` and return the chosen (counts, latency, utilisation, fan-in)."""
+            policy: PlannerPolicy, limit: int) -> tuple[list[int], LatencyBreakdown, float, int]:
+    """Water-fill leaves from ``start`` up to ``limit`` in all; return the chosen (counts, latency, utilisation, fan-in)."""
     counts = list(start)
     for i, s in enumerate(share):  # every receiving node needs a leaf of its own
         if s > 0 and counts[i] == 0:
@@ -234,7 +234,7 @@ def _search(start: Sequence[int], share: Sequence[float], load: Load, costs: Fol
     if sum(counts) > capacity:
         raise ValueError(f"{sum(counts)} nodes receive updates but only {capacity} aggregator slots exist")
     per_node_cap = [max(c, math.ceil(load.expected_clients * s - 1e-9)) for c, s in zip(counts, share)]
-    hi = max(sum(counts), min(capacity, policy.max_leaves, sum(counts) + extra_cap))
+    hi = max(sum(counts), min(capacity, policy.max_leaves, limit))
     cands = []
     while True:
         lat, util, f = _score(counts, share, load, costs)
@@ -282,7 +282,7 @@ def plan_elastic(load: Load, costs: FoldCosts, nodes: Sequence[Node], demand: Re
     slots = _slots(nodes, demand)
     share = _node_rates(load, nodes, slots)
     counts, lat, util, f = _search([0] * len(nodes), share, load, costs, sum(slots), policy,
-                                   extra_cap=load.expected_clients)
+                                   limit=load.expected_clients)
     home = tuple(n.name for n, c in zip(nodes, counts) for _ in range(c))
     return _make_plan(home, nodes, f, lat, util, load, costs, policy)
 
@@ -308,10 +308,12 @@ def replan(current: Plan, load: Load, costs: FoldCosts, nodes: Sequence[Node],
     if missing:
         raise ValueError(f"the current plan has leaves on node(s) {missing} that are not in nodes")
     have = [sum(1 for h in current.leaf_home if h == n) for n in names]
-    now_lat, now_util, _ = _score(have, share, rest, costs) if all(
-        c > 0 or s <= 0 for c, s in zip(have, share)) else (None, math.inf, 0)
+    if all(c > 0 for c, s in zip(have, share) if s > 0):
+        now_lat, now_util, _ = _score(have, share, rest, costs)
+    else:  # updates now land on a node without a leaf: the current plan cannot serve them locally
+        now_lat, now_util = None, math.inf
     counts, lat, util, f = _search(have, share, rest, costs, max(sum(slots), sum(have)), policy,
-                                   extra_cap=remaining)
+                                   limit=sum(have) + remaining)
     cur_ok = now_util <= policy.max_utilisation + 1e-12
     new_ok = util <= policy.max_utilisation + 1e-12
     faster = now_lat is None or lat.total_s < (1 - policy.replan_gain) * now_lat.total_s

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .base import OnMessage
 
@@ -88,14 +89,19 @@ class LocalWorker:
 
 
 class LocalRuntime:
+    """Starts functions from one long-lived thread: the kernel's parent-death signal
+    fires when the *thread* that forked a child exits, so forking from a short-lived
+    reader thread would kill the replacement of a crashed function at once."""
+
     name = "local"
 
     def __init__(self):
         self._workers: list[LocalWorker] = []
         self._lock = threading.Lock()
+        self._forker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lifl-forker")
 
     def start_worker(self, on_message: OnMessage) -> LocalWorker:
-        w = LocalWorker(on_message)
+        w = self._forker.submit(LocalWorker, on_message).result()
         with self._lock:
             self._workers.append(w)
         return w
@@ -111,6 +117,7 @@ class LocalRuntime:
             workers, self._workers = self._workers, []
         for w in workers:
             w.stop()
+        self._forker.shutdown(wait=False)
 
     def __enter__(self) -> "LocalRuntime":
         return self

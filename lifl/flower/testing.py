@@ -1,0 +1,302 @@
+"""Start and stop real Flower + LIFL processes on loopback (used by tests/flower and benchmarks/bench_flower.py).
+
+Everything started here runs in its own session (process group) and is stopped
+through that group id: a SuperLink takes its SuperExec, ServerApp and (in
+simulation) Ray workers with it. Nothing is ever looked up or killed by name.
+A private ``FLWR_HOME`` keeps the user's Flower configuration untouched.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what or proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not listen on port {port} within {timeout}s")
+
+
+def _flwr_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def config_args(cfg: Mapping[str, object]) -> str:
+    """{'lifl': True, 'out': '/x'} -> 'lifl=true out="/x"' (Flower's --run-config / --node-config syntax)."""
+    return " ".join(f"{k}={_flwr_value(v)}" for k, v in cfg.items())
+
+
+_LIFL_SERVER = """
+import signal, sys
+from lifl.config import ServerConfig
+from lifl.server import EmbeddedServer
+kw = eval(sys.argv[1])
+srv = EmbeddedServer(ServerConfig(**kw)).start()
+print("LIFL ready", srv.address, flush=True)
+signal.signal(signal.SIGTERM, lambda *a: srv.stop())
+signal.signal(signal.SIGINT, lambda *a: srv.stop())
+srv.wait()
+"""
+
+
+@dataclass
+class Stack:
+    """A private FLWR_HOME plus the processes started for one test or benchmark."""
+    workdir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    superlink_port: int = 0
+    superlink: subprocess.Popen | None = None
+    lifl: subprocess.Popen | None = None
+    lifl_address: str = ""
+    supernodes: list[subprocess.Popen] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir)
+        self.home = self.workdir / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    # -- environment ------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.home)
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.update(self.extra_env)
+        return env
+
+    def _start(self, name: str, cmd: Sequence[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        p = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=self.env(),
+                             cwd=self.workdir, start_new_session=True)
+        log.close()
+        self.procs.append(p)
+        return p
+
+    # -- LIFL ----------------------------------------------------------------------------
+    def start_lifl(self, **server_config) -> str:
+        port = free_port()
+        kw = {"host": "127.0.0.1", "port": port, "metrics_port": -1, **server_config}
+        self.lifl = self._start("lifl", [sys.executable, "-c", _LIFL_SERVER, repr(kw)])
+        wait_port(port, 30, self.lifl, "LIFL server")
+        self.lifl_address = f"127.0.0.1:{port}"
+        return self.lifl_address
+
+    def stop_lifl(self) -> None:
+        if self.lifl is not None:
+            self._stop(self.lifl)
+            self.lifl = None
+
+    # -- Flower ----------------------------------------------------------------------------
+    def start_superlink(self, simulation: bool = False) -> int:
+        self.superlink_port = free_port()
+        cmd = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+               str(self.superlink_port), "--disable-runtime-dependency-installation"]
+        if simulation:
+            cmd.append("--simulation")
+        self.superlink = self._start("superlink", cmd)
+        wait_port(self.superlink_port, 60, self.superlink, "flower-superlink")
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+            f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n')
+        return self.superlink_port
+
+    def start_supernodes(self, n: int, node_config: Mapping[str, object] | None = None) -> list[subprocess.Popen]:
+        for i in range(n):
+            cfg = {"partition-id": len(self.supernodes), "num-partitions": n, **(node_config or {})}
+            cmd = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}",
+                   "--port", str(free_port()), "--node-config", config_args(cfg)]
+            self.supernodes.append(self._start(f"supernode-{len(self.supernodes)}", cmd))
+        return self.supernodes
+
+    def flwr_run(self, app: str | Path, run_config: Mapping[str, object], *, num_supernodes: int = 0,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+        """``flwr run APP test --stream`` until the run ends (``num_supernodes`` > 0: a simulation run)."""
+        cmd = [str(BIN / "flwr"), "run", str(app), "test", "--stream"]
+        if run_config:
+            cmd += ["--run-config", config_args(run_config)]
+        if num_supernodes:
+            cmd += ["--federation-config", f"num-supernodes={num_supernodes}"]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env(),
+                             cwd=self.workdir, start_new_session=True, text=True)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._stop(p)
+            out, _ = p.communicate()
+            raise TimeoutError(f"flwr run did not finish within {timeout}s:\n{out[-4000:]}") from None
+        return subprocess.CompletedProcess(cmd, p.returncode, out, "")
+
+    # -- teardown --------------------------------------------------------------------------
+    @staticmethod
+    def _stop(p: subprocess.Popen, grace: float = 10.0) -> None:
+        if p.poll() is not None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)     # leftovers of an exited leader's group
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_supernode(self, i: int) -> None:
+        self._stop(self.supernodes[i], grace=2)
+
+    def close(self) -> None:
+        threads = [threading.Thread(target=self._stop, args=(p,)) for p in reversed(self.procs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.procs.clear()
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.logs / f"{name}.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- process-tree sampling (no psutil needed: /proc) --------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                s = f.read()
+        except OSError:
+            continue
+        ppid = int(s[s.rindex(b")") + 2:].split()[1])
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree(roots: Sequence[int]) -> list[int]:
+    kids = _children_map()
+    out, todo = [], list(roots)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            s = f.read()
+    except OSError:
+        return None
+    fields = s[s.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK      # utime + stime
+
+
+def pss_bytes(pid: int) -> int | None:
+    """Proportional set size (shared pages split among their users, so sums over processes are honest)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class TreeSampler:
+    """Samples total PSS and CPU-seconds of process trees in a thread; query windows afterwards."""
+
+    def __init__(self, roots: Sequence[int], interval: float = 0.1):
+        self.roots, self.interval = list(roots), interval
+        self.samples: list[tuple[float, float, int]] = []    # (unix time, cumulative cpu s, pss bytes)
+        self._last_cpu: dict[int, float] = {}
+        self._first_cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "TreeSampler":
+        self._t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.time()
+            pss = 0
+            for pid in tree(self.roots):
+                c = cpu_seconds(pid)
+                if c is not None:
+                    self._first_cpu.setdefault(pid, c)
+                    self._last_cpu[pid] = c
+                m = pss_bytes(pid)
+                pss += m or 0
+            self.samples.append((now, sum(self._last_cpu.values()), pss))
+            self._stop.wait(self.interval)
+
+    def window(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU-seconds and peak PSS between unix times t0 and t1."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        before = [s for s in self.samples if s[0] <= t0]
+        after = [s for s in self.samples if s[0] >= t1]
+        c0 = (before[-1] if before else inside[0])[1]
+        c1 = (after[0] if after else inside[-1])[1]
+        peak = max((s[2] for s in inside), default=0)
+        return {"cpu_s": c1 - c0, "peak_pss": peak, "samples": len(inside)}
