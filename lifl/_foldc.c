@@ -156,7 +156,35 @@ static PyObject *py_count_nonfinite(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(bad);
 }
 
+/* mean_to(acc, out, total_weight, kind): out[i] = (T)(acc[i] / total_weight) for float32 and
+ * float64 outputs, in one pass (numpy needs a temporary per step). */
+MULTIVERSION static void mean_f32(const double *restrict acc, float *restrict out, Py_ssize_t n, double w) {
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = (float)(acc[i] / w);
+}
+MULTIVERSION static void mean_f64(const double *restrict acc, double *restrict out, Py_ssize_t n, double w) {
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = acc[i] / w;
+}
+
+static PyObject *py_mean_to(PyObject *self, PyObject *args) {
+    Py_buffer acc, out; double w; int kind;
+    if (!PyArg_ParseTuple(args, "y*w*di", &acc, &out, &w, &kind)) return NULL;
+    Py_ssize_t n = acc.len / 8;
+    int size = kind == K_F32 ? 4 : kind == K_F64 ? 8 : 0;
+    if (!size || out.len != n * size) {
+        PyBuffer_Release(&acc); PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "mean_to: float32/float64 output of acc's length required");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == K_F32) mean_f32((const double *)acc.buf, (float *)out.buf, n, w);
+    else mean_f64((const double *)acc.buf, (double *)out.buf, n, w);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&acc); PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef METHODS[] = {
+    {"mean_to", py_mean_to, METH_VARARGS, "mean_to(acc, out, total_weight, kind): out = acc / w"},
     {"fold", py_fold, METH_VARARGS, "fold(acc, sources, weights, kind): acc += sum w*x (float64)."},
     {"count_nonfinite", py_count_nonfinite, METH_VARARGS, "count_nonfinite(buf, kind) -> int"},
     {NULL, NULL, 0, NULL}};

@@ -96,8 +96,11 @@ def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> N
         raise ValueError(f"total weight must be > 0, got {total_weight}")
     out = layout.views(out_buf)
     for spec, e in zip(layout.specs, layout.elem_offsets):
-        mean = np.divide(acc[e:e + spec.numel], total_weight).reshape(spec.shape)
         dst = out[spec.name]
+        if _foldc is not None and spec.dtype in ("float32", "float64"):
+            _foldc.mean_to(acc[e:e + spec.numel], dst.reshape(-1), total_weight, kernel_id(spec.dtype))
+            continue
+        mean = np.divide(acc[e:e + spec.numel], total_weight).reshape(spec.shape)
         if is_float(spec.dtype):
             dst[...] = mean.astype(public_dtype(spec.dtype))
         elif spec.dtype == "bool":

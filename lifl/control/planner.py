@@ -191,7 +191,7 @@ def best_fan_in(leaves: int, costs: FoldCosts) -> tuple[int, float]:
 
 
 # -- elastic planning --------------------------------------------------------------------------
-def _node_rates(load: Load, nodes: Sequence[Node], slots: Sequence[int]) -> list[float]:
+def _node_shares(load: Load, nodes: Sequence[Node], slots: Sequence[int]) -> list[float]:
     """Share of arrivals landing at each node's gateway (aligned with ``nodes``)."""
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
@@ -226,7 +226,10 @@ def _score(counts: Sequence[int], share: Sequence[float], load: Load, costs: Fol
 
 def _search(start: Sequence[int], share: Sequence[float], load: Load, costs: FoldCosts, capacity: int,
             policy: PlannerPolicy, limit: int) -> tuple[list[int], LatencyBreakdown, float, int]:
-    """Water-fill leaves from ``start`` up to ``limit`` in all; return the chosen (counts, latency, utilisation, fan-in)."""
+    """Water-fill leaves from ``start`` (up to ``limit`` in all) and pick one allocation.
+
+    Returns (leaves per node, latency, worst utilisation, fan-in) of the choice.
+    """
     counts = list(start)
     for i, s in enumerate(share):  # every receiving node needs a leaf of its own
         if s > 0 and counts[i] == 0:
@@ -280,7 +283,7 @@ def plan_elastic(load: Load, costs: FoldCosts, nodes: Sequence[Node], demand: Re
     if load.expected_clients < 1:
         raise ValueError(f"expected_clients must be >= 1, got {load.expected_clients}")
     slots = _slots(nodes, demand)
-    share = _node_rates(load, nodes, slots)
+    share = _node_shares(load, nodes, slots)
     counts, lat, util, f = _search([0] * len(nodes), share, load, costs, sum(slots), policy,
                                    limit=load.expected_clients)
     home = tuple(n.name for n, c in zip(nodes, counts) for _ in range(c))
@@ -302,7 +305,7 @@ def replan(current: Plan, load: Load, costs: FoldCosts, nodes: Sequence[Node],
     remaining = max(1, load.expected_clients - received)
     rest = Load(remaining, load.arrival_rate_per_s, load.node_share)
     slots = _slots(nodes, demand)
-    share = _node_rates(rest, nodes, slots)
+    share = _node_shares(rest, nodes, slots)
     names = [n.name for n in nodes]
     missing = sorted(set(current.leaf_home) - set(names))
     if missing:

@@ -300,3 +300,19 @@ class TreeSampler:
         c1 = (after[0] if after else inside[-1])[1]
         peak = max((s[2] for s in inside), default=0)
         return {"cpu_s": c1 - c0, "peak_pss": peak, "samples": len(inside)}
+
+
+def max_rel_diff(a_path: str | Path, b_path: str | Path) -> float:
+    """max over tensors of ||a - b|| / ||a|| for two .npz models with the same keys, in the same order."""
+    import numpy as np
+
+    a, b = np.load(a_path), np.load(b_path)
+    if list(a.keys()) != list(b.keys()):
+        raise AssertionError(f"different tensors: {list(a.keys())} vs {list(b.keys())}")
+    worst = 0.0
+    for k in a.keys():
+        x, y = a[k].astype(np.float64), b[k].astype(np.float64)
+        if x.shape != y.shape or a[k].dtype != b[k].dtype:
+            raise AssertionError(f"{k}: {a[k].dtype}{x.shape} vs {b[k].dtype}{y.shape}")
+        worst = max(worst, float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-30)))
+    return worst
