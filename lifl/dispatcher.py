@@ -359,7 +359,7 @@ class Dispatcher:
         if top in done and not run.finalizing:
             run.finalizing = True
             run.result = self.arena.segment(run.round.layout.total_size)
-            host = run.leaves[0]
+            host = run.leaves[hier.host(*top)]
             self._enqueue(host.worker, Task(
                 {"op": "finalize", "layout": run.round.id, "acc": host.acc.name,
                  "weight": run.round.total_weight, "out": run.result.name}, run,
