@@ -11,6 +11,10 @@ from typing import Any, Mapping
 MiB = 2**20
 
 
+def _default_leaves() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -27,8 +31,9 @@ class ServerConfig:
     keep_rounds: int = 8              # results kept for Pull
     grpc_threads: int = 32
     # hierarchy (static planner)
-    workers: int = 4                  # aggregator functions kept by the local runtime
-    leaves: int = 4
+    # default: one leaf per two cores (the gateway needs cores too); 1 leaf on a 2-core machine
+    workers: int = field(default_factory=lambda: _default_leaves())  # functions kept by the local runtime
+    leaves: int = field(default_factory=lambda: _default_leaves())
     fan_in: int = 4
     # security
     tokens: list[str] = field(default_factory=list)  # client bearer tokens; empty = no auth

@@ -241,7 +241,7 @@ class Dispatcher:
                 w = self._workers[(rid + i) % len(self._workers)]
                 leaves.append(LeafRun(i, w, (self.arena.scratch(layout.numel * 8),
                                              self.arena.scratch(layout.numel * 8))))
-            run = RoundRun(rnd, hier, leaves, initial=initial)
+            run = RoundRun(rnd, hier, leaves, initial=initial, result=self.arena.scratch(layout.total_size))
             self._runs[rid] = run
             for leaf in leaves:
                 self._enqueue(leaf.worker, Task({"op": "reset", "layout": rid, "acc": leaf.acc.name}, run))
@@ -358,7 +358,6 @@ class Dispatcher:
         top = (hier.depth - 1, 0)
         if top in done and not run.finalizing:
             run.finalizing = True
-            run.result = self.arena.segment(run.round.layout.total_size)
             host = run.leaves[hier.host(*top)]
             self._enqueue(host.worker, Task(
                 {"op": "finalize", "layout": run.round.id, "acc": host.acc.name,
@@ -400,9 +399,9 @@ class Dispatcher:
         finished = [r for r in self._runs.values() if r.round.state in (State.DONE, State.FAILED)]
         for run in finished[:-self.config.keep_rounds] if self.config.keep_rounds else finished:
             if run.readers == 0 and run.released:
-                for seg in (run.result, run.initial):
-                    if seg is not None:
-                        self.arena.free(seg.name)
+                self.arena.release_scratch(run.result.name)
+                if run.initial is not None:
+                    self.arena.free(run.initial.name)
                 del self._runs[run.round.id]
 
     # -- results -----------------------------------------------------------------

@@ -110,14 +110,25 @@ def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> N
             dst[...] = np.clip(np.rint(mean), info.min, info.max).astype(dst.dtype)
 
 
-def count_nonfinite(layout: Layout, buf) -> list[tuple[str, int]]:
-    """(tensor name, count) of NaN/Inf values in each float tensor that has any."""
+def count_nonfinite(layout: Layout, buf, start: int = 0, end: int | None = None) -> list[tuple[str, int]]:
+    """(tensor name, count) of NaN/Inf values in each float tensor that has any.
+
+    With ``start``/``end`` (byte positions in the flat layout) only the elements lying
+    wholly inside [start, end) are checked, so a receiver can check each chunk as it
+    lands and spread the scan over the stream instead of paying it after the last byte.
+    """
+    end = layout.total_size if end is None else end
     bad = []
     for spec, off in zip(layout.specs, layout.offsets):
-        if not is_float(spec.dtype) or spec.numel == 0:
+        if not is_float(spec.dtype) or spec.numel == 0 or off + spec.nbytes <= start or off >= end:
+            continue
+        size = spec.itemsize
+        first = max(0, -(-(start - off) // size))
+        last = min(spec.numel, (end - off) // size)
+        if last <= first:
             continue
         kid = kernel_id(spec.dtype)
-        raw = np.frombuffer(buf, dtype=storage_dtype(spec.dtype), count=spec.numel, offset=off)
+        raw = np.frombuffer(buf, dtype=storage_dtype(spec.dtype), count=last - first, offset=off + first * size)
         if _foldc is not None:
             n = _foldc.count_nonfinite(raw, kid)
         else:

@@ -134,7 +134,7 @@ class Gateway:
             raise LiflError("INVALID_ARGUMENT", f"the first message must be a {what}, got {msg.WhichOneof('kind')}")
         return msg.header
 
-    def _receive(self, it, dst: np.ndarray, cls, what: str, check=None) -> int:
+    def _receive(self, it, dst: np.ndarray, cls, what: str, check=None, on_chunk=None) -> int:
         """Copy the chunks that follow a header into dst; return the byte count (must equal dst's size)."""
         size, pos = dst.nbytes, 0
         for raw in it:
@@ -144,6 +144,8 @@ class Gateway:
                 raise LiflError("INVALID_ARGUMENT",
                                 f"{what}: received more bytes than the declared total_size of {size}")
             np.copyto(dst[pos:pos + n], np.frombuffer(payload, np.uint8))
+            if on_chunk is not None:
+                on_chunk(pos, pos + n)
             pos += n
             if check is not None:
                 check()
@@ -181,13 +183,22 @@ class Gateway:
                 raise LiflError("RESOURCE_EXHAUSTED", f"{e}; retry later", retry_after_s=0.5) from None
             self.metrics.slots_in_use.set(self.arena.stats().slots_in_use)
             dst = slot.array(np.uint8, want.total_size)
-            self._receive(it, dst, pb.PushRequest, "update", check=lambda: self.dispatcher.check_open(run))
-            if self.config.reject_nonfinite:
-                bad = count_nonfinite(want, slot.buf)
+            checked = [0]  # bytes scanned for NaN/Inf so far: each chunk is checked as it lands
+
+            def scan(upto: int) -> None:
+                bad = count_nonfinite(want, slot.buf, checked[0], upto)
+                checked[0] = upto
                 if bad:
                     name, n = bad[0]
                     raise LiflError("INVALID_ARGUMENT", f"tensor {name!r} has {n} NaN/Inf values; "
                                                         "the update was rejected (reject_nonfinite is on)")
+
+            def on_chunk(start: int, end: int) -> None:
+                # scan whole 64-byte lines received so far; an element never straddles one
+                scan(end - end % 64 if end < want.total_size else end)
+
+            self._receive(it, dst, pb.PushRequest, "update", check=lambda: self.dispatcher.check_open(run),
+                          on_chunk=on_chunk if self.config.reject_nonfinite else None)
             self.dispatcher.check_open(run)
             n_acc = self.dispatcher.accept(run, h.client_id, slot.name, h.num_examples)
             accepted = True

@@ -198,14 +198,20 @@ class Arena:
 
     # -- unbudgeted segments: accumulators, results -------------------------
     def scratch(self, size: int) -> Segment:
-        """A reusable segment (e.g. a float64 accumulator); give it back with release_scratch."""
+        """A reusable segment (accumulators, results); give it back with release_scratch.
+
+        A new one is pre-faulted here (tmpfs allocates pages on first touch, which
+        would otherwise land inside a fold or the finalize, on the critical path).
+        """
         with self._cond:
             if self._scratch_free.get(size):
                 seg = self._scratch_free[size].pop()
-            else:
-                seg = self._new(size)
+                self._others[seg.name] = seg
+                return seg
+            seg = self._new(size)
             self._others[seg.name] = seg
-            return seg
+        seg.array()[:] = 0
+        return seg
 
     def release_scratch(self, name: str) -> None:
         with self._cond:

@@ -99,4 +99,4 @@ def test_config_file_env_and_flags(tmp_path):
     with pytest.raises(ValueError, match="unknown setting"):
         load_config(f, env={})
     with pytest.raises(ValueError, match="fan_in"):
-        load_config(None, env={"LIFL_FAN_IN": "1"})
+        load_config(None, env={"LIFL_FAN_IN": "1", "LIFL_LEAVES": "3"})
