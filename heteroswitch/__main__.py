@@ -1,0 +1,7 @@
+"""``python -m heteroswitch bench ...``"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

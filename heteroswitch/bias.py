@@ -1,0 +1,123 @@
+"""Per-client device-bias signal from loss dynamics, and the switch it drives.
+
+The signal (our choice; the paper's exact formula was not available): the loss
+of the *received* global model on the client's local data, relative to a
+reference loss,
+
+    signal = loss_global / loss_ref - 1
+
+A client whose data the global model serves worse than average (signal > 0)
+is one the model is biased *against* -- in the device benchmark, typically a
+minority or old device.  The reference is, in order of preference:
+
+* ``"server"``: a loss the server broadcasts (in the bench: the
+  example-weighted mean of the pre-training losses clients reported last
+  round), which compares clients with each other;
+* ``"ema"``: the client's own exponential moving average of past
+  ``loss_global`` values (for clients that participate repeatedly), which
+  compares the client with its own history;
+* none yet: ``default_level`` is used and the reason says so.
+
+Levels: ``level = #{t in thresholds : signal >= t}``, and ``modes[level]``
+says which remedies are on.  Defaults: ``thresholds = (0.0, 0.25)`` and
+modes ``0 -> nothing``, ``1 -> ISP transformation``, ``2 -> ISP + SWAD``
+(ISP first because it is nearly free; SWAD costs held-out evaluations).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+__all__ = ["Mode", "SwitchConfig", "Decision", "BiasSwitch", "relative_excess_loss", "level_for"]
+
+
+@dataclass(frozen=True)
+class Mode:
+    isp: bool = False
+    swad: bool = False
+
+    @property
+    def name(self) -> str:
+        return "+".join(n for n, on in (("isp", self.isp), ("swad", self.swad)) if on) or "none"
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    thresholds: tuple[float, ...] = (0.0, 0.25)
+    modes: tuple[Mode, ...] = (Mode(False, False), Mode(True, False), Mode(True, True))
+    reference: str = "server"      # "server" | "ema"
+    ema_decay: float = 0.7
+    default_level: int = 0
+
+    def __post_init__(self) -> None:
+        if list(self.thresholds) != sorted(self.thresholds):
+            raise ValueError(f"thresholds must be non-decreasing, got {self.thresholds}")
+        if len(self.modes) != len(self.thresholds) + 1:
+            raise ValueError(f"need len(thresholds) + 1 = {len(self.thresholds) + 1} modes, got {len(self.modes)}")
+        if self.reference not in ("server", "ema"):
+            raise ValueError(f"reference must be 'server' or 'ema', got {self.reference!r}")
+        if not 0 <= self.default_level < len(self.modes):
+            raise ValueError(f"default_level must index modes, got {self.default_level}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("ema_decay must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Decision:
+    level: int
+    mode: Mode
+    signal: float | None
+    loss_global: float | None
+    loss_ref: float | None
+    reason: str
+
+    def as_metrics(self, prefix: str = "hs_") -> dict[str, float]:
+        """Flat numeric metrics, so the server can see who switched and why."""
+        nan = float("nan")
+        return {
+            f"{prefix}level": float(self.level),
+            f"{prefix}isp": float(self.mode.isp),
+            f"{prefix}swad": float(self.mode.swad),
+            f"{prefix}signal": nan if self.signal is None else float(self.signal),
+            f"{prefix}loss_global": nan if self.loss_global is None else float(self.loss_global),
+            f"{prefix}loss_ref": nan if self.loss_ref is None else float(self.loss_ref),
+            f"{prefix}has_ref": float(self.loss_ref is not None),
+        }
+
+
+def relative_excess_loss(loss_global: float, loss_ref: float) -> float:
+    if loss_ref <= 0:
+        raise ValueError(f"reference loss must be > 0, got {loss_ref}")
+    return loss_global / loss_ref - 1.0
+
+
+def level_for(signal: float, thresholds: tuple[float, ...]) -> int:
+    return bisect.bisect_right(list(thresholds), signal)
+
+
+class BiasSwitch:
+    """Stateful per-client switch (state = the EMA of its own global-model losses)."""
+
+    def __init__(self, config: SwitchConfig | None = None, ema: float | None = None) -> None:
+        self.config = config or SwitchConfig()
+        self.ema = ema
+
+    def decide(self, loss_global: float | None, server_ref: float | None = None) -> Decision:
+        c = self.config
+        ref, src = None, None
+        if c.reference == "server" and server_ref is not None and server_ref > 0:
+            ref, src = float(server_ref), "server reference"
+        elif self.ema is not None and self.ema > 0:
+            ref, src = self.ema, "own loss EMA"
+        if loss_global is not None:
+            self.ema = loss_global if self.ema is None else c.ema_decay * self.ema + (1 - c.ema_decay) * loss_global
+        if loss_global is None or ref is None:
+            lvl = c.default_level
+            why = "no global-model loss measured" if loss_global is None else "no reference loss yet"
+            return Decision(lvl, c.modes[lvl], None, loss_global, ref, f"{why}: default level {lvl} ({c.modes[lvl].name})")
+        s = relative_excess_loss(loss_global, ref)
+        lvl = level_for(s, c.thresholds)
+        reason = (f"loss {loss_global:.4f} vs {src} {ref:.4f}: signal {s:+.3f}, thresholds {list(c.thresholds)} "
+                  f"-> level {lvl} ({c.modes[lvl].name})")
+        return Decision(lvl, c.modes[lvl], s, loss_global, ref, reason)
