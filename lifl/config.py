@@ -32,9 +32,13 @@ class ServerConfig:
     grpc_threads: int = 32
     # hierarchy (static planner)
     # default: one leaf per two cores (the gateway needs cores too); 1 leaf on a 2-core machine
-    workers: int = field(default_factory=lambda: _default_leaves())  # functions kept by the local runtime
+    workers: int = field(default_factory=lambda: _default_leaves())  # most functions running at once
+    min_workers: int = 0              # functions kept warm when idle (0 = scale to zero)
+    keep_alive_s: float = 30.0        # an idle function lives this long before it is stopped
+    spawn: str = "zygote"             # "zygote" (fork server, ms cold starts) or "exec" (fresh interpreter)
     leaves: int = field(default_factory=lambda: _default_leaves())
     fan_in: int = 4
+    planner: str = "elastic"          # "elastic": leaves/fan-in from measured costs (leaves is the cap); "static"
     # security
     tokens: list[str] = field(default_factory=list)  # client bearer tokens; empty = no auth
     admin_token: str = ""
@@ -48,6 +52,14 @@ class ServerConfig:
             raise ValueError("shm_budget_mb must be >= 1")
         if self.leaves < 1 or self.workers < 1:
             raise ValueError("leaves and workers must be >= 1")
+        if not 0 <= self.min_workers <= self.workers:
+            raise ValueError("min_workers must be between 0 and workers")
+        if self.keep_alive_s < 0:
+            raise ValueError("keep_alive_s must be >= 0")
+        if self.planner not in ("elastic", "static"):
+            raise ValueError(f"planner must be 'elastic' or 'static', got {self.planner!r}")
+        if self.spawn not in ("zygote", "exec"):
+            raise ValueError(f"spawn must be 'zygote' or 'exec', got {self.spawn!r}")
         if self.leaves > 1 and self.fan_in < 2:
             raise ValueError("fan_in must be >= 2 when there is more than one leaf")
         if self.runtime not in ("local",):

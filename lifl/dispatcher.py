@@ -7,8 +7,13 @@ update that queued up meanwhile in one fused fold. When a round closes, each
 parent folds its children's partial sums as soon as they are complete, and the
 top finalises Σwᵢxᵢ/Σwᵢ into a result segment that Pull serves.
 
-The hierarchy's shape and the routing of updates come from ``control.planner``
-(pure policy); this module only executes them through a runtime.
+Functions are serverless: none runs until an update needs one (a leaf is
+bound to a function when its first update arrives, preferring an idle warm
+function over a cold start), a function whose leaves are done serves the next
+role (a parent's partial folds, the next round's leaves), and idle functions
+are stopped after the keep-alive — down to zero. When to start and stop is
+decided by ``control.autoscaler`` and the tree's shape by ``control.planner``
+(pure policies); this module only executes their decisions through a runtime.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .config import ServerConfig
-from .control.planner import Hierarchy, plan_static, route_leaf
+from .control.autoscaler import decide
+from .control.model import (AutoscalerState, FoldCosts, Instance, InstanceState, Load, Node, Observation,
+                            PlannerPolicy, ScalePolicy)
+from .control.planner import Hierarchy, plan_elastic, plan_static, route_leaf
 from .errors import LiflError
 from .layout import Layout
 from .metrics import Metrics
@@ -38,9 +46,10 @@ class LeafRun:
     function killed mid-fold leaves ``acc`` intact and the fold is re-run exactly once."""
 
     index: int
-    worker: "WorkerSlot"
+    worker: "WorkerSlot | None"   # bound when the leaf's first work arrives
     accs: tuple[Segment, Segment]
     cur: int = 0
+    fresh: bool = True             # nothing folded yet: the sum is logically zero
     pending: list[tuple[str, float]] = field(default_factory=list)
     folding: int = 0
     folded: int = 0
@@ -55,6 +64,16 @@ class LeafRun:
 
     def commit(self) -> None:
         self.cur = 1 - self.cur
+        self.fresh = False
+
+    def fold_cmd(self, run_id: int, **inputs) -> dict:
+        """A fold that writes the spare accumulator from the current one (or from zero)."""
+        cmd = {"op": "fold", "layout": run_id, "acc": self.spare.name, **inputs}
+        if self.fresh:
+            cmd["zero"] = True
+        else:
+            cmd["base"] = self.acc.name
+        return cmd
 
 
 @dataclass
@@ -95,6 +114,13 @@ class WorkerSlot:
         self.updates_folded = 0
         self.role = "idle"
         self.dead = False
+        self.bindings = 0                      # leaves of unfinished rounds it carries
+        self.idle_since = time.monotonic()
+
+    def state(self) -> InstanceState:
+        if self.current is not None or self.queue:
+            return InstanceState.BUSY
+        return InstanceState.WARM if self.bindings else InstanceState.IDLE
 
 
 class Dispatcher:
@@ -106,7 +132,18 @@ class Dispatcher:
         self._runs: dict[int, RoundRun] = {}
         self._workers: list[WorkerSlot] = []
         self._closing = False
-        for _ in range(config.workers):
+        self.policy = ScalePolicy(keep_alive_s=config.keep_alive_s, min_instances=config.min_workers,
+                                  max_instances=config.workers, stabilization_s=min(10.0, config.keep_alive_s))
+        self._scale_state = AutoscalerState()
+        self._arrivals = 0.0            # EWMA of accepted updates per second
+        self._last_tick = time.monotonic()
+        self._accepted_since_tick = 0
+        self._fold_s = 0.0              # EWMA of one leaf fold, for the service rate
+        self._last_round_rate = 0.0     # arrival rate seen in the last finished round
+        self.last_plan = ""
+        if hasattr(runtime, "prepare"):
+            runtime.prepare()
+        for _ in range(config.min_workers):
             self._spawn()
         self._ticker = threading.Thread(target=self._tick_loop, name="lifl-deadlines", daemon=True)
         self._stop = threading.Event()
@@ -118,7 +155,31 @@ class Dispatcher:
         slot = WorkerSlot(handle)
         self._workers.append(slot)
         self.metrics.cold_starts.inc()
+        self.metrics.cold_start_seconds.observe(getattr(handle, "start_seconds", 0.0))
         return slot
+
+    def _bind(self, leaf: LeafRun, role: str) -> str:
+        """Give a leaf a function: an idle warm one, else a cold start, else the least loaded."""
+        idle = [w for w in self._workers if w.state() is InstanceState.IDLE]
+        if idle:
+            w, how = max(idle, key=lambda w: w.idle_since), "warm"
+            self.metrics.warm_reuses.inc()
+        elif len(self._workers) < self.config.workers:
+            w, how = self._spawn(), "cold"
+        else:
+            w, how = min(self._workers, key=lambda w: (w.bindings, len(w.queue))), "shared"
+            self.metrics.warm_reuses.inc()
+        leaf.worker = w
+        w.bindings += 1
+        w.role = role
+        return how
+
+    def _unbind(self, leaf: LeafRun) -> None:
+        w, leaf.worker = leaf.worker, None
+        if w is not None:
+            w.bindings -= 1
+            if w.bindings == 0:
+                w.idle_since = time.monotonic()
 
     def _slot_of(self, handle) -> WorkerSlot | None:
         for w in self._workers:
@@ -162,9 +223,7 @@ class Dispatcher:
                     leaf.folding = len(batch)
                     run.tasks_in_flight += 1
                     w.role = "leaf"
-                    self.metrics.warm_reuses.inc()
-                    return Task({"op": "fold", "layout": run.round.id, "acc": leaf.spare.name,
-                                 "base": leaf.acc.name, "updates": [[n, wt] for n, wt in batch]}, run,
+                    return Task(leaf.fold_cmd(run.round.id, updates=[[n, wt] for n, wt in batch]), run,
                                 lambda r, run=run, leaf=leaf, batch=batch: self._leaf_folded(run, leaf, batch, r))
         return None
 
@@ -201,6 +260,8 @@ class Dispatcher:
         if self._closing:
             return
         self.metrics.function_failures.inc()
+        if not w.bindings and w.current is None and not w.queue:
+            return  # an idle function: nothing to recover, nothing to replace (serverless)
         try:
             repl = self._spawn()
         except Exception as e:  # cannot even restart: fail what depended on it
@@ -212,6 +273,7 @@ class Dispatcher:
             for leaf in run.leaves:
                 if leaf.worker is w:
                     leaf.worker = repl
+                    repl.bindings += 1
         tasks = ([w.current] if w.current is not None else []) + list(w.queue)
         w.current, w.queue = None, collections.deque()
         for task in tasks:
@@ -235,17 +297,25 @@ class Dispatcher:
                 raise LiflError("UNAVAILABLE", "the server is shutting down")
             rid = next(self._round_ids)
             rnd = Round(job, rid, layout, expected, quorum, deadline_s)
-            hier = plan_static(min(self.config.leaves, len(self._workers)), self.config.fan_in)
-            leaves = []
-            for i in range(hier.leaves):
-                w = self._workers[(rid + i) % len(self._workers)]
-                leaves.append(LeafRun(i, w, (self.arena.scratch(layout.numel * 8),
-                                             self.arena.scratch(layout.numel * 8))))
+            hier = self._plan(expected, layout, deadline_s)
+            leaves = [LeafRun(i, None, (self.arena.scratch(layout.numel * 8), self.arena.scratch(layout.numel * 8)))
+                      for i in range(hier.leaves)]
             run = RoundRun(rnd, hier, leaves, initial=initial, result=self.arena.scratch(layout.total_size))
             self._runs[rid] = run
-            for leaf in leaves:
-                self._enqueue(leaf.worker, Task({"op": "reset", "layout": rid, "acc": leaf.acc.name}, run))
             return rnd
+
+    def _plan(self, expected: int, layout: Layout, deadline_s: float) -> Hierarchy:
+        """The round's tree: the elastic planner's choice from measured costs, or the configured static one."""
+        cap = min(self.config.leaves, self.config.workers, expected)
+        if self.config.planner == "static":
+            return plan_static(cap, self.config.fan_in)
+        update_s = self._fold_s or layout.total_size / 2e9  # before any measurement: ~2 GB/s
+        costs = FoldCosts(update_s=update_s, fuse_speedup=2.0, partial_s=2 * update_s, finalize_s=update_s)
+        rate = self._arrivals or self._last_round_rate or expected / (deadline_s or 10.0)
+        node = Node("local", float(self.config.workers), 0, self.arena.budget)
+        plan = plan_elastic(Load(expected, rate), costs, [node], policy=PlannerPolicy(max_leaves=cap))
+        self.last_plan = plan.hierarchy.describe()
+        return plan.hierarchy
 
     def get(self, job: str, rid: int) -> RoundRun:
         run = self._runs.get(rid)
@@ -270,18 +340,28 @@ class Dispatcher:
 
     def accept(self, run: RoundRun, client: str, slot: str, weight: float) -> int:
         """Record a complete update and route it to a leaf; returns the round's accepted count."""
+        t_event = time.perf_counter()
         with self._lock:
             run.round.accept(client, weight, time.monotonic())
+            self._accepted_since_tick += 1
             pend = [len(leaf.pending) for leaf in run.leaves]
             busy = [leaf.folding > 0 for leaf in run.leaves]
             i = route_leaf(pend, busy, run.cursor)
             run.cursor = (i + 1) % len(run.leaves)
-            run.leaves[i].pending.append((slot, weight))
+            leaf = run.leaves[i]
+            leaf.pending.append((slot, weight))
             run.num_updates += 1
             self.metrics.updates_received.labels(run.round.job).inc()
             n = len(run.round.accepted)
+            how = self._bind(leaf, "leaf") if leaf.worker is None else "warm"
+            w = leaf.worker
             self._maybe_close(run, forced=False)
-            self._pump(run.leaves[i].worker)
+            self._pump(w)
+            cur = w.current
+            if cur is not None and any(u[0] == slot for u in cur.cmd.get("updates", ())):
+                start = "cold" if how == "cold" else "warm"
+                self.metrics.dispatches.labels(start).inc()
+                self.metrics.dispatch_seconds.labels(start).observe(time.perf_counter() - t_event)
             return n
 
     def _leaf_folded(self, run: RoundRun, leaf: LeafRun, batch, reply: dict) -> None:
@@ -289,7 +369,9 @@ class Dispatcher:
         leaf.folding = 0
         leaf.folded += len(batch)
         leaf.worker.updates_folded += len(batch)
-        self.metrics.fold_seconds.labels("leaf").observe(reply.get("seconds", 0.0))
+        secs = reply.get("seconds", 0.0)
+        self._fold_s = secs / len(batch) if not self._fold_s else 0.8 * self._fold_s + 0.2 * secs / len(batch)
+        self.metrics.fold_seconds.labels("leaf").observe(secs)
         for name, _ in batch:
             self.arena.release_slot(name)
         self._advance(run)
@@ -344,14 +426,22 @@ class Dispatcher:
                     continue
                 folded = run.children_folded.setdefault(node, set())
                 folding = run.children_folding.setdefault(node, set())
+                for k in kids[1:]:  # a child that never received an update adds nothing
+                    if (level - 1, k) in done and run.leaves[hier.host(level - 1, k)].fresh:
+                        folded.add(k)
                 ready = [k for k in kids[1:] if (level - 1, k) in done and k not in folded and k not in folding]
                 if ready and not folding:
                     folding.update(ready)
                     host = run.leaves[hier.host(level, j)]
+                    role = "top" if level == hier.depth - 1 else "middle"
+                    if host.worker is None:
+                        self._bind(host, role)
+                    elif host.worker.role != role:
+                        self.metrics.warm_reuses.inc()  # a finished leaf takes a parent's role
+                    host.worker.role = role
                     parts = [run.leaves[hier.host(level - 1, k)].acc.name for k in ready]
                     self._enqueue(host.worker, Task(
-                        {"op": "fold", "layout": run.round.id, "acc": host.spare.name, "base": host.acc.name,
-                         "partials": parts}, run,
+                        host.fold_cmd(run.round.id, partials=parts), run,
                         lambda r, run=run, node=node, ready=ready: self._partials_folded(run, node, ready, r)))
                 if len(folded) == len(kids) - 1:
                     done.add(node)
@@ -359,6 +449,9 @@ class Dispatcher:
         if top in done and not run.finalizing:
             run.finalizing = True
             host = run.leaves[hier.host(*top)]
+            if host.worker is None:
+                self._bind(host, "top")
+            host.worker.role = "top"
             self._enqueue(host.worker, Task(
                 {"op": "finalize", "layout": run.round.id, "acc": host.acc.name,
                  "weight": run.round.total_weight, "out": run.result.name}, run,
@@ -374,6 +467,9 @@ class Dispatcher:
 
     def _finalized(self, run: RoundRun, reply: dict) -> None:
         rnd = run.round
+        span = time.time() - rnd.opened
+        if span > 0:
+            self._last_round_rate = len(rnd.accepted) / span
         rnd.post_arrival_s = time.monotonic() - rnd.last_arrival
         rnd.state = State.DONE
         self.metrics.post_arrival.observe(rnd.post_arrival_s)
@@ -387,10 +483,12 @@ class Dispatcher:
         if run.released or run.tasks_in_flight > 0 or run.round.state not in (State.DONE, State.FAILED):
             return
         run.released = True
+        workers = {id(leaf.worker): leaf.worker for leaf in run.leaves if leaf.worker is not None}
         for leaf in run.leaves:
+            self._unbind(leaf)
             for seg in leaf.accs:
                 self.arena.release_scratch(seg.name)
-        for w in {id(leaf.worker): leaf.worker for leaf in run.leaves}.values():
+        for w in workers.values():
             if run.round.id in w.layouts:
                 w.layouts.discard(run.round.id)
                 self._enqueue(w, Task({"op": "forget", "segments": [], "layouts": [run.round.id]}, None))
@@ -447,8 +545,39 @@ class Dispatcher:
                 for run in list(self._runs.values()):
                     if run.round.state == State.OPEN and run.round.deadline_s:
                         self._maybe_close(run, forced=False)
-                self.metrics.queue_depth.set(sum(len(l.pending) + l.folding
-                                                 for r in self._runs.values() for l in r.leaves))
+                self._autoscale()
+
+    def observation(self, now: float) -> Observation:
+        """What the autoscaler sees: functions, arrival rate, backlog, leaves that hold a function."""
+        depth = sum(len(l.pending) + l.folding for r in self._runs.values() for l in r.leaves)
+        required = sum(1 for r in self._runs.values() for l in r.leaves if l.worker is not None)
+        insts = tuple(Instance(w.handle.id, "local", w.state(), w.role, w.idle_since) for w in self._workers)
+        return Observation(insts, self._arrivals, depth, required, 1.0 / self._fold_s if self._fold_s else 0.0)
+
+    def _autoscale(self) -> None:
+        """Execute the autoscaler's decision: pre-start functions for a rising load, stop idle ones."""
+        now = time.monotonic()
+        dt, self._last_tick = now - self._last_tick, now
+        rate = self._accepted_since_tick / dt if dt > 0 else 0.0
+        self._accepted_since_tick = 0
+        self._arrivals = 0.7 * self._arrivals + 0.3 * rate
+        if self._arrivals < 0.01:  # the average decays geometrically; call a trickle this small none
+            self._arrivals = 0.0
+        obs = self.observation(now)
+        d = decide(self._scale_state, obs, now, self.policy)
+        self._scale_state = d.state
+        self.metrics.queue_depth.set(obs.queue_depth)
+        if self._closing:
+            return
+        for _ in range(min(d.start, self.config.workers - len(self._workers))):
+            w = self._spawn()
+            w.role = "idle"
+        for wid in d.stop:
+            w = next((w for w in self._workers if w.handle.id == wid), None)
+            if w is not None and w.state() is InstanceState.IDLE:
+                self._workers.remove(w)
+                self.metrics.scale_downs.inc()
+                threading.Thread(target=self.runtime.stop_worker, args=(w.handle,), daemon=True).start()
 
     def close(self) -> None:
         with self._lock:

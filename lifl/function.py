@@ -75,6 +75,8 @@ class Function:
             acc = self.acc(cmd["acc"], layout)
             base = self.acc(cmd["base"], layout) if cmd.get("base") else None
             t0 = time.perf_counter()
+            if cmd.get("zero"):  # the leaf's first fold: start from zero (re-runnable too)
+                acc[:] = 0.0
             ups = cmd.get("updates", [])
             if ups:
                 fold.fold_updates(acc, layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
@@ -104,10 +106,26 @@ class Function:
         raise ValueError(f"unknown op {op!r}")
 
 
+def _lines(sock: socket.socket, poll_s: float):
+    """Command lines from the socket; with poll_s > 0, wake up every poll_s seconds while idle
+    (how an always-on, polling aggregator behaves: only the serverful baseline uses it)."""
+    rfile = sock.makefile("rb")
+    if poll_s <= 0:
+        yield from rfile
+        return
+    import select
+    while True:
+        while not select.select([sock], [], [], poll_s)[0]:
+            pass
+        line = rfile.readline()
+        if not line:
+            return
+        yield line
+
+
 def serve(sock: socket.socket) -> None:
     fn = Function()
-    rfile = sock.makefile("rb")
-    for line in rfile:
+    for line in _lines(sock, float(os.environ.get("LIFL_FUNCTION_POLL_S", "0") or 0)):
         cmd = json.loads(line)
         if cmd.get("op") == "exit":
             break
@@ -118,18 +136,22 @@ def serve(sock: socket.socket) -> None:
         sock.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="LIFL aggregator function (started by the runtime)")
-    p.add_argument("--fd", type=int, required=True)
-    args = p.parse_args(argv)
+def run_on_fd(fd: int) -> None:
+    """Serve commands on the inherited socket ``fd`` until told to exit or it closes."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops us explicitly
-    sock = socket.socket(fileno=args.fd)
+    sock = socket.socket(fileno=fd)
     sock.sendall(json.dumps({"seq": 0, "ok": True, "ready": os.getpid()}).encode() + b"\n")
     try:
         serve(sock)
     finally:
         sock.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="LIFL aggregator function (started by the runtime)")
+    p.add_argument("--fd", type=int, required=True)
+    run_on_fd(p.parse_args(argv).fd)
     sys.exit(0)
 
 

@@ -275,11 +275,12 @@ class Gateway:
                              shm_budget_bytes=st.budget_bytes,
                              shm_used_bytes=st.slot_bytes_in_use + st.slot_bytes_cached + st.other_bytes,
                              slots_in_use=st.slots_in_use,
-                             hierarchy=f"leaves={self.config.leaves} fan_in={self.config.fan_in}")
+                             hierarchy=self.dispatcher.last_plan or
+                             f"static: leaves={self.config.leaves} fan_in={self.config.fan_in}")
         for r in self.dispatcher.rounds()[-20:]:
             rep.rounds.append(round_info(self.dispatcher.get(r.job, r.id)))
         for w in self.dispatcher.workers():
             rep.workers.append(pb.WorkerInfo(id=w.handle.id, pid=w.handle.pid, role=w.role,
-                                             state="busy" if w.current else "idle", folds=w.folds,
+                                             state=w.state().value, folds=w.folds,
                                              updates_folded=w.updates_folded))
         return rep

@@ -30,6 +30,14 @@ class Metrics:
         self.warm_reuses = Counter("lifl_warm_reuses", "Dispatches to an already running function", registry=r)
         self.function_failures = Counter("lifl_function_failures", "Aggregator functions that died", registry=r)
         self.tasks_retried = Counter("lifl_tasks_retried", "Commands re-run after their function died", registry=r)
+        self.cold_start_seconds = Histogram("lifl_cold_start_seconds", "Start of a new function until it is ready",
+                                            buckets=_LAT, registry=r)
+        self.dispatches = Counter("lifl_dispatches", "Update folds sent right at arrival, by cold/warm function",
+                                  ["start"], registry=r)
+        self.dispatch_seconds = Histogram("lifl_dispatch_seconds", "Update accepted -> fold command sent",
+                                          ["start"], buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03,
+                                                              0.05, 0.1, 0.3, 1), registry=r)
+        self.scale_downs = Counter("lifl_scale_downs", "Idle functions stopped after the keep-alive", registry=r)
         self.queue_depth = Gauge("lifl_queue_depth", "Updates received but not yet folded", registry=r)
         self.slots_in_use = Gauge("lifl_shm_slots_in_use", "Update slots holding an update", registry=r)
         self.shm_bytes = Gauge("lifl_shm_bytes", "Shared memory held, by kind", ["kind"], registry=r)

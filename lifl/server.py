@@ -17,7 +17,7 @@ from .shm import Arena
 
 def _make_runtime(config: ServerConfig):
     if config.runtime == "local":
-        return LocalRuntime()
+        return LocalRuntime(spawn=config.spawn)
     raise ValueError(f"unknown runtime {config.runtime!r}")
 
 
@@ -79,7 +79,7 @@ class EmbeddedServer:
             self.metrics.shm_bytes.labels("accumulators_and_results").set(st.other_bytes)
             self.metrics.aggregators_active.clear()
             for w in self.dispatcher.workers():
-                self.metrics.aggregators_active.labels(w.role, w.handle.id).set(1)
+                self.metrics.aggregators_active.labels(w.role, "local").inc()
 
     def stop(self, grace: float = 1.0) -> None:
         self._stats_stop.set()

@@ -65,6 +65,7 @@ def make_server(shm_prefix):
         kw.setdefault("workers", 2)
         kw.setdefault("leaves", 2)
         kw.setdefault("fan_in", 2)
+        kw.setdefault("planner", "static")  # tests name their tree shapes; the elastic planner has its own tests
         srv = EmbeddedServer(ServerConfig(shm_prefix=shm_prefix, **kw)).start()
         servers.append(srv)
         return srv

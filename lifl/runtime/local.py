@@ -1,10 +1,12 @@
 """Local runtime: aggregator functions are OS processes on this machine.
 
-Each function is ``python -m lifl.function`` with one end of a Unix socketpair;
-commands and replies are JSON lines over it, and a reader thread per function
-hands replies to the dispatcher. Process lifetimes are explicit: close() stops
-every function it started (SIGTERM, then SIGKILL), and each function is
-SIGKILLed by the kernel if the server dies first.
+Functions are forked from a warm fork server (``zygote.py``) so a cold start
+costs milliseconds; ``spawn="exec"`` starts ``python -m lifl.function``
+instead. Either way a function talks JSON lines over one end of a Unix
+socketpair, and a reader thread per function hands replies to the dispatcher.
+Lifetimes are explicit: close() stops every function it started (exit command,
+then SIGKILL) and the fork server; everything gets SIGKILL from the kernel if
+the server dies first.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -25,24 +28,21 @@ from .base import OnMessage
 class LocalWorker:
     _ids = itertools.count(1)
 
-    def __init__(self, on_message: OnMessage, start_timeout: float = 30.0):
+    def __init__(self, sock: socket.socket, pid: int, on_message: OnMessage, t0: float,
+                 proc: subprocess.Popen | None = None, start_timeout: float = 30.0):
         self.id = f"fn-{next(self._ids)}"
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        t0 = time.perf_counter()
-        env = dict(os.environ)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lifl.function", "--fd", str(child.fileno())],
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env)
-        child.close()
-        self.pid = self.proc.pid
-        self.sock = parent
-        self._rfile = parent.makefile("rb")
+        self.pid, self.sock, self.proc = pid, sock, proc
+        self._rfile = sock.makefile("rb")
         self._send_lock = threading.Lock()
-        parent.settimeout(start_timeout)
-        line = self._rfile.readline()
-        parent.settimeout(None)
+        self._eof = threading.Event()
+        sock.settimeout(start_timeout)
+        try:
+            line = self._rfile.readline()
+        except OSError:
+            line = b""
+        sock.settimeout(None)
         if not line:
-            self.proc.kill()
+            self.kill()
             raise RuntimeError(f"aggregator function {self.id} exited during start-up")
         self.started = time.time()
         self.start_seconds = time.perf_counter() - t0
@@ -56,7 +56,9 @@ class LocalWorker:
                 self._on_message(self, json.loads(line))
         except (OSError, ValueError):
             pass
-        self.proc.wait()
+        self._eof.set()
+        if self.proc is not None:
+            self.proc.wait()
         self._on_message(self, None)
 
     def send(self, cmd: dict) -> None:
@@ -65,11 +67,13 @@ class LocalWorker:
             self.sock.sendall(data)
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self._eof.is_set()
 
     def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.alive():
@@ -77,11 +81,9 @@ class LocalWorker:
                 self.send({"op": "exit"})
             except OSError:
                 pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            if not self._eof.wait(timeout):
+                self.kill()
+                self._eof.wait(timeout)
         try:
             self.sock.close()
         except OSError:
@@ -95,13 +97,66 @@ class LocalRuntime:
 
     name = "local"
 
-    def __init__(self):
+    def __init__(self, spawn: str = "zygote"):
+        if spawn not in ("zygote", "exec"):
+            raise ValueError(f"spawn must be 'zygote' or 'exec', got {spawn!r}")
+        self.spawn = spawn
         self._workers: list[LocalWorker] = []
         self._lock = threading.Lock()
         self._forker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lifl-forker")
+        self._zygote: subprocess.Popen | None = None
+        self._zctrl: socket.socket | None = None
+
+    # -- fork server ---------------------------------------------------------------
+    def _start_zygote(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._zygote = subprocess.Popen([sys.executable, "-m", "lifl.runtime.zygote", "--fd", str(child.fileno())],
+                                        pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        child.close()
+        parent.settimeout(30)
+        if parent.recv(1) != b"R":
+            raise RuntimeError("the function fork server did not start")
+        parent.settimeout(None)
+        self._zctrl = parent
+
+    def _fork(self, on_message: OnMessage) -> LocalWorker:
+        t0 = time.perf_counter()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if self.spawn == "exec":
+                proc = subprocess.Popen([sys.executable, "-m", "lifl.function", "--fd", str(child.fileno())],
+                                        pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+                child.close()
+                return LocalWorker(parent, proc.pid, on_message, t0, proc=proc)
+            for attempt in (0, 1):
+                if self._zygote is None or self._zygote.poll() is not None:
+                    self._start_zygote()
+                try:
+                    socket.send_fds(self._zctrl, [b"S"], [child.fileno()])
+                    raw = self._zctrl.recv(4)
+                    if len(raw) == 4:
+                        break
+                except OSError:
+                    pass
+                self._zygote.kill()
+                self._zygote.wait()
+            else:
+                raise RuntimeError("the function fork server keeps failing")
+            child.close()
+            return LocalWorker(parent, struct.unpack("<i", raw)[0], on_message, t0)
+        except BaseException:
+            child.close()
+            parent.close()
+            raise
+
+    # -- Runtime interface ------------------------------------------------------------
+    def prepare(self) -> None:
+        """Start the fork server now (otherwise on the first cold start)."""
+        if self.spawn == "zygote":
+            self._forker.submit(self._start_zygote).result()
 
     def start_worker(self, on_message: OnMessage) -> LocalWorker:
-        w = self._forker.submit(LocalWorker, on_message).result()
+        w = self._forker.submit(self._fork, on_message).result()
         with self._lock:
             self._workers.append(w)
         return w
@@ -117,6 +172,17 @@ class LocalRuntime:
             workers, self._workers = self._workers, []
         for w in workers:
             w.stop()
+        if self._zygote is not None:
+            try:
+                self._zctrl.close()
+            except OSError:
+                pass
+            try:
+                self._zygote.wait(5)
+            except subprocess.TimeoutExpired:
+                self._zygote.kill()
+                self._zygote.wait()
+            self._zygote = None
         self._forker.shutdown(wait=False)
 
     def __enter__(self) -> "LocalRuntime":
