@@ -43,14 +43,15 @@ def cmd_serve(args) -> int:
 
     cfg = load_config(args.config, overrides={
         "host": args.host, "port": args.port, "metrics_port": args.metrics_port, "runtime": args.runtime,
-        "leaves": args.leaves, "fan_in": args.fan_in, "workers": args.workers, "shm_budget_mb": args.shm_budget_mb})
+        "leaves": args.leaves, "fan_in": args.fan_in, "workers": args.workers, "shm_budget_mb": args.shm_budget_mb,
+        "min_workers": args.min_workers, "keep_alive_s": args.keep_alive, "planner": args.planner})
     srv = EmbeddedServer(cfg).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     info = {"address": srv.address, "metrics_port": srv.metrics_port, "pid": os.getpid(),
             "runtime": cfg.runtime, "workers": cfg.workers}
-    print(f"lifl: serving on {srv.address} (runtime {cfg.runtime}, {cfg.workers} functions, "
+    print(f"lifl: serving on {srv.address} (runtime {cfg.runtime}, up to {cfg.workers} functions, "
           f"metrics {'on :' + str(srv.metrics_port) if srv.metrics_port >= 0 else 'off'})", flush=True)
     if args.ready_file:
         Path(args.ready_file).write_text(json.dumps(info))
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", choices=["local"]); s.add_argument("--leaves", type=int)
     s.add_argument("--fan-in", type=int); s.add_argument("--workers", type=int)
     s.add_argument("--shm-budget-mb", type=int)
+    s.add_argument("--min-workers", type=int, help="functions kept warm while idle (default 0: scale to zero)")
+    s.add_argument("--keep-alive", type=float, help="seconds an idle function lives before it is stopped")
+    s.add_argument("--planner", choices=["elastic", "static"])
     s.add_argument("--ready-file", help="write {address, metrics_port, pid} as JSON here once serving")
     s.set_defaults(fn=cmd_serve)
 
