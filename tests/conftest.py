@@ -1,4 +1,7 @@
-"""Shared fixtures: real servers on loopback with a per-test shared-memory prefix and a leak check."""
+"""Shared fixtures: real servers on loopback with a per-test shared-memory prefix and a leak check.
+
+Helpers (reference FedAvg, models) live in support.py: a name other than conftest, so that
+tests/heteroswitch/conftest.py cannot shadow them."""
 from __future__ import annotations
 
 import os
@@ -10,42 +13,6 @@ import pytest
 from lifl.config import ServerConfig
 from lifl.server import EmbeddedServer
 from lifl.shm import list_segments
-
-
-def fedavg64(updates: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
-    """Independent reference: float64 numpy FedAvg (integers rounded half-to-even, bools majority)."""
-    total = float(np.sum(weights))
-    out = {}
-    for k in updates[0]:
-        acc = np.zeros(np.shape(updates[0][k]), np.float64)
-        for u, w in zip(updates, weights):
-            acc += w * np.asarray(u[k]).astype(np.float64)
-        out[k] = acc / total
-    return out
-
-
-#: Tolerance per output dtype: float32/float64 results must be within 1e-6 relative of the float64
-#: mean; float16/bfloat16 cannot represent that, so they must be within one unit in the last
-#: place of their own precision (ties between two neighbours can go either way).
-_RTOL = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
-_ATOL = {"float16": 2.0**-24, "bfloat16": 1e-38}
-
-
-def assert_matches(result: dict[str, np.ndarray], ref: dict[str, np.ndarray], rtol: float = 1e-6) -> None:
-    assert list(result) == list(ref)
-    for k, r in ref.items():
-        got = result[k]
-        name = str(got.dtype)
-        if got.dtype.kind == "f" or name == "bfloat16":
-            g = got.astype(np.float64)
-            tol = _RTOL.get(name, rtol) * np.abs(r) + _ATOL.get(name, 1e-300)
-            err = np.abs(g - r)
-            assert (err <= tol).all(), f"{k}: max rel err {np.max(err / np.maximum(np.abs(r), 1e-300)):.3g}"
-        elif got.dtype == np.bool_:
-            assert np.array_equal(got, r > 0.5), k
-        else:
-            info = np.iinfo(got.dtype)
-            assert np.array_equal(got, np.clip(np.rint(r), info.min, info.max).astype(got.dtype)), k
 
 
 @pytest.fixture
@@ -78,26 +45,6 @@ def make_server(shm_prefix):
 @pytest.fixture
 def server(make_server):
     return make_server()
-
-
-def small_model(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"conv.weight": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
-            "bn.running_mean": rng.standard_normal(16).astype(np.float32),
-            "bn.num_batches_tracked": np.array(100, np.int64),
-            "head.weight": rng.standard_normal((10, 16)).astype(np.float16),
-            "head.bias": rng.standard_normal(10).astype(np.float64)}
-
-
-def perturb(model: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for k, v in model.items():
-        if v.dtype.kind == "f":
-            out[k] = (v.astype(np.float64) + rng.standard_normal(v.shape)).astype(v.dtype)
-        else:
-            out[k] = (v + rng.integers(0, 20, size=v.shape)).astype(v.dtype)
-    return out
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")

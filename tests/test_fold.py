@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import assert_matches, fedavg64
+from support import assert_matches, fedavg64
 from lifl import fold
 from lifl.control.planner import plan_static
 from lifl.layout import Layout

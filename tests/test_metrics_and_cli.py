@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import assert_matches, fedavg64, perturb, small_model
+from support import assert_matches, fedavg64, perturb, small_model
 from lifl.client import Client
 from lifl.demo import start_server
 from lifl.shm import list_segments

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import assert_matches, fedavg64, perturb, small_model
+from support import assert_matches, fedavg64, perturb, small_model
 from lifl.client import Client, RpcFailure
 from lifl.layout import Layout
 from lifl.rounds import Round, State

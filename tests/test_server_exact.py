@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import assert_matches, fedavg64, perturb, small_model
+from support import assert_matches, fedavg64, perturb, small_model
 from lifl.client import Client
 
 

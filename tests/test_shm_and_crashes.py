@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import small_model
+from support import small_model
 from lifl.client import Client, RpcFailure
 from lifl.shm import Arena, BudgetExhausted, SHM_DIR, Segment, list_segments, reclaim_stale
 
@@ -50,7 +50,7 @@ def test_restart_reclaims_what_a_killed_server_left(shm_prefix):
 
 
 def test_killed_idle_function_is_replaced_and_round_completes(make_server, shm_prefix):
-    from conftest import assert_matches, fedavg64, perturb
+    from support import assert_matches, fedavg64, perturb
     srv = make_server(workers=2, leaves=2)
     base = small_model()
     ups = [perturb(base, i) for i in range(3)]
@@ -107,7 +107,7 @@ def test_function_killed_mid_fold_is_rerun_exactly_once(make_server, monkeypatch
     (and at random other moments). The round's result must still be exact: re-run, never folded twice."""
     import random
 
-    from conftest import assert_matches, fedavg64, perturb
+    from support import assert_matches, fedavg64, perturb
     monkeypatch.setenv("LIFL_FAULT_FOLD_DELAY_S", "0.15")
     srv = make_server(workers=2, leaves=2, fan_in=2)
     base = small_model(trial)
