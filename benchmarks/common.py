@@ -448,14 +448,16 @@ class ServerProc:
     so its CPU and memory are its own and the benchmark process only plays the clients.
     """
 
-    def __init__(self, kind: str, **cfg: Any):
+    def __init__(self, kind: str, env: dict[str, str] | None = None, **cfg: Any):
         cmd = [sys.executable, "-m", "benchmarks.common", kind, json.dumps(cfg)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         line = self.proc.stdout.readline().strip()
         if not line.startswith("ADDR "):
             self.proc.kill()
             raise RuntimeError(f"{kind} server did not start: {line!r}")
         self.address = line.split()[1]
+        self.metrics_port = int(line.split()[2]) if len(line.split()) > 2 else -1
         self.pid = self.proc.pid
 
     def close(self) -> None:
@@ -483,7 +485,7 @@ def _serve_lifl(cfg: dict) -> None:
 
     conf = ServerConfig(**{"port": 0, "metrics_port": -1, **cfg})
     with EmbeddedServer(conf) as srv:
-        print(f"ADDR {srv.address}", flush=True)
+        print(f"ADDR {srv.address} {srv.metrics_port}", flush=True)
         sys.stdin.read()
 
 

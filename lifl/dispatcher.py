@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -312,7 +313,9 @@ class Dispatcher:
         update_s = self._fold_s or layout.total_size / 2e9  # before any measurement: ~2 GB/s
         costs = FoldCosts(update_s=update_s, fuse_speedup=2.0, partial_s=2 * update_s, finalize_s=update_s)
         rate = self._arrivals or self._last_round_rate or expected / (deadline_s or 10.0)
-        node = Node("local", float(self.config.workers), 0, self.arena.budget)
+        # cores left for folding: the gateway's gRPC threads need about one of this machine's cores
+        cores = float(min(self.config.workers, max(1, (os.cpu_count() or 2) - 1)))
+        node = Node("local", cores, 0, self.arena.budget)
         plan = plan_elastic(Load(expected, rate), costs, [node], policy=PlannerPolicy(max_leaves=cap))
         self.last_plan = plan.hierarchy.describe()
         return plan.hierarchy
