@@ -197,6 +197,8 @@ def main() -> None:
             for k, s in srvs.items():
                 cases.append((k, lambda s=s: post_arrival(s, base, pool, n)))
             lat = interleave(cases, reps=5 if quick else 7, warmup=1)
+            with Client(srv_e.address) as c:
+                rep.notes.append(f"elastic plan of the last round: {c.status().hierarchy}")
         finally:
             for s in srvs.values():
                 s.close()
