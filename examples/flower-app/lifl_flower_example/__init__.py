@@ -1,0 +1,1 @@
+"""A Flower app that uses LIFL for aggregation (see ../README.md)."""

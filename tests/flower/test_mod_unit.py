@@ -1,0 +1,204 @@
+"""The LIFL mod and strategy against a real LIFL server, without a Flower runtime (fast)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import grpc
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,  # noqa: E402
+                      RecordDict)
+from flwr.app.metadata import Metadata  # noqa: E402
+from flwr.serverapp.strategy import FedAvg, FedAvgM  # noqa: E402
+
+from lifl.client import Client  # noqa: E402
+from lifl.config import ServerConfig  # noqa: E402
+from lifl.flower import LiflStrategy, error_code, lifl_mod, status_of  # noqa: E402
+from lifl.flower import config as K  # noqa: E402
+from lifl.flower.testing import free_port  # noqa: E402
+from lifl.server import EmbeddedServer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server():
+    with EmbeddedServer(ServerConfig(port=0, metrics_port=-1, shm_budget_mb=64)) as srv:
+        yield srv
+
+
+def model(seed=0, rows=3):
+    rng = np.random.default_rng(seed)
+    return OrderedDict([("w", rng.standard_normal((rows, 4)).astype(np.float32)),
+                        ("b", rng.standard_normal(4).astype(np.float32))])
+
+
+def train_msg(config: dict, arrays=None, mtype=MessageType.TRAIN) -> Message:
+    content = RecordDict({"config": ConfigRecord(config)})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    md = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                  created_at=0.0, ttl=3600.0, message_type=mtype)
+    return Message(content=content, metadata=md)
+
+
+def ctx(node_config=None, run_config=None) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config or {}, state=RecordDict(),
+                   run_config=run_config or {})
+
+
+def handler(update, weight=10.0):
+    def call_next(msg, context):
+        metrics = MetricRecord({"num-examples": weight, "loss": 0.5}) if weight is not None else MetricRecord(
+            {"loss": 0.5})
+        return Message(content=RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
+                                           "metrics": metrics}), reply_to=msg)
+    return call_next
+
+
+def lifl_cfg(rid, address):
+    return {K.ROUND: rid, K.JOB: "default", K.ADDRESS: address, K.WEIGHT_KEY: "num-examples",
+            K.ARRAYS_KEY: "arrays", K.PULL: False, "server-round": 1}
+
+
+def test_push_replaces_arrays_with_receipt(server):
+    with Client(server.address) as c:
+        rid = c.open_round(model(), expected=1)
+        reply = lifl_mod(train_msg(lifl_cfg(rid, server.address), model()), ctx(), handler(model(1), 12.0))
+        assert not reply.has_error()
+        assert not reply.content.array_records                     # the update did not go back via Flower
+        receipt = reply.content.config_records[K.RECEIPT]
+        assert receipt["round"] == rid and receipt["client-id"] == "node-7" and receipt["accepted"] == 1
+        assert reply.content.metric_records["metrics"]["num-examples"] == 12.0   # metrics unchanged
+        got = c.pull(rid, wait_s=30)
+        for k, v in model(1).items():
+            np.testing.assert_array_equal(got[k], v)
+
+
+def test_non_lifl_messages_pass_through(server):
+    reply = lifl_mod(train_msg({"server-round": 1}, model()), ctx(), handler(model(1)))
+    assert "arrays" in reply.content.array_records                  # stock strategy: untouched
+    reply = lifl_mod(train_msg(lifl_cfg(999, server.address), model(), MessageType.EVALUATE), ctx(),
+                     handler(model(1)))
+    assert "arrays" in reply.content.array_records
+
+
+def test_lifl_down_is_an_error_reply():
+    dead = f"127.0.0.1:{free_port()}"
+    reply = lifl_mod(train_msg(lifl_cfg(1, dead), model()), ctx(), handler(model(1)))
+    assert reply.has_error()
+    assert reply.error.code == error_code(grpc.StatusCode.UNAVAILABLE) == 1014
+    assert status_of(reply.error.code) == grpc.StatusCode.UNAVAILABLE
+    assert reply.error.reason.startswith("LIFL UNAVAILABLE:") and dead in reply.error.reason
+
+
+def test_node_config_address_overrides_the_announced_one(server):
+    with Client(server.address) as c:
+        rid = c.open_round(model(), expected=1)
+        dead = f"127.0.0.1:{free_port()}"
+        reply = lifl_mod(train_msg(lifl_cfg(rid, dead), model()), ctx({"lifl-address": server.address}),
+                         handler(model(2)))
+        assert not reply.has_error(), reply.error
+        assert c.round_info(rid).accepted == 1
+
+
+def test_wrong_layout_is_refused_with_the_gateway_message(server):
+    with Client(server.address) as c:
+        rid = c.open_round(model(), expected=2)
+        reply = lifl_mod(train_msg(lifl_cfg(rid, server.address), model()), ctx(), handler(model(1, rows=2)))
+        assert reply.has_error()
+        assert reply.error.code == error_code(grpc.StatusCode.INVALID_ARGUMENT)
+        assert "INVALID_ARGUMENT" in reply.error.reason and "'w'" in reply.error.reason
+        info = c.round_info(rid)
+        assert info.accepted == 0 and info.state == "open"          # aggregate untouched
+        c.close_round(rid, abort=True)
+
+
+def test_missing_weight_metric_is_an_error_reply(server):
+    reply = lifl_mod(train_msg(lifl_cfg(1, server.address), model()), ctx(), handler(model(1), weight=None))
+    assert reply.has_error() and "num-examples" in reply.error.reason
+
+
+def test_pull_option_puts_the_model_into_the_message(server):
+    seen = {}
+
+    def call_next(msg, context):
+        seen.update({k: v.numpy() for k, v in msg.content["arrays"].items()})
+        return handler(model(3))(msg, context)
+
+    with Client(server.address) as c:
+        rid = c.open_round(model(5), expected=1)
+        cfg = {**lifl_cfg(rid, server.address), K.PULL: True}
+        reply = lifl_mod(train_msg(cfg, arrays=None), ctx(), call_next)
+        assert not reply.has_error(), reply.error
+        assert list(seen) == ["w", "b"]
+        for k, v in model(5).items():
+            np.testing.assert_array_equal(seen[k], v)
+
+
+def test_strategy_refuses_non_mean_strategies(server):
+    with pytest.raises(TypeError):
+        LiflStrategy(FedAvgM(), address=server.address)
+    s = LiflStrategy(FedAvg(), address=server.address)
+    assert s.weighted_by_key == "num-examples"                    # delegated to the wrapped FedAvg
+    s.close()
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """ServerApp-side Message construction reads the run/node/task ids the ServerApp process sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class FakeGrid:
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
+def _reply_to(m: Message, node_id: int) -> Message:
+    md = m.metadata
+    inst = Message(content=m.content, metadata=Metadata(
+        run_id=1, message_id=f"m{node_id}", src_node_id=0, dst_node_id=node_id, reply_to_message_id="",
+        group_id=md.group_id, created_at=0.0, ttl=3600.0, message_type=md.message_type))
+    return inst
+
+
+def test_strategy_closes_on_quorum_when_a_client_never_replies(server, task_identity):
+    """3 sampled nodes, one never answers (Flower's timeout): the round closes on quorum and the
+    result is the weighted mean of the two updates, metrics aggregated like FedAvg."""
+    init = model(0)
+    s = LiflStrategy(FedAvg(min_available_nodes=3, min_train_nodes=3), address=server.address, quorum=2)
+    msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in init.items()}), ConfigRecord(), FakeGrid(
+        [11, 12, 13])))
+    assert len(msgs) == 3
+    cfg = msgs[0].content["config"]
+    assert cfg[K.ROUND] >= 1 and cfg[K.ADDRESS] == server.address and "arrays" in msgs[0].content
+    replies = []
+    for m, w, seed in zip(msgs[:2], (10.0, 30.0), (1, 2)):
+        inst = _reply_to(m, m.metadata.dst_node_id)
+        replies.append(lifl_mod(inst, Context(run_id=1, node_id=m.metadata.dst_node_id, node_config={},
+                                              state=RecordDict(), run_config={}), handler(model(seed), w)))
+    assert not any(r.has_error() for r in replies)
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert "with 2 of 3 updates (quorum 2)" in s.last_round_detail
+    for k in init:
+        want = (10 * model(1)[k].astype(np.float64) + 30 * model(2)[k]) / 40
+        np.testing.assert_allclose(arrays[k].numpy(), want.astype(np.float32), rtol=1e-6)
+    assert metrics["loss"] == pytest.approx(0.5)
+    s.close()
+
+
+def test_strategy_pull_option_sends_no_model(server, task_identity):
+    s = LiflStrategy(FedAvg(min_available_nodes=2, min_train_nodes=2), address=server.address, pull_model=True)
+    msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in model().items()}), ConfigRecord(),
+                                  FakeGrid([1, 2])))
+    assert all(not m.content.array_records and m.content["config"][K.PULL] for m in msgs)
+    s._client.close_round(msgs[0].content["config"][K.ROUND], abort=True)
+    s.close()
