@@ -38,6 +38,7 @@ class ServerConfig:
     spawn: str = "zygote"             # "zygote" (fork server, ms cold starts) or "exec" (fresh interpreter)
     leaves: int = field(default_factory=lambda: _default_leaves())
     fan_in: int = 4
+    fold_cores: int = 0               # cores the planner may fill with leaves (0: all but one)
     planner: str = "elastic"          # "elastic": leaves/fan-in from measured costs (leaves is the cap); "static"
     # security
     tokens: list[str] = field(default_factory=list)  # client bearer tokens; empty = no auth

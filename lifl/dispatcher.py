@@ -30,7 +30,7 @@ from .config import ServerConfig
 from .control.autoscaler import decide
 from .control.model import (AutoscalerState, FoldCosts, Instance, InstanceState, Load, Node, Observation,
                             PlannerPolicy, ScalePolicy)
-from .control.planner import Hierarchy, plan_elastic, plan_static, route_leaf
+from .control.planner import Hierarchy, plan_elastic, plan_static, replan, route_leaf
 from .errors import LiflError
 from .layout import Layout
 from .metrics import Metrics
@@ -94,6 +94,7 @@ class RoundRun:
     cursor: int = 0
     num_updates: int = 0
     released: bool = False
+    plan: object = None        # the elastic planner's Plan (None for a static tree)
 
 
 @dataclass
@@ -298,27 +299,56 @@ class Dispatcher:
                 raise LiflError("UNAVAILABLE", "the server is shutting down")
             rid = next(self._round_ids)
             rnd = Round(job, rid, layout, expected, quorum, deadline_s)
-            hier = self._plan(expected, layout, deadline_s)
-            leaves = [LeafRun(i, None, (self.arena.scratch(layout.numel * 8), self.arena.scratch(layout.numel * 8)))
-                      for i in range(hier.leaves)]
-            run = RoundRun(rnd, hier, leaves, initial=initial, result=self.arena.scratch(layout.total_size))
+            plan = self._plan(expected, layout, deadline_s)
+            hier = plan.hierarchy if plan is not None else plan_static(
+                min(self.config.leaves, self.config.workers, expected), self.config.fan_in)
+            run = RoundRun(rnd, hier, [], initial=initial, result=self.arena.scratch(layout.total_size), plan=plan)
+            self._add_leaves(run, hier.leaves)
             self._runs[rid] = run
             return rnd
 
-    def _plan(self, expected: int, layout: Layout, deadline_s: float) -> Hierarchy:
-        """The round's tree: the elastic planner's choice from measured costs, or the configured static one."""
-        cap = min(self.config.leaves, self.config.workers, expected)
-        if self.config.planner == "static":
-            return plan_static(cap, self.config.fan_in)
+    def _add_leaves(self, run: RoundRun, n: int) -> None:
+        numel = run.round.layout.numel
+        while len(run.leaves) < n:
+            run.leaves.append(LeafRun(len(run.leaves), None, (self.arena.scratch(numel * 8),
+                                                              self.arena.scratch(numel * 8))))
+
+    def _plan_inputs(self, expected: int, layout: Layout, deadline_s: float):
         update_s = self._fold_s or layout.total_size / 2e9  # before any measurement: ~2 GB/s
         costs = FoldCosts(update_s=update_s, fuse_speedup=2.0, partial_s=2 * update_s, finalize_s=update_s)
         rate = self._arrivals or self._last_round_rate or expected / (deadline_s or 10.0)
         # cores left for folding: the gateway's gRPC threads need about one of this machine's cores
-        cores = float(min(self.config.workers, max(1, (os.cpu_count() or 2) - 1)))
-        node = Node("local", cores, 0, self.arena.budget)
-        plan = plan_elastic(Load(expected, rate), costs, [node], policy=PlannerPolicy(max_leaves=cap))
+        cores = float(min(self.config.workers, self.config.fold_cores or max(1, (os.cpu_count() or 2) - 1)))
+        policy = PlannerPolicy(max_leaves=min(self.config.leaves, self.config.workers, expected))
+        return Load(expected, rate), costs, [Node("local", cores, 0, self.arena.budget)], policy
+
+    def _plan(self, expected: int, layout: Layout, deadline_s: float):
+        """The elastic planner's plan from measured costs, or None for the configured static tree."""
+        if self.config.planner == "static":
+            return None
+        load, costs, nodes, policy = self._plan_inputs(expected, layout, deadline_s)
+        plan = plan_elastic(load, costs, nodes, policy=policy)
         self.last_plan = plan.hierarchy.describe()
-        return plan.hierarchy
+        return plan
+
+    def _replan(self, run: RoundRun) -> None:
+        """Mid-round: adopt a new plan when the measured arrival rate makes it worth it.
+
+        Existing leaves keep their index (their partial sums stay valid); new ones are
+        appended and the tree above the leaves is rebuilt, which is safe while the
+        round is open because parents only start folding after it closes."""
+        if run.plan is None or run.round.state != State.OPEN or not self._arrivals:
+            return
+        r = run.round
+        load, costs, nodes, policy = self._plan_inputs(r.expected, r.layout, r.deadline_s)
+        load = Load(r.expected, self._arrivals)
+        new = replan(run.plan, load, costs, nodes, policy=policy, received=len(r.accepted))
+        if new is run.plan:
+            return
+        run.plan, run.hier = new, new.hierarchy
+        self._add_leaves(run, new.hierarchy.leaves)
+        self.metrics.replans.inc()
+        self.last_plan = new.hierarchy.describe() + " (re-planned mid-round)"
 
     def get(self, job: str, rid: int) -> RoundRun:
         run = self._runs.get(rid)
@@ -548,6 +578,7 @@ class Dispatcher:
                 for run in list(self._runs.values()):
                     if run.round.state == State.OPEN and run.round.deadline_s:
                         self._maybe_close(run, forced=False)
+                    self._replan(run)
                 self._autoscale()
 
     def observation(self, now: float) -> Observation:

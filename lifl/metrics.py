@@ -37,6 +37,7 @@ class Metrics:
         self.dispatch_seconds = Histogram("lifl_dispatch_seconds", "Update accepted -> fold command sent",
                                           ["start"], buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03,
                                                               0.05, 0.1, 0.3, 1), registry=r)
+        self.replans = Counter("lifl_replans", "Round plans changed mid-round for a new arrival rate", registry=r)
         self.scale_downs = Counter("lifl_scale_downs", "Idle functions stopped after the keep-alive", registry=r)
         self.queue_depth = Gauge("lifl_queue_depth", "Updates received but not yet folded", registry=r)
         self.slots_in_use = Gauge("lifl_shm_slots_in_use", "Update slots holding an update", registry=r)

@@ -88,3 +88,26 @@ def test_elastic_planner_result_is_exact(make_server):
         got = c.pull(rid, wait_s=20)
         assert "fan-in" in c.status().hierarchy
     assert_matches(got, fedavg64(ups, ws))
+
+
+def test_plan_grows_mid_round_when_arrivals_outpace_one_leaf(make_server, monkeypatch):
+    """Functions made slow (50 ms per fold) and a burst of arrivals: the planner adds leaves
+    while the round is open, and the result is still exact."""
+    monkeypatch.setenv("LIFL_FAULT_FOLD_DELAY_S", "0.05")
+    srv = make_server(workers=3, leaves=3, fan_in=2, planner="elastic", fold_cores=3)
+    import threading
+    model = {"w": np.zeros(200_000, np.float32)}
+    ups = [{"w": np.full(200_000, i, np.float32)} for i in range(60)]
+    with Client(srv.address) as c:
+        rid = c.open_round(model, expected=60)
+        assert len(srv.dispatcher.get("default", rid).leaves) == 1
+        threads = [threading.Thread(target=c.push, args=(rid, u, 1.0, f"c{i}")) for i, u in enumerate(ups)]
+        for t in threads:
+            t.start()
+            time.sleep(0.01)
+        for t in threads:
+            t.join()
+        got = c.pull(rid, wait_s=60)
+        leaves = len(srv.dispatcher.get("default", rid).leaves)
+    assert sample(srv, "lifl_replans_total") >= 1 and leaves > 1
+    assert_matches(got, fedavg64(ups, [1.0] * 60))
