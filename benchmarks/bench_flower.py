@@ -63,33 +63,62 @@ def one_run(stack: Stack, variant: str, layout: str, n: int, rounds: int, out: P
             "samples": w["samples"], "detail": summary.get("last_round_detail", "")}
 
 
+class _Servers:
+    """LIFL + SuperLink + N SuperNodes; with ``fresh`` a new set per run (no heap carried over between runs)."""
+
+    def __init__(self, n: int, lifl_cfg: dict, fresh: bool, tmp: Path, log):
+        self.n, self.lifl_cfg, self.fresh, self.tmp, self.log = n, lifl_cfg, fresh, tmp, log
+        self.stack: Stack | None = None
+        self.count = 0
+
+    def get(self) -> Stack:
+        if self.stack is None or self.fresh:
+            self.close()
+            self.count += 1
+            st = Stack(self.tmp / f"stack-{self.count}")
+            st.start_lifl(**self.lifl_cfg)
+            st.start_superlink()
+            st.start_supernodes(self.n)
+            self.stack = st
+            if self.count == 1 or not self.fresh:
+                self.log(f"N={self.n}: LIFL at {st.lifl_address}, SuperLink on {st.superlink_port}, "
+                         f"{self.n} SuperNodes up" + (" (fresh set per run)" if self.fresh else ""))
+        return self.stack
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+            self.stack = None
+
+
 def bench(nodes: list[int], layouts: list[str], variants: list[str], reps: int, rounds: int,
-          timeout: float, lifl_cfg: dict, log=print) -> dict:
+          timeout: float, lifl_cfg: dict, fresh: bool = False, log=print) -> dict:
     results: dict = {"config": {"nodes": nodes, "layouts": layouts, "variants": variants, "reps": reps,
-                                "rounds": rounds, "lifl_server": lifl_cfg}, "cells": []}
+                                "rounds": rounds, "lifl_server": lifl_cfg, "fresh_stack_per_run": fresh},
+                     "cells": []}
     for n in nodes:
-        with tempfile.TemporaryDirectory(prefix=f"bench-flower-{n}-") as tmp, Stack(Path(tmp)) as stack:
-            stack.start_lifl(**lifl_cfg)
-            stack.start_superlink()
-            stack.start_supernodes(n)
-            log(f"N={n}: LIFL at {stack.lifl_address}, SuperLink on {stack.superlink_port}, {n} SuperNodes up")
-            for layout in layouts:
-                runs: dict[str, list[dict]] = {v: [] for v in variants}
-                for rep in range(reps):
-                    order = variants if rep % 2 == 0 else list(reversed(variants))
-                    for v in order:
-                        t = time.time()
-                        res = one_run(stack, v, layout, n, rounds, Path(tmp) / f"{layout}-{v}-{rep}", timeout)
-                        runs[v].append(res)
-                        log(f"  N={n} {layout:8s} {v:9s} rep {rep}: round {res['round_s']:.2f}s "
-                            f"cpu {res['cpu_s_per_round']:.2f}s/round peak {res['peak_mib']:.0f} MiB "
-                            f"(+{res['growth_mib']:.0f}) "
-                            f"({time.time() - t:.0f}s wall)")
-                med = {v: {k: statistics.median(r[k] for r in runs[v])
-                           for k in ("round_s", "cpu_s_per_round", "peak_mib", "growth_mib")} for v in variants}
-                ratios = {v: {k: med[v][k] / med["stock"][k] for k in med[v]} for v in variants if v != "stock"}
-                results["cells"].append({"nodes": n, "layout": layout, "medians": med, "ratios": ratios,
-                                         "runs": runs})
+        with tempfile.TemporaryDirectory(prefix=f"bench-flower-{n}-") as tmp:
+            servers = _Servers(n, lifl_cfg, fresh, Path(tmp), log)
+            try:
+                for layout in layouts:
+                    runs: dict[str, list[dict]] = {v: [] for v in variants}
+                    for rep in range(reps):
+                        order = variants if rep % 2 == 0 else list(reversed(variants))
+                        for v in order:
+                            t = time.time()
+                            res = one_run(servers.get(), v, layout, n, rounds, Path(tmp) / f"{layout}-{v}-{rep}",
+                                          timeout)
+                            runs[v].append(res)
+                            log(f"  N={n} {layout:8s} {v:9s} rep {rep}: round {res['round_s']:.2f}s "
+                                f"cpu {res['cpu_s_per_round']:.2f}s/round peak {res['peak_mib']:.0f} MiB "
+                                f"(+{res['growth_mib']:.0f}) ({time.time() - t:.0f}s wall)")
+                    med = {v: {k: statistics.median(r[k] for r in runs[v])
+                               for k in ("round_s", "cpu_s_per_round", "peak_mib", "growth_mib")} for v in variants}
+                    ratios = {v: {k: med[v][k] / med["stock"][k] for k in med[v]} for v in variants if v != "stock"}
+                    results["cells"].append({"nodes": n, "layout": layout, "medians": med, "ratios": ratios,
+                                             "runs": runs})
+            finally:
+                servers.close()
     return results
 
 
@@ -118,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lifl-leaves", type=int, default=1)
     ap.add_argument("--lifl-workers", type=int, default=2)
     ap.add_argument("--lifl-shm-mb", type=int, default=512)
+    ap.add_argument("--fresh-stack", action="store_true",
+                    help="new LIFL + SuperLink + SuperNodes for every run (memory not carried over between runs)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "flower.json"))
     a = ap.parse_args(argv)
     variants = a.variants.split(",")
@@ -127,7 +158,7 @@ def main(argv=None) -> int:
         ap.error("--rounds must be >= 2 (round 1 is not measured)")
     lifl_cfg = {"leaves": a.lifl_leaves, "workers": a.lifl_workers, "shm_budget_mb": a.lifl_shm_mb}
     res = bench([int(x) for x in a.nodes.split(",")], a.layouts.split(","), variants, a.reps, a.rounds,
-                a.timeout, lifl_cfg, log=lambda s: print(s, flush=True))
+                a.timeout, lifl_cfg, fresh=a.fresh_stack, log=lambda s: print(s, flush=True))
     print()
     print(table(res))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
