@@ -20,7 +20,7 @@ The platform is reached only through ``lifl.client`` / ``lifl.server``
 (see :mod:`heteroswitch.aggregate`).
 """
 
-from .bias import BiasSwitch, Decision, Mode, SwitchConfig
+from .bias import BiasSwitch, Decision, Mode, ServerReference, SwitchConfig
 from .devices import DEVICE_NAMES, DeviceProfile, load_profile, load_profiles
 from .flair import FlairReader, FlairUser
 from .isp import RandomISP, RandomISPConfig
@@ -31,7 +31,7 @@ from .swad import SWAD, SWADConfig, ValleyDetector, WeightAverager
 from .trainer import TrainConfig, TrainResult, evaluate_devices, train_local
 
 __all__ = [
-    "BiasSwitch", "Decision", "Mode", "SwitchConfig",
+    "BiasSwitch", "Decision", "Mode", "ServerReference", "SwitchConfig",
     "DEVICE_NAMES", "DeviceProfile", "load_profile", "load_profiles",
     "FlairReader", "FlairUser",
     "RandomISP", "RandomISPConfig",

@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=int)
     b.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew per client")
     b.add_argument("--unseen-device", default="G4")
-    b.add_argument("--thresholds", default="0.0,0.25", help="bias-signal thresholds for levels 1 and 2")
+    b.add_argument("--thresholds", default=None,
+                   help="bias-signal thresholds for levels 1 and 2 (default: SwitchConfig's, -0.15,0.5)")
+    b.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="clients' lr over rounds, the same for every method (default cosine to 0.1x)")
+    b.add_argument("--tail-rounds", type=int, default=5,
+                   help="evaluate every one of the last N rounds; the tail table averages them")
     b.add_argument("--aggregator", choices=["auto", "lifl", "local"], default="auto")
     b.add_argument("--workers", type=int, default=1, help="parallel job processes")
     b.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ...")
@@ -85,14 +90,15 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
     train = TrainConfig(local_steps=p["local_steps"], batch_size=p["batch_size"], lr=a.lr,
                         bias_eval_samples=p["samples_per_client"],
                         swad=SWADConfig(eval_every=p["swad_eval_every"], eval_samples=p["swad_eval_samples"]))
-    th = tuple(float(x) for x in a.thresholds.split(","))
+    sw = SwitchConfig() if a.thresholds is None else SwitchConfig(
+        thresholds=tuple(float(x) for x in a.thresholds.split(",")))
     return BenchConfig(
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
         seeds=tuple(int(s) for s in a.seeds.split(",")),
         rounds=p["rounds"], clients_per_round=p["clients_per_round"], eval_every=p["eval_every"],
         model_width=p["width"], model_blocks=tuple(p["blocks"]), data=data, train=train,
-        switch=SwitchConfig(thresholds=th), aggregator=a.aggregator, workers=a.workers, device=a.device,
-        out_dir=a.out,
+        switch=sw, aggregator=a.aggregator, workers=a.workers, device=a.device,
+        out_dir=a.out, lr_schedule=a.lr_schedule, tail_rounds=a.tail_rounds,
     )
 
 

@@ -79,11 +79,16 @@ def make_train_handler(
             state = context.state.get(STATE_KEY)
             ema = float(state["ema"]) if state is not None and "ema" in state else None
             switch = BiasSwitch(sw_cfg, ema=ema)
+            if state is not None and "last-level" in state:  # for the switch's hysteresis
+                switch.last_level = int(state["last-level"])
             ref = cfg_rec.get("hs-loss-ref")
             res = train_local(model, images, labels, cfg, switch=switch,
                               server_ref=None if ref is None else float(ref), seed=seed)
             if switch.ema is not None:
-                context.state[STATE_KEY] = ConfigRecord({"ema": float(switch.ema)})
+                rec = {"ema": float(switch.ema)}
+                if switch.last_level is not None:
+                    rec["last-level"] = int(switch.last_level)
+                context.state[STATE_KEY] = ConfigRecord(rec)
         metrics = {k: float(v) for k, v in res.metrics.items() if np.isfinite(v)}
         metrics["num-examples"] = int(res.num_examples)
         content = RecordDict({

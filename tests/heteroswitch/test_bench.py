@@ -69,6 +69,28 @@ def test_tiny_bench_aggregates_through_lifl(tmp_path):
     assert {j["aggregator"] for j in doc["jobs"]} == {"lifl"}
 
 
+def test_cosine_lr_schedule_and_constant():
+    import dataclasses
+
+    from heteroswitch.bench import BenchConfig, round_lr
+    from heteroswitch.trainer import TrainConfig
+    cfg = BenchConfig(rounds=11, train=TrainConfig(lr=0.1), lr_min_frac=0.1)
+    assert round_lr(cfg, 1) == pytest.approx(0.1)
+    assert round_lr(cfg, 6) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5))
+    assert round_lr(cfg, 11) == pytest.approx(0.01)
+    assert all(round_lr(cfg, r) >= round_lr(cfg, r + 1) for r in range(1, 11))
+    assert round_lr(dataclasses.replace(cfg, lr_schedule="constant"), 11) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        BenchConfig(lr_schedule="step")
+
+
+def test_tail_uses_every_evaluation_of_the_last_tail_rounds():
+    from heteroswitch.bench import _tail_history
+    hist = [{"round": r} for r in (5, 10, 15, 16, 17, 18, 19, 20)]
+    assert [h["round"] for h in _tail_history({"history": hist, "tail_rounds": 5})] == [16, 17, 18, 19, 20]
+    assert [h["round"] for h in _tail_history({"history": hist})] == [18, 19, 20]  # old result files: last 3
+
+
 def test_summarize_goal_arithmetic():
     def job(method, var, mean, worst, unseen, cu):
         s = {"mean": mean, "var": var, "worst": worst, "unseen": unseen}
