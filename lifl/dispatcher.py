@@ -424,7 +424,7 @@ class Dispatcher:
         to = run.round.decide_close(time.time(), forced)
         if to is None:
             return
-        detail = run.round.close_detail(time.time(), forced)
+        detail = run.round.close_detail(forced)
         if to == State.FAILED:
             self._fail(run, detail)
             return
@@ -566,10 +566,6 @@ class Dispatcher:
     def workers(self) -> list[WorkerSlot]:
         with self._lock:
             return list(self._workers)
-
-    def queue_depth(self) -> int:
-        with self._lock:
-            return sum(len(l.pending) + l.folding for r in self._runs.values() for l in r.leaves)
 
     # -- time --------------------------------------------------------------------
     def _tick_loop(self) -> None:

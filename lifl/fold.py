@@ -31,9 +31,6 @@ except ImportError:  # pragma: no cover - built at install time when a C compile
 #: Most updates folded in one pass (bounded by the kernel's limit of 64).
 MAX_FUSE = 16
 
-_F16_TO_F64 = {2: np.float16}
-
-
 def have_c_kernel() -> bool:
     return _foldc is not None
 

@@ -5,8 +5,8 @@ here (cached by name, since slots are reused), so a SIGKILL leaks no memory.
 Commands arrive as JSON lines on an inherited Unix socket, one at a time;
 each is answered with ``{"seq": n, "ok": true, ...}`` or an error. No pickle.
 
-Commands (a round's first one on a function carries its layout): ``reset`` (zero an accumulator),
-``fold`` (updates and/or child partials into an accumulator), ``finalize``
+Commands (a round's first one on a function carries its layout): ``fold``
+(updates and/or child partials into an accumulator, from a base or from zero), ``finalize``
 (accumulator / total weight -> native-dtype result), ``forget`` (drop cached
 mappings), ``exit``.
 """
@@ -67,9 +67,6 @@ class Function:
         if "specs" in cmd:  # first command of a round on this function carries its layout
             self.layouts[cmd["layout"]] = Layout.from_specs(
                 TensorSpec(n, d, tuple(s)) for n, d, s in cmd["specs"])
-        if op == "reset":
-            self.acc(cmd["acc"], self.layouts[cmd["layout"]])[:] = 0.0
-            return {}
         if op == "fold":  # acc = base + Σ (base untouched, so a cut-short fold can be re-run)
             layout = self.layouts[cmd["layout"]]
             acc = self.acc(cmd["acc"], layout)

@@ -10,6 +10,7 @@ chunk is one ``memcpy`` and a fold is one vectorised pass per tensor.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping
@@ -206,7 +207,6 @@ class Layout:
             pos = end
 
     def _tensor_at(self, pos: int) -> int:
-        import bisect
         return max(0, bisect.bisect_right(self.offsets, pos) - 1)
 
     def _gather(self, raws, start: int, end: int, out: memoryview) -> None:

@@ -114,7 +114,7 @@ class Round:
         if to == State.FAILED:
             self.in_flight.clear()
 
-    def close_detail(self, now_unix: float, forced: bool) -> str:
+    def close_detail(self, forced: bool) -> str:
         n = len(self.accepted)
         if self.complete():
             return f"all {self.expected} expected updates arrived"

@@ -193,9 +193,6 @@ class Arena:
                 self._free.setdefault(seg.size, []).append(seg)
             self._cond.notify_all()
 
-    def slot(self, name: str) -> Segment:
-        return self._in_use[name]
-
     # -- unbudgeted segments: accumulators, results -------------------------
     def scratch(self, size: int) -> Segment:
         """A reusable segment (accumulators, results); give it back with release_scratch.
