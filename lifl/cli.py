@@ -44,15 +44,19 @@ def cmd_serve(args) -> int:
     cfg = load_config(args.config, overrides={
         "host": args.host, "port": args.port, "metrics_port": args.metrics_port, "runtime": args.runtime,
         "leaves": args.leaves, "fan_in": args.fan_in, "workers": args.workers, "shm_budget_mb": args.shm_budget_mb,
-        "min_workers": args.min_workers, "keep_alive_s": args.keep_alive, "planner": args.planner})
+        "min_workers": args.min_workers, "keep_alive_s": args.keep_alive, "planner": args.planner,
+        "ray_address": args.ray_address, "placement": args.placement})
     srv = EmbeddedServer(cfg).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     info = {"address": srv.address, "metrics_port": srv.metrics_port, "pid": os.getpid(),
-            "runtime": cfg.runtime, "workers": cfg.workers}
+            "runtime": cfg.runtime, "workers": cfg.workers, "gateways": srv.gateways()}
     print(f"lifl: serving on {srv.address} (runtime {cfg.runtime}, up to {cfg.workers} functions, "
           f"metrics {'on :' + str(srv.metrics_port) if srv.metrics_port >= 0 else 'off'})", flush=True)
+    if cfg.runtime == "ray":
+        for node, addr in sorted(srv.gateways().items()):
+            print(f"lifl: gateway of {node}: {addr}", flush=True)
     if args.ready_file:
         Path(args.ready_file).write_text(json.dumps(info))
     try:
@@ -123,9 +127,11 @@ def cmd_status(args) -> int:
     used = rep.shm_used_bytes / 2**20
     print(f"lifl {rep.version}, up {rep.uptime_seconds:.0f}s; hierarchy {rep.hierarchy}; "
           f"shm {used:.1f} MiB held, {rep.slots_in_use} slots in use, budget {rep.shm_budget_bytes / 2**20:.0f} MiB")
-    print(f"{'function':10} {'pid':>7} {'role':8} {'state':6} {'folds':>7} {'updates':>8}")
+    for g in rep.gateways:
+        print(f"gateway {g}")
+    print(f"{'function':10} {'node':14} {'pid':>7} {'role':8} {'state':6} {'folds':>7} {'updates':>8}")
     for w in rep.workers:
-        print(f"{w.id:10} {w.pid:7} {w.role:8} {w.state:6} {w.folds:7} {w.updates_folded:8}")
+        print(f"{w.id:10} {w.node:14} {w.pid:7} {w.role:8} {w.state:6} {w.folds:7} {w.updates_folded:8}")
     print(f"{'round':>6} {'job':12} {'state':12} {'accepted':>9} {'weight':>10} {'post-arrival':>13}  detail")
     from .rounds import State
     for r in rep.rounds:
@@ -163,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the aggregation service")
     s.add_argument("--config", help="TOML file (top-level keys or a [server] table)")
     s.add_argument("--host"); s.add_argument("--port", type=int); s.add_argument("--metrics-port", type=int)
-    s.add_argument("--runtime", choices=["local"]); s.add_argument("--leaves", type=int)
+    s.add_argument("--runtime", choices=["local", "ray"]); s.add_argument("--leaves", type=int)
+    s.add_argument("--address", dest="ray_address",
+                   help="ray runtime: the Ray cluster to join ('auto', host:port); default starts a local one")
+    s.add_argument("--placement", choices=["locality", "random"], help="ray runtime: where functions go")
     s.add_argument("--fan-in", type=int); s.add_argument("--workers", type=int)
     s.add_argument("--shm-budget-mb", type=int)
     s.add_argument("--min-workers", type=int, help="functions kept warm while idle (default 0: scale to zero)")

@@ -20,7 +20,11 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051                 # 0 picks a free port
     metrics_port: int = 9464          # 0 picks a free port, -1 disables /metrics
-    runtime: str = "local"
+    runtime: str = "local"            # "local" (processes on this machine) or "ray" (actors on a Ray cluster)
+    ray_address: str = ""             # ray runtime: an existing cluster ("auto", "host:6379"); empty starts one
+    placement: str = "locality"       # ray runtime: "locality" (control.placement) or "random" (a baseline)
+    function_cpus: float = 1.0        # ray runtime: CPUs one aggregator function reserves
+    node_gateway_port: int = 0        # ray runtime: port of each node's gateway (0 picks a free one)
     # data plane
     shm_budget_mb: int = 1024         # update slots in flight (received, not yet folded)
     shm_prefix: str = "lifl"
@@ -63,8 +67,12 @@ class ServerConfig:
             raise ValueError(f"spawn must be 'zygote' or 'exec', got {self.spawn!r}")
         if self.leaves > 1 and self.fan_in < 2:
             raise ValueError("fan_in must be >= 2 when there is more than one leaf")
-        if self.runtime not in ("local",):
-            raise ValueError(f"unknown runtime {self.runtime!r}; available: local")
+        if self.runtime not in ("local", "ray"):
+            raise ValueError(f"unknown runtime {self.runtime!r}; available: local, ray")
+        if self.placement not in ("locality", "random"):
+            raise ValueError(f"placement must be 'locality' or 'random', got {self.placement!r}")
+        if self.function_cpus <= 0:
+            raise ValueError("function_cpus must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
         return self

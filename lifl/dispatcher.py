@@ -29,8 +29,9 @@ from typing import Callable, Iterator
 from .config import ServerConfig
 from .control.autoscaler import decide
 from .control.model import (AutoscalerState, FoldCosts, Instance, InstanceState, Load, Node, Observation,
-                            PlannerPolicy, ScalePolicy)
-from .control.planner import Hierarchy, plan_elastic, plan_static, replan, route_leaf
+                            PlannerPolicy, Resources, ScalePolicy)
+from .control.placement import place, random_placement
+from .control.planner import Hierarchy, build_tree, plan_elastic, plan_static, replan, route_leaf
 from .errors import LiflError
 from .layout import Layout
 from .metrics import Metrics
@@ -49,11 +50,16 @@ class LeafRun:
     index: int
     worker: "WorkerSlot | None"   # bound when the leaf's first work arrives
     accs: tuple[Segment, Segment]
+    node: str = "local"            # where its function and accumulators are (the placement's choice)
+    home: str = "local"            # whose gateway feeds it
     cur: int = 0
     fresh: bool = True             # nothing folded yet: the sum is logically zero
     pending: list[tuple[str, float]] = field(default_factory=list)
     folding: int = 0
     folded: int = 0
+    clients: list[str] = field(default_factory=list)   # whose updates were routed here
+    contains: set[int] = field(default_factory=set)    # leaves whose updates this accumulator holds
+    lost: bool = False             # its node is gone, and with it what it held
 
     @property
     def acc(self) -> Segment:
@@ -95,6 +101,9 @@ class RoundRun:
     num_updates: int = 0
     released: bool = False
     plan: object = None        # the elastic planner's Plan (None for a static tree)
+    placement: object = None   # where leaves and parents run (multi-node runtimes)
+    lost_nodes: set[str] = field(default_factory=set)
+    needs_rebuild: bool = False    # a node was lost while aggregating: re-reduce once quiet
 
 
 @dataclass
@@ -102,6 +111,7 @@ class Task:
     cmd: dict
     run: RoundRun | None
     on_done: Callable[[dict], None] | None = None
+    kind: str = "control"      # "update" | "partial" | "finalize" | "control"
 
 
 class WorkerSlot:
@@ -118,6 +128,7 @@ class WorkerSlot:
         self.dead = False
         self.bindings = 0                      # leaves of unfinished rounds it carries
         self.idle_since = time.monotonic()
+        self.node = getattr(handle, "node", "local")
 
     def state(self) -> InstanceState:
         if self.current is not None or self.queue:
@@ -143,6 +154,13 @@ class Dispatcher:
         self._fold_s = 0.0              # EWMA of one leaf fold, for the service rate
         self._last_round_rate = 0.0     # arrival rate seen in the last finished round
         self.last_plan = ""
+        # a multi-node runtime (Ray) describes its nodes and stores; the local one has one of each
+        self.multi_node = hasattr(runtime, "node_models")
+        self._node_arrivals: collections.Counter[str] = collections.Counter()
+        self._last_node_share: dict[str, float] = {}
+        self._lost_nodes: set[str] = set()
+        if self.multi_node:
+            runtime.on_node_lost = self.node_lost
         if hasattr(runtime, "prepare"):
             runtime.prepare()
         for _ in range(config.min_workers):
@@ -152,24 +170,40 @@ class Dispatcher:
         self._ticker.start()
 
     # -- functions -----------------------------------------------------------
-    def _spawn(self) -> WorkerSlot:
-        handle = self.runtime.start_worker(self._on_message)
+    def _spawn(self, node: str | None = None) -> WorkerSlot:
+        handle = self.runtime.start_worker(self._on_message, node=node)
         slot = WorkerSlot(handle)
         self._workers.append(slot)
         self.metrics.cold_starts.inc()
         self.metrics.cold_start_seconds.observe(getattr(handle, "start_seconds", 0.0))
         return slot
 
+    # -- nodes and their shared memory ---------------------------------------------
+    def _store(self, node: str):
+        """Where a node's segments are made and given back (the runtime's, or this server's arena)."""
+        return self.runtime.store(node) if self.multi_node else self.arena
+
+    def _release_slot(self, name: str) -> None:
+        (self.runtime.store_of(name) if self.multi_node else self.arena).release_slot(name)
+
+    def _node_cap(self, node: str) -> int:
+        """Functions that may run on a node at once."""
+        if not self.multi_node:
+            return self.config.workers
+        cores = next((n.cores for n in self.runtime.node_models() if n.name == node), 0.0)
+        return max(1, int(cores // self.config.function_cpus))
+
     def _bind(self, leaf: LeafRun, role: str) -> str:
-        """Give a leaf a function: an idle warm one, else a cold start, else the least loaded."""
-        idle = [w for w in self._workers if w.state() is InstanceState.IDLE]
+        """Give a leaf a function on its node: an idle warm one, else a cold start, else the least loaded."""
+        same = [w for w in self._workers if w.node == leaf.node]
+        idle = [w for w in same if w.state() is InstanceState.IDLE]
         if idle:
             w, how = max(idle, key=lambda w: w.idle_since), "warm"
             self.metrics.warm_reuses.inc()
-        elif len(self._workers) < self.config.workers:
-            w, how = self._spawn(), "cold"
+        elif not same or (len(self._workers) < self.config.workers and len(same) < self._node_cap(leaf.node)):
+            w, how = self._spawn(None if not self.multi_node else leaf.node), "cold"
         else:
-            w, how = min(self._workers, key=lambda w: (w.bindings, len(w.queue))), "shared"
+            w, how = min(same, key=lambda w: (w.bindings, len(w.queue))), "shared"
             self.metrics.warm_reuses.inc()
         leaf.worker = w
         w.bindings += 1
@@ -226,7 +260,8 @@ class Dispatcher:
                     run.tasks_in_flight += 1
                     w.role = "leaf"
                     return Task(leaf.fold_cmd(run.round.id, updates=[[n, wt] for n, wt in batch]), run,
-                                lambda r, run=run, leaf=leaf, batch=batch: self._leaf_folded(run, leaf, batch, r))
+                                lambda r, run=run, leaf=leaf, batch=batch: self._leaf_folded(run, leaf, batch, r),
+                                kind="update")
         return None
 
     def _on_message(self, handle, msg: dict | None) -> None:
@@ -239,15 +274,21 @@ class Dispatcher:
                 return
             task, w.current = w.current, None
             if task is not None:
-                if task.run is not None:
-                    task.run.tasks_in_flight -= 1
+                run = task.run
+                if run is not None:
+                    run.tasks_in_flight -= 1
                 if not msg.get("ok"):
-                    self._fail(task.run, f"aggregator function {handle.id} failed: {msg.get('error')}")
+                    if msg.get("lost_input") and run is not None and run.lost_nodes and task.kind == "partial":
+                        pass  # a child's partial went down with its node: the rebuild re-reduces
+                    else:
+                        self._fail(run, f"aggregator function {handle.id} failed: {msg.get('error')}")
                 elif task.on_done is not None:
                     w.folds += 1
                     task.on_done(msg)
-                if task.run is not None:
-                    self._maybe_release(task.run)
+                if run is not None:
+                    if run.needs_rebuild:
+                        self._try_rebuild(run)
+                    self._maybe_release(run)
             self._pump(w)
 
     def _worker_died(self, w: WorkerSlot) -> None:
@@ -257,6 +298,9 @@ class Dispatcher:
         accumulator, finalize writes the result) and update slots are released
         only when the fold that read them is committed: nothing is folded twice.
         """
+        if self.multi_node and not self.runtime.node_alive(w.node):
+            self._node_lost(w.node)  # the whole node went: its leaves' sums went with it
+            return
         w.dead = True
         self._workers.remove(w)
         if self._closing:
@@ -265,7 +309,7 @@ class Dispatcher:
         if not w.bindings and w.current is None and not w.queue:
             return  # an idle function: nothing to recover, nothing to replace (serverless)
         try:
-            repl = self._spawn()
+            repl = self._spawn(w.node if self.multi_node else None)
         except Exception as e:  # cannot even restart: fail what depended on it
             for run in list(self._runs.values()):
                 if any(leaf.worker is w for leaf in run.leaves):
@@ -299,35 +343,96 @@ class Dispatcher:
                 raise LiflError("UNAVAILABLE", "the server is shutting down")
             rid = next(self._round_ids)
             rnd = Round(job, rid, layout, expected, quorum, deadline_s)
-            plan = self._plan(expected, layout, deadline_s)
-            hier = plan.hierarchy if plan is not None else plan_static(
-                min(self.config.leaves, self.config.workers, expected), self.config.fan_in)
-            run = RoundRun(rnd, hier, [], initial=initial, result=self.arena.scratch(layout.total_size), plan=plan)
-            self._add_leaves(run, hier.leaves)
+            run = RoundRun(rnd, None, [], initial=initial, result=self.arena.scratch(layout.total_size))
+            try:
+                self._shape(run)
+            except BaseException:
+                self._release_accs(run)
+                self.arena.release_scratch(run.result.name)
+                raise
             self._runs[rid] = run
             return rnd
 
-    def _add_leaves(self, run: RoundRun, n: int) -> None:
-        numel = run.round.layout.numel
-        while len(run.leaves) < n:
-            run.leaves.append(LeafRun(len(run.leaves), None, (self.arena.scratch(numel * 8),
-                                                              self.arena.scratch(numel * 8))))
+    def _shape(self, run: RoundRun) -> None:
+        """Plan the round's tree (elastic or static), place it on nodes, and allocate its leaves."""
+        r = run.round
+        plan = self._plan(r.expected, r.layout, r.deadline_s)
+        if not self.multi_node:
+            run.plan = plan
+            run.hier = plan.hierarchy if plan is not None else plan_static(
+                min(self.config.leaves, self.config.workers, r.expected), self.config.fan_in)
+            self._add_leaves(run, ["local"] * run.hier.leaves, ["local"] * run.hier.leaves)
+            return
+        if plan is None:  # static: config.leaves per node, the nodes' leaves grouped together
+            names = [n.name for n in self._nodes()]
+            home = [n for n in names for _ in range(self.config.leaves)][:max(len(names), r.expected)]
+            hier = build_tree(sorted(range(len(home)), key=lambda i: (names.index(home[i]), i)),
+                              self.config.fan_in)
+        else:
+            home, hier = list(plan.leaf_home), plan.hierarchy
+        run.plan = plan
+        run.placement = self._place(hier, home, r.layout, r.expected, r.id)
+        run.hier = run.placement.hierarchy
+        self._add_leaves(run, home, list(run.placement.leaf_node))
+        self.last_plan = (f"{run.hier.describe()} on {', '.join(f'{n}:{c}' for n, c in self._per_node(run))}"
+                          f"; {run.placement.partial_bytes_crossing + run.placement.update_bytes_crossing} "
+                          f"bytes to cross nodes")
+
+    def _place(self, hier: Hierarchy, home: list[str], layout: Layout, expected: int, seed: int):
+        """Where each leaf and parent runs: locality-aware (``control.placement``), or random (a baseline)."""
+        nodes = self._nodes()
+        per_leaf = layout.total_size * max(1, round(expected / len(home)))
+        if self.config.placement == "random":
+            return random_placement(hier, home, nodes, seed, leaf_update_bytes=per_leaf,
+                                    partial_bytes=layout.numel * 8)
+        return place(hier, home, nodes, Resources(cores=self.config.function_cpus),
+                     leaf_update_bytes=per_leaf, partial_bytes=layout.numel * 8)
+
+    @staticmethod
+    def _per_node(run: RoundRun) -> list[tuple[str, int]]:
+        return sorted(collections.Counter(leaf.node for leaf in run.leaves).items())
+
+    def _add_leaves(self, run: RoundRun, homes: list[str], nodes: list[str]) -> None:
+        size = run.round.layout.numel * 8
+        for home, node in list(zip(homes, nodes))[len(run.leaves):]:
+            store = self._store(node)
+            run.leaves.append(LeafRun(len(run.leaves), None, (store.scratch(size), store.scratch(size)),
+                                      node=node, home=home))
+
+    def _release_accs(self, run: RoundRun) -> None:
+        for leaf in run.leaves:
+            if not leaf.lost:
+                store = self._store(leaf.node)
+                for seg in leaf.accs:
+                    store.release_scratch(seg.name)
+
+    def _nodes(self) -> list[Node]:
+        """The nodes functions may run on (alive ones), as the policies see them."""
+        if self.multi_node:
+            return [n for n in self.runtime.node_models() if n.name not in self._lost_nodes]
+        # cores left for folding: the gateway's gRPC threads need about one of this machine's cores
+        cores = float(min(self.config.workers, self.config.fold_cores or max(1, (os.cpu_count() or 2) - 1)))
+        return [Node("local", cores, 0, self.arena.budget)]
 
     def _plan_inputs(self, expected: int, layout: Layout, deadline_s: float):
         update_s = self._fold_s or layout.total_size / 2e9  # before any measurement: ~2 GB/s
         costs = FoldCosts(update_s=update_s, fuse_speedup=2.0, partial_s=2 * update_s, finalize_s=update_s)
         rate = self._arrivals or self._last_round_rate or expected / (deadline_s or 10.0)
-        # cores left for folding: the gateway's gRPC threads need about one of this machine's cores
-        cores = float(min(self.config.workers, self.config.fold_cores or max(1, (os.cpu_count() or 2) - 1)))
+        nodes = self._nodes()
+        if self.multi_node:  # leaves up to config.leaves per node; arrivals split as last round's were
+            share = {n: v for n, v in self._last_node_share.items() if n in {m.name for m in nodes}}
+            policy = PlannerPolicy(max_leaves=min(self.config.leaves * len(nodes), expected))
+            return Load(expected, rate, share), costs, nodes, policy
         policy = PlannerPolicy(max_leaves=min(self.config.leaves, self.config.workers, expected))
-        return Load(expected, rate), costs, [Node("local", cores, 0, self.arena.budget)], policy
+        return Load(expected, rate), costs, nodes, policy
 
     def _plan(self, expected: int, layout: Layout, deadline_s: float):
         """The elastic planner's plan from measured costs, or None for the configured static tree."""
         if self.config.planner == "static":
             return None
         load, costs, nodes, policy = self._plan_inputs(expected, layout, deadline_s)
-        plan = plan_elastic(load, costs, nodes, policy=policy)
+        demand = Resources(cores=self.config.function_cpus if self.multi_node else 1.0)
+        plan = plan_elastic(load, costs, nodes, demand, policy=policy)
         self.last_plan = plan.hierarchy.describe()
         return plan
 
@@ -341,12 +446,22 @@ class Dispatcher:
             return
         r = run.round
         load, costs, nodes, policy = self._plan_inputs(r.expected, r.layout, r.deadline_s)
-        load = Load(r.expected, self._arrivals)
-        new = replan(run.plan, load, costs, nodes, policy=policy, received=len(r.accepted))
+        load = Load(r.expected, self._arrivals, load.node_share)
+        demand = Resources(cores=self.config.function_cpus if self.multi_node else 1.0)
+        new = replan(run.plan, load, costs, nodes, demand, policy=policy, received=len(r.accepted))
         if new is run.plan:
             return
-        run.plan, run.hier = new, new.hierarchy
-        self._add_leaves(run, new.hierarchy.leaves)
+        home = list(new.leaf_home)
+        if self.multi_node:
+            placement = self._place(new.hierarchy, home, r.layout, r.expected, r.id)
+            if any(placement.leaf_node[leaf.index] != leaf.node for leaf in run.leaves):
+                return  # it would move leaves that already hold sums: keep the current plan
+            run.placement, run.hier = placement, placement.hierarchy
+            nodes_of = list(placement.leaf_node)
+        else:
+            run.hier, nodes_of = new.hierarchy, home
+        run.plan = new
+        self._add_leaves(run, home, nodes_of)
         self.metrics.replans.inc()
         self.last_plan = new.hierarchy.describe() + " (re-planned mid-round)"
 
@@ -371,18 +486,23 @@ class Dispatcher:
         with self._lock:
             run.round.abandon(client)
 
-    def accept(self, run: RoundRun, client: str, slot: str, weight: float) -> int:
-        """Record a complete update and route it to a leaf; returns the round's accepted count."""
+    def accept(self, run: RoundRun, client: str, slot: str, weight: float, node: str = "") -> int:
+        """Record a complete update (in ``slot`` on ``node``) and route it to a leaf fed by that
+        node's gateway; returns the round's accepted count."""
         t_event = time.perf_counter()
         with self._lock:
+            node = node or (self.runtime.head if self.multi_node else "local")
             run.round.accept(client, weight, time.monotonic())
             self._accepted_since_tick += 1
-            pend = [len(leaf.pending) for leaf in run.leaves]
-            busy = [leaf.folding > 0 for leaf in run.leaves]
-            i = route_leaf(pend, busy, run.cursor)
-            run.cursor = (i + 1) % len(run.leaves)
-            leaf = run.leaves[i]
+            self._node_arrivals[node] += 1
+            cands = ([leaf for leaf in run.leaves if leaf.home == node and not leaf.lost]
+                     or [leaf for leaf in run.leaves if not leaf.lost])
+            i = route_leaf([len(leaf.pending) for leaf in cands], [leaf.folding > 0 for leaf in cands],
+                           run.cursor % len(cands))
+            run.cursor = (i + 1) % len(cands)
+            leaf = cands[i]
             leaf.pending.append((slot, weight))
+            leaf.clients.append(client)
             run.num_updates += 1
             self.metrics.updates_received.labels(run.round.job).inc()
             n = len(run.round.accepted)
@@ -399,6 +519,7 @@ class Dispatcher:
 
     def _leaf_folded(self, run: RoundRun, leaf: LeafRun, batch, reply: dict) -> None:
         leaf.commit()
+        leaf.contains.add(leaf.index)
         leaf.folding = 0
         leaf.folded += len(batch)
         leaf.worker.updates_folded += len(batch)
@@ -406,7 +527,7 @@ class Dispatcher:
         self._fold_s = secs / len(batch) if not self._fold_s else 0.8 * self._fold_s + 0.2 * secs / len(batch)
         self.metrics.fold_seconds.labels("leaf").observe(secs)
         for name, _ in batch:
-            self.arena.release_slot(name)
+            self._release_slot(name)
         self._advance(run)
 
     def close_round(self, job: str, rid: int, abort: bool) -> Round:
@@ -437,8 +558,9 @@ class Dispatcher:
         run.round.close(State.FAILED, detail)
         self.metrics.rounds.labels("failed").inc()
         for leaf in run.leaves:
-            for name, _ in leaf.pending:
-                self.arena.release_slot(name)
+            if not leaf.lost:
+                for name, _ in leaf.pending:
+                    self._release_slot(name)
             leaf.pending.clear()
         run.done_event.set()
         self._maybe_release(run)
@@ -446,7 +568,7 @@ class Dispatcher:
     # -- reduction -------------------------------------------------------------
     def _advance(self, run: RoundRun) -> None:
         """Move the reduction forward: complete leaves, fold ready partials, finalise the top."""
-        if run.round.state != State.AGGREGATING:
+        if run.round.state != State.AGGREGATING or run.needs_rebuild:
             return
         hier, done = run.hier, run.nodes_done
         for leaf in run.leaves:
@@ -475,7 +597,8 @@ class Dispatcher:
                     parts = [run.leaves[hier.host(level - 1, k)].acc.name for k in ready]
                     self._enqueue(host.worker, Task(
                         host.fold_cmd(run.round.id, partials=parts), run,
-                        lambda r, run=run, node=node, ready=ready: self._partials_folded(run, node, ready, r)))
+                        lambda r, run=run, node=node, ready=ready: self._partials_folded(run, node, ready, r),
+                        kind="partial"))
                 if len(folded) == len(kids) - 1:
                     done.add(node)
         top = (hier.depth - 1, 0)
@@ -488,10 +611,13 @@ class Dispatcher:
             self._enqueue(host.worker, Task(
                 {"op": "finalize", "layout": run.round.id, "acc": host.acc.name,
                  "weight": run.round.total_weight, "out": run.result.name}, run,
-                lambda r, run=run: self._finalized(run, r)))
+                lambda r, run=run: self._finalized(run, r), kind="finalize"))
 
     def _partials_folded(self, run: RoundRun, node, ready, reply: dict) -> None:
-        run.leaves[run.hier.host(*node)].commit()
+        host = run.leaves[run.hier.host(*node)]
+        host.commit()
+        for k in ready:
+            host.contains |= run.leaves[run.hier.host(node[0] - 1, k)].contains
         run.children_folding[node].difference_update(ready)
         run.children_folded[node].update(ready)
         self.metrics.fold_seconds.labels("middle" if node[0] < run.hier.depth - 1 else "top").observe(
@@ -505,6 +631,10 @@ class Dispatcher:
             self._last_round_rate = len(rnd.accepted) / span
         rnd.post_arrival_s = time.monotonic() - rnd.last_arrival
         rnd.state = State.DONE
+        total = sum(self._node_arrivals.values())
+        if total:  # how arrivals split over nodes' gateways: the next round's plan starts from it
+            self._last_node_share = {n: c / total for n, c in self._node_arrivals.items()}
+            self._node_arrivals.clear()
         self.metrics.post_arrival.observe(rnd.post_arrival_s)
         self.metrics.round_duration.observe(time.time() - rnd.opened)
         self.metrics.rounds.labels("done").inc()
@@ -517,10 +647,9 @@ class Dispatcher:
             return
         run.released = True
         workers = {id(leaf.worker): leaf.worker for leaf in run.leaves if leaf.worker is not None}
+        self._release_accs(run)
         for leaf in run.leaves:
             self._unbind(leaf)
-            for seg in leaf.accs:
-                self.arena.release_scratch(seg.name)
         for w in workers.values():
             if run.round.id in w.layouts:
                 w.layouts.discard(run.round.id)
@@ -577,11 +706,108 @@ class Dispatcher:
                     self._replan(run)
                 self._autoscale()
 
+    def _prestart_node(self) -> str | None:
+        """Where a pre-started function is most useful: a node with open-round leaves still unbound."""
+        if not self.multi_node:
+            return "local"
+        want = collections.Counter(leaf.node for r in self._runs.values() if r.round.state == State.OPEN
+                                   for leaf in r.leaves if leaf.worker is None and not leaf.lost)
+        have = collections.Counter(w.node for w in self._workers if w.state() is InstanceState.IDLE)
+        short = [(want[n] - have[n], n) for n in sorted(want) if want[n] > have[n]]
+        return max(short)[1] if short else None
+
+    # -- node loss (multi-node runtimes) ---------------------------------------------
+    def node_lost(self, node: str) -> None:
+        """The runtime lost a node (and with it that node's gateway, functions and shared memory)."""
+        with self._lock:
+            self._node_lost(node)
+
+    def _node_lost(self, node: str) -> None:
+        """What a node held is gone: its functions, the update slots its gateway filled and the
+        partial sums of its leaves. Updates whose only copy was there are taken back from the
+        round (their clients may push again, to another gateway, while it is open); everything
+        already folded into an accumulator elsewhere is kept and re-reduced from there."""
+        if node in self._lost_nodes:
+            return
+        self._lost_nodes.add(node)
+        self.metrics.nodes_lost.inc()
+        for w in [w for w in self._workers if w.node == node]:
+            w.dead = True
+            self._workers.remove(w)
+            for task in ([w.current] if w.current is not None else []) + list(w.queue):
+                if task.run is not None:
+                    task.run.tasks_in_flight -= 1
+            w.current, w.queue = None, collections.deque()
+        if hasattr(self.runtime, "forget_streams"):
+            for job, rid, client in self.runtime.forget_streams(node):
+                run = self._runs.get(rid)
+                if run is not None:
+                    run.round.abandon(client)
+        for run in self._runs.values():
+            if run.round.state not in (State.OPEN, State.AGGREGATING):
+                continue
+            lost = [leaf for leaf in run.leaves if leaf.node == node and not leaf.lost]
+            if not lost:
+                continue
+            run.lost_nodes.add(node)
+            for leaf in lost:
+                leaf.lost, leaf.worker, leaf.folding = True, None, 0
+                leaf.pending.clear()
+            run.needs_rebuild = True
+            self._try_rebuild(run)
+            self._maybe_release(run)
+
+    def _try_rebuild(self, run: RoundRun) -> None:
+        """Drop what a lost node held and rebuild the tree over the partial sums that survive.
+
+        While the round is open no parent has folded yet, so every surviving leaf is a
+        root of its own; once aggregating, wait until no command is in flight, then the
+        roots are the surviving accumulators not already folded into another survivor.
+        """
+        r = run.round
+        if r.state not in (State.OPEN, State.AGGREGATING):
+            run.needs_rebuild = False
+            return
+        if r.state == State.AGGREGATING and run.tasks_in_flight > 0:
+            return
+        run.needs_rebuild = False
+        alive = [leaf for leaf in run.leaves if not leaf.lost]
+        kept = set().union(*(leaf.contains for leaf in alive))
+        gone = [c for leaf in run.leaves if leaf.lost and leaf.index not in kept for c in leaf.clients]
+        for leaf in run.leaves:
+            if leaf.lost and leaf.index not in kept:
+                leaf.clients.clear()
+        for c in gone:
+            w = r.accepted.pop(c, None)
+            if w is not None:
+                r.total_weight -= w
+        self.metrics.updates_lost.inc(len(gone))
+        if gone:
+            r.detail = (f"{len(gone)} update(s) lost with node(s) {', '.join(sorted(run.lost_nodes))}"
+                        + ("; their clients may push again" if r.state == State.OPEN else ""))
+        if not alive:
+            self._fail(run, f"every leaf of round {r.id} was on lost node(s) {sorted(run.lost_nodes)}")
+            return
+        roots = [leaf for leaf in alive if not any(leaf.index in o.contains for o in alive if o is not leaf)]
+        if r.state == State.AGGREGATING and len(r.accepted) < r.quorum:
+            self._fail(run, f"{len(gone)} update(s) were lost with node(s) {sorted(run.lost_nodes)}; "
+                            f"{len(r.accepted)} left, below the quorum of {r.quorum}")
+            return
+        ranks = {n.name: i for i, n in enumerate(self._nodes())}
+        order = sorted((leaf.index for leaf in roots), key=lambda i: (ranks.get(run.leaves[i].node, 0), i))
+        run.hier = build_tree(order, max(2, run.hier.fan_in), leaves=len(run.leaves))
+        run.nodes_done, run.children_folded, run.children_folding = set(), {}, {}
+        run.finalizing = False
+        if r.state == State.OPEN:
+            self._maybe_close(run, forced=False)
+        else:
+            self._advance(run)
+
     def observation(self, now: float) -> Observation:
         """What the autoscaler sees: functions, arrival rate, backlog, leaves that hold a function."""
         depth = sum(len(l.pending) + l.folding for r in self._runs.values() for l in r.leaves)
         required = sum(1 for r in self._runs.values() for l in r.leaves if l.worker is not None)
-        insts = tuple(Instance(w.handle.id, "local", w.state(), w.role, w.idle_since) for w in self._workers)
+        insts = tuple(Instance(w.handle.id, w.node, w.state(), w.role, w.idle_since) for w in self._workers)
         return Observation(insts, self._arrivals, depth, required, 1.0 / self._fold_s if self._fold_s else 0.0)
 
     def _autoscale(self) -> None:
@@ -600,7 +826,10 @@ class Dispatcher:
         if self._closing:
             return
         for _ in range(min(d.start, self.config.workers - len(self._workers))):
-            w = self._spawn()
+            node = self._prestart_node()
+            if node is None:
+                break
+            w = self._spawn(node if self.multi_node else None)
             w.role = "idle"
         for wid in d.stop:
             w = next((w for w in self._workers if w.handle.id == wid), None)

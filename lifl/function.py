@@ -41,13 +41,34 @@ def _die_with_parent() -> None:
         pass
 
 
+class _Given:
+    """A buffer the runtime handed over for one command (an imported partial or update, or
+    an output to return), standing in for a segment of that name."""
+
+    def __init__(self, arr: np.ndarray):
+        self.buf = memoryview(arr).cast("B")
+
+    def array(self, dtype=np.uint8, count: int = -1, offset: int = 0) -> np.ndarray:
+        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
+
+
 class Function:
-    def __init__(self):
+    """``local_prefixes``: where segments may be attached from (the Ray runtime passes its
+    node's arenas, so a segment of another node is an error, never a silent remote read)."""
+
+    def __init__(self, local_prefixes: tuple[str, ...] | None = None, fault_delay_s: float = _FAULT_DELAY):
         self.layouts: dict[int, Layout] = {}
         self.segments: dict[str, Segment] = {}
         self.views: dict[tuple[str, int], fold.UpdateViews] = {}
+        self.given: dict[str, np.ndarray] = {}
+        self.local_prefixes = local_prefixes
+        self.fault_delay_s = fault_delay_s
 
-    def seg(self, name: str) -> Segment:
+    def seg(self, name: str) -> "Segment | _Given":
+        if name in self.given:
+            return _Given(self.given[name])
+        if self.local_prefixes is not None and not name.startswith(self.local_prefixes):
+            raise ValueError(f"segment {name} belongs to another node; the runtime must import it")
         s = self.segments.get(name)
         if s is None:
             s = self.segments[name] = Segment.attach(name)
@@ -57,6 +78,8 @@ class Function:
         return self.seg(name).array(np.float64, layout.numel)
 
     def update_views(self, name: str, lid: int) -> fold.UpdateViews:
+        if name in self.given:  # an imported update: valid for this command only
+            return fold.UpdateViews(self.layouts[lid], self.seg(name).buf)
         v = self.views.get((name, lid))
         if v is None:
             v = self.views[(name, lid)] = fold.UpdateViews(self.layouts[lid], self.seg(name).buf)
@@ -80,8 +103,8 @@ class Function:
                                   [w for _, w in ups], base)
                 base = None
             fold.fold_partials(acc, [self.acc(n, layout) for n in cmd.get("partials", [])], base)
-            if _FAULT_DELAY:
-                time.sleep(_FAULT_DELAY)  # fault injection: a window to be killed after writing, before replying
+            if self.fault_delay_s:
+                time.sleep(self.fault_delay_s)  # fault injection: a window to be killed after writing, before replying
             return {"seconds": time.perf_counter() - t0}
         if op == "finalize":
             layout = self.layouts[cmd["layout"]]

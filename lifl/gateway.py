@@ -282,5 +282,8 @@ class Gateway:
         for w in self.dispatcher.workers():
             rep.workers.append(pb.WorkerInfo(id=w.handle.id, pid=w.handle.pid, role=w.role,
                                              state=w.state().value, folds=w.folds,
-                                             updates_folded=w.updates_folded))
+                                             updates_folded=w.updates_folded, node=w.node))
+        gateways = getattr(self.dispatcher.runtime, "gateways", None)
+        if gateways is not None:
+            rep.gateways.extend(f"{n}={a}" for n, a in sorted(gateways().items()))
         return rep

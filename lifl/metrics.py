@@ -39,6 +39,11 @@ class Metrics:
                                                               0.05, 0.1, 0.3, 1), registry=r)
         self.replans = Counter("lifl_replans", "Round plans changed mid-round for a new arrival rate", registry=r)
         self.scale_downs = Counter("lifl_scale_downs", "Idle functions stopped after the keep-alive", registry=r)
+        self.nodes_lost = Counter("lifl_nodes_lost", "Nodes lost (with their gateway and shared memory)", registry=r)
+        self.updates_lost = Counter("lifl_updates_lost", "Accepted updates lost with a node (taken back from "
+                                    "their round)", registry=r)
+        self.cross_node_bytes = Counter("lifl_cross_node_bytes", "Bytes moved between nodes, by what they were",
+                                        ["kind"], registry=r)
         self.queue_depth = Gauge("lifl_queue_depth", "Updates received but not yet folded", registry=r)
         self.slots_in_use = Gauge("lifl_shm_slots_in_use", "Update slots holding an update", registry=r)
         self.shm_bytes = Gauge("lifl_shm_bytes", "Shared memory held, by kind", ["kind"], registry=r)

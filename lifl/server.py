@@ -1,6 +1,7 @@
 """The embedded LIFL server: arena + runtime + dispatcher + gateway + /metrics, as one context manager."""
 from __future__ import annotations
 
+import secrets
 import sys
 import threading
 import time
@@ -16,9 +17,12 @@ from .runtime.local import LocalRuntime
 from .shm import Arena
 
 
-def _make_runtime(config: ServerConfig):
+def _make_runtime(config: ServerConfig, arena: Arena, metrics: Metrics):
     if config.runtime == "local":
         return LocalRuntime(spawn=config.spawn)
+    if config.runtime == "ray":
+        from .runtime.ray import RayRuntime
+        return RayRuntime(config, arena, metrics)
     raise ValueError(f"unknown runtime {config.runtime!r}")
 
 
@@ -47,13 +51,20 @@ class EmbeddedServer:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         try:
             self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=cfg.shm_prefix)
-            self.runtime = _make_runtime(cfg)
+            self.runtime = _make_runtime(cfg, self.arena, self.metrics)
             self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics)
             gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics)
+            handlers = gateway.handlers()
+            head = None
+            if cfg.runtime == "ray":  # node gateways call the head's dispatcher through this
+                from .head_link import HeadService
+                head = HeadService(self.dispatcher, secrets.token_hex(16))
+                handlers.append(head.handler())
+                self.runtime.forget_streams = head.forget_node
             limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
             self.grpc = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads, thread_name_prefix="lifl-grpc"),
-                handlers=gateway.handlers(),
+                handlers=handlers,
                 options=[("grpc.max_receive_message_length", limit),
                          ("grpc.max_send_message_length", 16 * MiB),
                          ("grpc.so_reuseport", 0)])
@@ -67,6 +78,9 @@ class EmbeddedServer:
             if not self.port:
                 raise OSError(f"cannot listen on {target}")
             self.grpc.start()
+            if head is not None:
+                host = cfg.host if cfg.host not in ("0.0.0.0", "::") else _node_ip()
+                self.runtime.start_gateways(f"{host}:{self.port}", head._secret.decode())
             if cfg.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.host)
             threading.Thread(target=self._sample_stats, name="lifl-stats", daemon=True).start()
@@ -83,7 +97,14 @@ class EmbeddedServer:
             self.metrics.shm_bytes.labels("accumulators_and_results").set(st.other_bytes)
             self.metrics.aggregators_active.clear()
             for w in self.dispatcher.workers():
-                self.metrics.aggregators_active.labels(w.role, "local").inc()
+                self.metrics.aggregators_active.labels(w.role, w.node).inc()
+
+    def gateways(self) -> dict[str, str]:
+        """Push addresses by node: this server's, plus each other node's gateway (ray runtime)."""
+        out = {getattr(self.runtime, "head", "local"): self.address}
+        if hasattr(self.runtime, "gateways"):
+            out.update(self.runtime.gateways())
+        return out
 
     def stop(self, grace: float = 1.0) -> None:
         self._stats_stop.set()
@@ -111,3 +132,8 @@ class EmbeddedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _node_ip() -> str:
+    import ray
+    return ray.util.get_node_ip_address()

@@ -223,6 +223,14 @@ class Arena:
             self._others[seg.name] = seg
             return seg
 
+    def get(self, name: str) -> Segment:
+        """A segment this arena handed out and still holds (KeyError otherwise)."""
+        with self._cond:
+            seg = self._in_use.get(name) or self._others.get(name)
+        if seg is None:
+            raise KeyError(f"segment {name} is not held by this arena")
+        return seg
+
     def free(self, name: str) -> None:
         with self._cond:
             seg = self._others.pop(name, None)

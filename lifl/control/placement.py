@@ -23,11 +23,12 @@ The top may move off leaf 0: the caller must finalise at
 from __future__ import annotations
 
 import math
+import random
 from typing import Mapping, Sequence
 
 from .model import Hierarchy, Node, Placement, Resources
 
-__all__ = ["PlacementError", "place", "cross_node_bytes", "level_nodes"]
+__all__ = ["PlacementError", "place", "random_placement", "cross_node_bytes", "level_nodes"]
 
 
 class PlacementError(ValueError):
@@ -148,4 +149,18 @@ def place(hier: Hierarchy, leaf_home: Sequence[str], nodes: Sequence[Node], dema
     rehosted = _rehost(hier, leaf_node, rank, partial_bytes)
     up, pp = cross_node_bytes(rehosted, leaf_node, leaf_home, lb, partial_bytes)
     return Placement(rehosted, tuple(leaf_node), level_nodes(rehosted, leaf_node),
+                     tuple(i for i, (n, h) in enumerate(zip(leaf_node, leaf_home)) if n != h), up, pp)
+
+
+def random_placement(hier: Hierarchy, leaf_home: Sequence[str], nodes: Sequence[Node], seed: int, *,
+                     leaf_update_bytes: Sequence[int] | int = 0, partial_bytes: int = 0) -> Placement:
+    """Each leaf on a node drawn at random (seeded), parents left on their first child: the
+    locality-blind baseline that ``place`` is measured against. Ignores capacity."""
+    if len(leaf_home) != hier.leaves:
+        raise ValueError(f"leaf_home has {len(leaf_home)} entries for {hier.leaves} leaves")
+    lb = [leaf_update_bytes] * hier.leaves if isinstance(leaf_update_bytes, int) else list(leaf_update_bytes)
+    rng = random.Random(seed)
+    leaf_node = tuple(rng.choice(nodes).name for _ in range(hier.leaves))
+    up, pp = cross_node_bytes(hier, leaf_node, leaf_home, lb, partial_bytes)
+    return Placement(hier, leaf_node, level_nodes(hier, leaf_node),
                      tuple(i for i, (n, h) in enumerate(zip(leaf_node, leaf_home)) if n != h), up, pp)

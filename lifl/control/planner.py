@@ -59,26 +59,33 @@ __all__ = [
 
 
 # -- static plans (used by the dispatcher) ----------------------------------------------------
-def build_tree(order: Iterable[int], fan_in: int) -> Hierarchy:
+def build_tree(order: Iterable[int], fan_in: int, leaves: int | None = None) -> Hierarchy:
     """A tree whose first level groups consecutive leaves of ``order`` (leaf indices), ``fan_in`` at a time.
 
     ``order`` lets the planner keep each node's leaves together so that groups
-    rarely straddle nodes; its first leaf hosts the top.
+    rarely straddle nodes; its first leaf hosts the top. With ``leaves`` given,
+    ``order`` may name a subset of ``range(leaves)``: the tree then joins only
+    those (the others hold nothing, e.g. leaves lost with their node).
     """
     order = tuple(order)
-    leaves = len(order)
-    if leaves < 1:
-        raise ValueError(f"need at least one leaf, got {leaves}")
-    if sorted(order) != list(range(leaves)):
-        raise ValueError("order must be a permutation of the leaf indices")
-    if fan_in < 2 and leaves > 1:
-        raise ValueError(f"fan-in must be >= 2 to join {leaves} leaves, got {fan_in}")
+    if leaves is None:
+        leaves = len(order)
+        if sorted(order) != list(range(leaves)):
+            raise ValueError("order must be a permutation of the leaf indices")
+    elif len(set(order)) != len(order) or not all(0 <= i < leaves for i in order):
+        raise ValueError(f"order must name distinct leaves among 0..{leaves - 1}")
+    if not order:
+        raise ValueError(f"need at least one leaf, got {len(order)}")
+    if fan_in < 2 and len(order) > 1:
+        raise ValueError(f"fan-in must be >= 2 to join {len(order)} leaves, got {fan_in}")
     levels: list[tuple[tuple[int, ...], ...]] = [()]
     items = order
     while len(items) > 1:
         groups = tuple(items[i:i + fan_in] for i in range(0, len(items), fan_in))
         levels.append(groups)
         items = tuple(range(len(groups)))
+    if len(levels) == 1 and order[0] != 0:  # one leaf of a subset: name it as the top's host
+        levels.append(((order[0],),))
     return Hierarchy(leaves, max(fan_in, 1), tuple(levels))
 
 

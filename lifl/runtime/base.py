@@ -9,6 +9,7 @@ OnMessage = Callable[["Worker", "dict | None"], None]
 
 class Worker(Protocol):
     id: str
+    node: str
     pid: int
     started: float
 
@@ -20,6 +21,6 @@ class Worker(Protocol):
 class Runtime(Protocol):
     name: str
 
-    def start_worker(self, on_message: OnMessage) -> Worker: ...
+    def start_worker(self, on_message: OnMessage, node: str | None = None) -> Worker: ...
     def stop_worker(self, worker: Worker) -> None: ...
     def close(self) -> None: ...

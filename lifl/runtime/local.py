@@ -27,6 +27,7 @@ from .base import OnMessage
 
 class LocalWorker:
     _ids = itertools.count(1)
+    node = "local"
 
     def __init__(self, sock: socket.socket, pid: int, on_message: OnMessage, t0: float,
                  proc: subprocess.Popen | None = None, start_timeout: float = 30.0):
@@ -155,7 +156,7 @@ class LocalRuntime:
         if self.spawn == "zygote":
             self._forker.submit(self._start_zygote).result()
 
-    def start_worker(self, on_message: OnMessage) -> LocalWorker:
+    def start_worker(self, on_message: OnMessage, node: str | None = None) -> LocalWorker:
         w = self._forker.submit(self._fork, on_message).result()
         with self._lock:
             self._workers.append(w)

@@ -203,23 +203,25 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "pid", "role", "state", "folds", "updates_folded")
+    __slots__ = ("id", "pid", "role", "state", "folds", "updates_folded", "node")
     ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FOLDS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FOLDED_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     pid: int
     role: str
     state: str
     folds: int
     updates_folded: int
-    def __init__(self, id: _Optional[str] = ..., pid: _Optional[int] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., folds: _Optional[int] = ..., updates_folded: _Optional[int] = ...) -> None: ...
+    node: str
+    def __init__(self, id: _Optional[str] = ..., pid: _Optional[int] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., folds: _Optional[int] = ..., updates_folded: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "uptime_seconds", "rounds", "workers", "shm_budget_bytes", "shm_used_bytes", "slots_in_use", "hierarchy")
+    __slots__ = ("version", "uptime_seconds", "rounds", "workers", "shm_budget_bytes", "shm_used_bytes", "slots_in_use", "hierarchy", "gateways")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +230,7 @@ class StatusReply(_message.Message):
     SHM_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     HIERARCHY_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_seconds: float
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
@@ -236,4 +239,5 @@ class StatusReply(_message.Message):
     shm_used_bytes: int
     slots_in_use: int
     hierarchy: str
-    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., shm_budget_bytes: _Optional[int] = ..., shm_used_bytes: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., hierarchy: _Optional[str] = ...) -> None: ...
+    gateways: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., shm_budget_bytes: _Optional[int] = ..., shm_used_bytes: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., hierarchy: _Optional[str] = ..., gateways: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lifl.control.model import Hierarchy, Node, Resources
-from lifl.control.placement import PlacementError, cross_node_bytes, level_nodes, place
+from lifl.control.placement import PlacementError, cross_node_bytes, level_nodes, place, random_placement
 from lifl.control.planner import build_tree, plan_static
 
 GiB = 2**30
@@ -145,3 +145,29 @@ def test_shm_budget_binds():
         place(plan_static(7, 2), ["a"] * 7, nodes, Resources(cores=1, shm_bytes=GiB))
     with pytest.raises(PlacementError, match="not among the nodes"):
         place(hier, ["x"] * 3, nodes)
+
+
+def test_random_baseline_is_seeded_and_counts_what_crosses():
+    nodes = [Node(n, 4, 0, 0) for n in ("a", "b", "c")]
+    hier = build_tree(range(6), 2)
+    home = ("a", "a", "b", "b", "c", "c")
+    one = random_placement(hier, home, nodes, seed=7, leaf_update_bytes=100, partial_bytes=10)
+    assert one == random_placement(hier, home, nodes, seed=7, leaf_update_bytes=100, partial_bytes=10)
+    assert one.update_bytes_crossing == 100 * sum(n != h for n, h in zip(one.leaf_node, home))
+    assert (one.update_bytes_crossing, one.partial_bytes_crossing) == cross_node_bytes(
+        hier, one.leaf_node, home, [100] * 6, 10)
+    local = place(hier, home, nodes, leaf_update_bytes=100, partial_bytes=10)
+    draws = [random_placement(hier, home, nodes, seed=s, leaf_update_bytes=100, partial_bytes=10)
+             for s in range(20)]
+    assert all(local.cross_node_bytes <= d.cross_node_bytes for d in draws)
+
+
+def test_tree_over_a_subset_of_leaves():
+    h = build_tree([4, 1, 3], 2, leaves=6)
+    assert h.leaves == 6 and h.levels[1] == ((4, 1), (3,)) and h.host(h.depth - 1, 0) == 4
+    single = build_tree([3], 2, leaves=6)
+    assert single.host(single.depth - 1, 0) == 3
+    with pytest.raises(ValueError):
+        build_tree([1, 1], 2, leaves=3)
+    with pytest.raises(ValueError):
+        build_tree([5], 2, leaves=3)

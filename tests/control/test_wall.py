@@ -7,7 +7,8 @@ from pathlib import Path
 
 import lifl.control
 
-ALLOWED = {"__future__", "dataclasses", "enum", "math", "typing", "collections", "itertools", "functools"}
+ALLOWED = {"__future__", "dataclasses", "enum", "math", "typing", "collections", "itertools", "functools",
+           "random"}  # random only seeded, by the caller (placement baseline)
 
 
 def test_control_imports_no_runtime_grpc_or_shared_memory():

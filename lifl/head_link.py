@@ -1,0 +1,149 @@
+"""The channel between a node's gateway and the head's dispatcher (Ray runtime).
+
+A node gateway receives an update's bytes into its own node's shared memory;
+what it must ask the head is small: the round's layout and state, "may this
+client start?", "this update is complete in slot S" and "this stream failed".
+Those are JSON messages over one unary gRPC method (``lifl.v1.Head/Call``) on
+the head's gRPC server, authenticated by a cluster secret the head hands its
+node agents. No pickle: JSON in, JSON out; refusals come back as a gRPC status
+name and message, which the node gateway returns to its client unchanged.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+
+from .errors import LiflError
+from .layout import Layout, TensorSpec
+from .rounds import State
+
+SERVICE, METHOD = "lifl.v1.Head", "Call"
+SECRET_KEY = "x-lifl-cluster-secret"
+
+
+def _specs(layout: Layout) -> list:
+    return [[s.name, s.dtype, list(s.shape)] for s in layout.specs]
+
+
+# -- head side -------------------------------------------------------------------------------
+class HeadService:
+    """Serves node gateways' calls from the dispatcher. ``node`` is the caller's node name;
+    streams in flight per node are remembered so a lost node's clients can be released."""
+
+    def __init__(self, dispatcher, secret: str):
+        self.dispatcher, self._secret = dispatcher, secret.encode()
+        self._lock = threading.Lock()
+        self.in_flight: dict[str, set[tuple[str, int, str]]] = {}
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(self._call)})
+
+    def _call(self, raw: bytes, context) -> bytes:
+        md = dict(context.invocation_metadata())
+        if not hmac.compare_digest(md.get(SECRET_KEY, "").encode(), self._secret):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "only this cluster's node gateways may call the head")
+        try:
+            req = json.loads(raw)
+            return json.dumps({"ok": True, **self.handle(req)}).encode()
+        except LiflError as e:
+            return json.dumps({"ok": False, "code": e.code, "message": e.message,
+                               "retry_after_s": e.retry_after_s}).encode()
+        except (ValueError, KeyError, TypeError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad head call: {e}")
+
+    def handle(self, req: dict) -> dict:
+        d, op = self.dispatcher, req["op"]
+        job, rid, node = req["job"], int(req["round"]), req["node"]
+        key = (job, rid, req.get("client", ""))
+        if op == "round":
+            r = d.get(job, rid).round
+            return {"id": r.id, "job": r.job, "state": int(r.state), "specs": _specs(r.layout)}
+        if op == "begin":
+            d.begin_push(job, rid, req["client"])
+            with self._lock:
+                self.in_flight.setdefault(node, set()).add(key)
+            return {}
+        if op in ("accept", "abandon"):
+            with self._lock:
+                self.in_flight.get(node, set()).discard(key)
+            run = d.get(job, rid)
+            if op == "abandon":
+                d.abandon(run, req["client"])
+                return {}
+            d.check_open(run)
+            return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]), node=node)}
+        raise ValueError(f"unknown op {op!r}")
+
+    def forget_node(self, node: str) -> list[tuple[str, int, str]]:
+        """The node is gone: its streams in flight will never finish (the caller abandons them)."""
+        with self._lock:
+            return sorted(self.in_flight.pop(node, set()))
+
+
+# -- node side ---------------------------------------------------------------------------------
+@dataclass
+class RemoteRound:
+    job: str
+    id: int
+    layout: Layout
+    state: State
+    detail: str = ""
+
+
+@dataclass
+class RemoteRun:
+    round: RemoteRound
+    extra: dict = field(default_factory=dict)
+
+
+class HeadLink:
+    """What a node gateway uses in place of the dispatcher (same method names)."""
+
+    def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0):
+        self.node, self.timeout_s = node, timeout_s
+        self.channel = grpc.insecure_channel(head_address)
+        self._call = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
+        self._md = ((SECRET_KEY, secret),)
+        self._layouts: dict[tuple[str, int], Layout] = {}
+
+    def call(self, op: str, job: str, rid: int, **kw) -> dict:
+        req = json.dumps({"op": op, "job": job, "round": rid, "node": self.node, **kw}).encode()
+        try:
+            rep = json.loads(self._call(req, metadata=self._md, timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            raise LiflError("UNAVAILABLE", f"this node's gateway cannot reach the LIFL head: {e.details()}; "
+                                           "retry, or push to another gateway") from None
+        if not rep.pop("ok"):
+            raise LiflError(rep["code"], rep["message"], rep.get("retry_after_s"))
+        return rep
+
+    def get(self, job: str, rid: int) -> RemoteRun:
+        rep = self.call("round", job, rid)
+        layout = self._layouts.get((rep["job"], rid))
+        if layout is None:
+            layout = self._layouts[(rep["job"], rid)] = Layout.from_specs(
+                TensorSpec(n, d, tuple(s)) for n, d, s in rep["specs"])
+        return RemoteRun(RemoteRound(rep["job"], rid, layout, State(rep["state"])))
+
+    def begin_push(self, job: str, rid: int, client: str) -> None:
+        self.call("begin", job, rid, client=client)
+
+    def check_open(self, run: RemoteRun) -> None:
+        """Per chunk: nothing to ask (the head's accept re-checks and refuses a closed round)."""
+
+    def accept(self, run: RemoteRun, client: str, slot: str, weight: float) -> int:
+        return self.call("accept", run.round.job, run.round.id, client=client, slot=slot,
+                         weight=weight)["accepted"]
+
+    def abandon(self, run: RemoteRun, client: str) -> None:
+        try:
+            self.call("abandon", run.round.job, run.round.id, client=client)
+        except LiflError:
+            pass  # the head forgets this node's streams if it loses the node
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,380 @@
+"""Ray runtime: aggregator functions are Ray actors pinned to the nodes the placement chose.
+
+The control plane (dispatcher, planner, placement, autoscaler) runs in the
+head process unchanged; this module is only mechanism:
+
+* **Nodes.** Every alive Ray node with CPUs is a node of the placement model.
+  The head's own node uses the head's arena and gateway; every other node gets
+  a ``NodeAgent`` (pinned with ``NodeAffinitySchedulingStrategy(soft=False)``)
+  that owns that node's shared memory and runs its gateway.
+* **Functions** are ``FunctionActor``s started on demand on a given node and
+  killed when the autoscaler stops them (explicit lifetimes, no detached
+  actors). One command at a time, like a local function; a thread per function
+  waits for its reply, so the dispatcher sees the same ``on_message`` events.
+* **Bytes between nodes.** A command may name segments of its own node only;
+  for any other (a child's partial sum on another node; an update, if a leaf
+  was placed off its home) this module asks the owning node for the bytes as an
+  object-store array and passes the reference as an argument, so Ray moves it
+  node to node and the function reads a zero-copy view. Every such transfer is
+  counted (``lifl_cross_node_bytes{kind}``); the finished model travels once to
+  the head, which serves Pull (kind ``result``).
+* **Faults.** A dead function is reported like a dead local process (the
+  dispatcher re-runs its commands on a replacement on the same node). A node
+  whose agent stops answering is reported lost (``on_node_lost``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..control.model import Node
+from ..shm import SHM_DIR, list_segments, reclaim_stale
+from .base import OnMessage
+
+_SEG = re.compile(r"^(.*)-\d+-\d+$")
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError("the ray runtime needs Ray: pip install 'lifl[ray]'") from e
+    return ray
+
+
+def _affinity(ray_id: str):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(node_id=ray_id, soft=False)
+
+
+@dataclass
+class SegRef:
+    """A segment on another node, known by name only."""
+    name: str
+
+
+class HeadStore:
+    """The head node's segments: this process's arena."""
+
+    def __init__(self, arena):
+        self.arena = arena
+
+    def scratch(self, size: int):
+        return self.arena.scratch(size)
+
+    def release_scratch(self, name: str) -> None:
+        self.arena.release_scratch(name)
+
+    def release_slot(self, name: str) -> None:
+        self.arena.release_slot(name)
+
+    def export(self, name: str):
+        return _ray().put(self.arena.get(name).array(np.uint8))
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        np.copyto(self.arena.get(name).array(np.uint8), data)
+
+
+class AgentStore:
+    """Another node's segments, through its agent (release calls are fire-and-forget)."""
+
+    def __init__(self, agent, timeout_s: float):
+        self.agent, self.timeout_s = agent, timeout_s
+
+    def scratch(self, size: int) -> SegRef:
+        return SegRef(_ray().get(self.agent.scratch.remote(size), timeout=self.timeout_s))
+
+    def release_scratch(self, name: str) -> None:
+        self.agent.release_scratch.remote(name)
+
+    def release_slot(self, name: str) -> None:
+        self.agent.release_slot.remote(name)
+
+    def export(self, name: str):
+        return self.agent.export.remote(name)
+
+
+@dataclass
+class RayNode:
+    name: str
+    ray_id: str
+    cores: float
+    memory: int
+    prefix: str                 # its segments are named "{prefix}-{pid}-{n}"
+    store: object = None
+    agent: object = None
+    gateway: str = ""
+    alive: bool = True
+
+
+class RayWorker:
+    _ids = itertools.count(1)
+
+    def __init__(self, runtime: "RayRuntime", actor, node: str, pid: int, on_message: OnMessage, t0: float):
+        self.id = f"ray-fn-{next(self._ids)}"
+        self.runtime, self.actor, self.node, self.pid = runtime, actor, node, pid
+        self.started = time.time()
+        self.start_seconds = time.perf_counter() - t0
+        self._on_message = on_message
+        self._replies: queue.Queue = queue.Queue()
+        self._dead = threading.Event()
+        self.stopping = False
+        threading.Thread(target=self._wait_replies, name=f"lifl-{self.id}", daemon=True).start()
+
+    def send(self, cmd: dict) -> None:
+        if self._dead.is_set():
+            raise OSError(f"{self.id} is dead")
+        self._replies.put(self.runtime.submit(self, cmd))
+
+    def _wait_replies(self) -> None:
+        ray = _ray()
+        from ray.exceptions import RayActorError, RayTaskError
+        while True:
+            item = self._replies.get()
+            if item is None:
+                break
+            reply_ref, out_ref, out_name, kinds = item
+            try:
+                reply = json.loads(ray.get(reply_ref))
+                if reply.get("ok"):
+                    self.runtime.count_crossed(kinds, reply.pop("given_bytes", {}))
+                    if out_name:
+                        self.runtime.receive_result(out_name, ray.get(out_ref))
+            except RayActorError:
+                break
+            except RayTaskError as e:  # an input came from a node that is gone
+                reply = {"ok": False, "lost_input": True, "error": f"an input was lost: {type(e.cause).__name__}"}
+            except Exception as e:  # e.g. an object lost with its node
+                reply = {"ok": False, "lost_input": True, "error": f"an input was lost: {type(e).__name__}: {e}"}
+            self._on_message(self, reply)
+        self._dead.set()
+        if not self.stopping:
+            self.runtime.check_node(self.node)
+            self._on_message(self, None)
+
+    def alive(self) -> bool:
+        return not self._dead.is_set()
+
+    def kill(self) -> None:
+        _ray().kill(self.actor, no_restart=True)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.kill()
+        self._replies.put(None)
+
+
+class RayRuntime:
+    name = "ray"
+
+    def __init__(self, config, arena, metrics):
+        ray = _ray()
+        self.config, self.arena, self.metrics = config, arena, metrics
+        self._own_ray = not ray.is_initialized()
+        if self._own_ray:
+            ray.init(address=config.ray_address or None, include_dashboard=False, log_to_driver=False,
+                     namespace="lifl")
+        self.timeout_s = 120.0
+        head_id = ray.get_runtime_context().get_node_id()
+        self.nodes: dict[str, RayNode] = {}
+        for n in sorted(ray.nodes(), key=lambda n: (n["NodeID"] != head_id, n["NodeID"])):
+            cores = float(n["Resources"].get("CPU", 0.0))
+            if not n["Alive"] or cores <= 0:
+                continue
+            name = f"node-{n['NodeID'][:8]}"
+            prefix = arena.prefix if n["NodeID"] == head_id else f"{arena.prefix}-n{n['NodeID'][:8]}"
+            self.nodes[name] = RayNode(name, n["NodeID"], cores, int(n["Resources"].get("memory", 0)), prefix)
+        self.head = f"node-{head_id[:8]}"
+        if self.head not in self.nodes:
+            raise RuntimeError("the LIFL head must run on a Ray node with CPUs")
+        self.nodes[self.head].store = HeadStore(arena)
+        self._by_prefix = {n.prefix: n for n in self.nodes.values()}
+        self._workers: list[RayWorker] = []
+        self._lock = threading.Lock()
+        self.on_node_lost = None          # set by the dispatcher
+        self.forget_streams = None        # set by the server (the head service's per-node streams)
+        self.crossed: dict[str, int] = {"partial": 0, "update": 0, "result": 0}
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    # -- nodes -------------------------------------------------------------------------
+    def start_gateways(self, head_address: str, secret: str) -> None:
+        """Start every other node's agent (shared memory + gateway); they call back ``head_address``."""
+        ray = _ray()
+        from .ray_actors import NodeAgent
+        cfg = json.dumps(dataclasses.asdict(self.config))
+        others = [n for n in self.nodes.values() if n.name != self.head]
+        for n in others:
+            n.agent = NodeAgent.options(scheduling_strategy=_affinity(n.ray_id)).remote(
+                n.name, n.prefix, cfg, head_address, secret)
+        for n, raw in zip(others, ray.get([n.agent.info.remote() for n in others], timeout=self.timeout_s)):
+            info = json.loads(raw)
+            if info["ray_node"] != n.ray_id:
+                raise RuntimeError(f"the agent of {n.name} started on another node ({info['ray_node'][:8]})")
+            n.gateway, n.store = info["address"], AgentStore(n.agent, self.timeout_s)
+        self._monitor = threading.Thread(target=self._watch_nodes, name="lifl-ray-nodes", daemon=True)
+        self._monitor.start()
+
+    def node_models(self) -> list[Node]:
+        shm = self.config.shm_budget_mb * 2**20
+        return [Node(n.name, n.cores, n.memory, shm) for n in self.nodes.values() if n.alive]
+
+    def node_alive(self, node: str) -> bool:
+        return self.nodes[node].alive
+
+    def gateways(self) -> dict[str, str]:
+        return {n.name: n.gateway for n in self.nodes.values() if n.alive and n.gateway}
+
+    def store(self, node: str):
+        return self.nodes[node].store
+
+    def node_of(self, segment: str) -> str:
+        m = _SEG.match(segment)
+        if not m or m.group(1) not in self._by_prefix:
+            raise KeyError(f"segment {segment} belongs to no known node")
+        return self._by_prefix[m.group(1)].name
+
+    def store_of(self, segment: str):
+        return self.nodes[self.node_of(segment)].store
+
+    def check_node(self, node: str) -> None:
+        """A function on ``node`` died: is the node itself gone? (then report it first)."""
+        n = self.nodes[node]
+        if n.agent is None or not n.alive:
+            return
+        try:
+            _ray().get(n.agent.ping.remote(), timeout=10)
+        except Exception:
+            self._lose(n)
+
+    def _lose(self, n: RayNode) -> None:
+        with self._lock:
+            if not n.alive:
+                return
+            n.alive = False
+        if self.on_node_lost is not None:
+            self.on_node_lost(n.name)
+
+    def _watch_nodes(self) -> None:
+        ray = _ray()
+        while not self._stop.wait(1.0):
+            live = [n for n in self.nodes.values() if n.alive and n.agent is not None]
+            if not live:
+                continue
+            refs = [n.agent.ping.remote() for n in live]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+            for n, ref in zip(live, refs):
+                try:
+                    if ref not in ready:
+                        raise TimeoutError("no answer in 10 s")
+                    ray.get(ref)
+                except Exception:
+                    if not self._stop.is_set():
+                        self._lose(n)
+
+    # -- functions ------------------------------------------------------------------------
+    def start_worker(self, on_message: OnMessage, node: str | None = None) -> RayWorker:
+        ray = _ray()
+        from .ray_actors import FunctionActor
+        n = self.nodes[node or self.head]
+        if not n.alive:
+            raise RuntimeError(f"node {n.name} is lost; no function can start there")
+        t0 = time.perf_counter()
+        actor = FunctionActor.options(scheduling_strategy=_affinity(n.ray_id),
+                                      num_cpus=self.config.function_cpus).remote([n.prefix], _fault_delay())
+        try:
+            info = json.loads(ray.get(actor.ready.remote(), timeout=self.timeout_s))
+        except BaseException:
+            ray.kill(actor)
+            raise
+        if info["ray_node"] != n.ray_id:  # node affinity is hard; this would be a Ray bug
+            ray.kill(actor)
+            raise RuntimeError(f"function for {n.name} started on {info['ray_node'][:8]}")
+        w = RayWorker(self, actor, n.name, info["pid"], on_message, t0)
+        with self._lock:
+            self._workers.append(w)
+        return w
+
+    def stop_worker(self, worker: RayWorker) -> None:
+        worker.stop()
+        with self._lock:
+            if worker in self._workers:
+                self._workers.remove(worker)
+
+    def workers(self) -> list[RayWorker]:
+        with self._lock:
+            return [w for w in self._workers if w.alive()]
+
+    def submit(self, w: RayWorker, cmd: dict):
+        """Send one command; segments of other nodes go along as object-store references."""
+        kinds, refs = {}, []
+        for name, kind in _inputs(cmd):
+            src = self.node_of(name)
+            if src == w.node or name in kinds:
+                continue
+            kinds[name] = kind
+            refs.append(self.nodes[src].store.export(name))
+        out_name = None
+        if cmd.get("op") == "finalize" and self.node_of(cmd["out"]) != w.node:
+            out_name = cmd["out"]
+            cmd = {**cmd, "out_size": self.arena.get(out_name).size}
+        reply_ref, out_ref = w.actor.run.remote(json.dumps(cmd), list(kinds), *refs)
+        return reply_ref, out_ref, out_name, kinds
+
+    def count_crossed(self, kinds: dict[str, str], given_bytes: dict[str, int]) -> None:
+        """Count the bytes a function received from other nodes (it reports what it was given)."""
+        for name, nbytes in given_bytes.items():
+            kind = kinds.get(name, "update")
+            self.crossed[kind] += nbytes
+            self.metrics.cross_node_bytes.labels(kind).inc(nbytes)
+
+    def receive_result(self, out_name: str, data: np.ndarray) -> None:
+        self.nodes[self.head].store.write(out_name, data)
+        self.crossed["result"] += data.nbytes
+        self.metrics.cross_node_bytes.labels("result").inc(data.nbytes)
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        ray = _ray()
+        self._stop.set()
+        with self._lock:
+            workers, self._workers = self._workers, []
+        for w in workers:
+            w.stop()
+        agents = [n for n in self.nodes.values() if n.agent is not None]
+        for n in agents:
+            if n.alive:
+                try:
+                    ray.get(n.agent.close.remote(), timeout=30)
+                except Exception:
+                    pass
+            ray.kill(n.agent)
+        for n in agents:  # a lost node's segments are left only when it shared this machine
+            if not n.alive:
+                for name in list_segments(n.prefix):
+                    (SHM_DIR / name).unlink(missing_ok=True)
+            reclaim_stale(n.prefix)
+        if self._own_ray:
+            ray.shutdown()
+
+
+def _fault_delay() -> float:
+    import os
+    return float(os.environ.get("LIFL_FAULT_FOLD_DELAY_S", "0") or 0)
+
+
+def _inputs(cmd: dict):
+    """(segment, kind) a command reads; the accumulator it writes is always its own node's."""
+    for name, _ in cmd.get("updates", ()):
+        yield name, "update"
+    for name in cmd.get("partials", ()):
+        yield name, "partial"
+

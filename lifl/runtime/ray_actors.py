@@ -1,0 +1,114 @@
+"""What runs inside Ray (imported by Ray's worker processes): a node's agent and an aggregator function.
+
+``NodeAgent`` (one per node, pinned there): owns the node's shared-memory
+arena and runs the node's gateway, so client bytes land in that node's memory;
+it hands out accumulators and exports a segment's bytes into the object store
+when a partial (or, with a bad placement, an update) must cross nodes.
+
+``FunctionActor``: one aggregator function, pinned to the node the placement
+chose. It runs ``function.Function`` unchanged; it may only attach segments of
+its own node — anything else arrives as an object-store array (a zero-copy,
+read-only numpy view). Calls carry JSON and numpy arrays only; no tensors or
+Python objects are pickled on the hot path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent import futures
+
+import grpc
+import numpy as np
+import ray
+
+from ..config import MiB, ServerConfig
+from ..function import Function
+from ..head_link import HeadLink
+from ..metrics import Metrics
+from ..node_gateway import NodeGateway
+from ..shm import Arena
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)
+class NodeAgent:
+    def __init__(self, node: str, prefix: str, config_json: str, head_address: str, secret: str):
+        cfg = ServerConfig(**json.loads(config_json))
+        self.node = node
+        self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=prefix)
+        self.link = HeadLink(head_address, secret, node)
+        self.gateway = NodeGateway(cfg, self.arena, self.link, Metrics())
+        limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads),
+                                  handlers=self.gateway.handlers(),
+                                  options=[("grpc.max_receive_message_length", limit),
+                                           ("grpc.max_send_message_length", 16 * MiB), ("grpc.so_reuseport", 0)])
+        host = cfg.host if cfg.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
+        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.node_gateway_port}")
+        if not port:
+            raise OSError(f"node {node}: cannot listen on {cfg.host}:{cfg.node_gateway_port}")
+        self.server.start()
+        self._address = f"{host}:{port}"
+
+    def info(self) -> str:
+        return json.dumps({"address": self._address, "pid": os.getpid(), "ray_node": _node_id()})
+
+    def ping(self) -> bool:
+        return True
+
+    def scratch(self, size: int) -> str:
+        return self.arena.scratch(size).name
+
+    def release_scratch(self, name: str) -> None:
+        self.arena.release_scratch(name)
+
+    def release_slot(self, name: str) -> None:
+        self.arena.release_slot(name)
+
+    def free(self, name: str) -> None:
+        self.arena.free(name)
+
+    def export(self, name: str) -> np.ndarray:
+        """A segment's bytes as an object-store array (one copy), to be read on another node."""
+        return self.arena.get(name).array(np.uint8)
+
+    def stats(self) -> str:
+        st = self.arena.stats()
+        return json.dumps({"slots_in_use": st.slots_in_use, "used": st.slot_bytes_in_use + st.slot_bytes_cached
+                           + st.other_bytes, "budget": st.budget_bytes})
+
+    def close(self) -> None:
+        self.server.stop(0.5).wait()
+        self.link.close()
+        self.arena.close()
+
+
+@ray.remote(max_restarts=0)
+class FunctionActor:
+    def __init__(self, local_prefixes: list[str], fault_delay_s: float = 0.0):
+        self.fn = Function(tuple(p + "-" for p in local_prefixes), fault_delay_s)
+
+    def ready(self) -> str:
+        return json.dumps({"pid": os.getpid(), "ray_node": _node_id()})
+
+    @ray.method(num_returns=2)
+    def run(self, cmd_json: str, given: list[str], *arrays: np.ndarray):
+        """One command. ``given`` names the arrays (imports); a finalize whose output lives on
+        another node (``out_size`` set) returns the result as the second value."""
+        cmd = json.loads(cmd_json)
+        self.fn.given = dict(zip(given, arrays))
+        out = None
+        if cmd.get("out_size"):
+            out = self.fn.given[cmd["out"]] = np.empty(cmd["out_size"], np.uint8)
+        try:
+            reply = {"seq": cmd.get("seq"), "ok": True, **self.fn.handle(cmd),
+                     "given_bytes": {n: int(a.nbytes) for n, a in zip(given, arrays)}}
+        except Exception as e:  # report, keep serving: the dispatcher decides
+            reply = {"seq": cmd.get("seq"), "ok": False, "error": f"{type(e).__name__}: {e}"}
+            out = None
+        finally:
+            self.fn.given = {}
+        return json.dumps(reply), out

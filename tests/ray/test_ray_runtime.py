@@ -1,0 +1,238 @@
+"""The Ray runtime on a real local Ray cluster of three nodes with distinct resources.
+
+One cluster per module (starting Ray nodes is the slow part). Every server here
+runs its aggregator functions as Ray actors on the cluster's nodes and a gateway
+per node; clients push to the gateway of "their" node, as they would across
+machines. Nothing is mocked.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from lifl.client import Client, RpcFailure  # noqa: E402
+from lifl.config import ServerConfig  # noqa: E402
+from lifl.server import EmbeddedServer  # noqa: E402
+from lifl.shm import list_segments  # noqa: E402
+from support import assert_matches, fedavg64, perturb, small_model  # noqa: E402
+
+import grpc  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"lifl_head": 1}})
+    c.add_node(num_cpus=2, resources={"lifl_a": 1})
+    c.add_node(num_cpus=3, resources={"lifl_b": 1})
+    ray.init(address=c.address, namespace=f"lifl-test-{uuid.uuid4().hex[:6]}", log_to_driver=False)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture
+def ray_server(cluster):
+    prefix = f"lifltest{uuid.uuid4().hex[:8]}"
+    servers = []
+
+    def make(**kw) -> EmbeddedServer:
+        kw.setdefault("port", 0)
+        kw.setdefault("metrics_port", -1)
+        kw.setdefault("planner", "static")
+        kw.setdefault("leaves", 1)
+        kw.setdefault("fan_in", 2)
+        kw.setdefault("workers", 8)
+        srv = EmbeddedServer(ServerConfig(runtime="ray", shm_prefix=prefix, **kw)).start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for s in servers:
+        s.stop()
+    assert list_segments(prefix) == [], "shared-memory segments leaked"
+
+
+def _push_spread(srv, rid, updates, weights, names=None):
+    """Client i pushes to gateway i mod nodes; returns {client: node}."""
+    gws = sorted(srv.gateways().items())
+    where = {}
+    for i, (u, w) in enumerate(zip(updates, weights)):
+        node, addr = gws[i % len(gws)]
+        cid = (names or [f"c{j}" for j in range(len(updates))])[i]
+        with Client(addr) as c:
+            c.push(rid, u, w, cid)
+        where[cid] = node
+    return where
+
+
+def _actor_node(worker) -> str:
+    """Ask the actor itself where it runs (not what the runtime believes)."""
+    import json
+    return "node-" + json.loads(ray.get(worker.actor.ready.remote()))["ray_node"][:8]
+
+
+def test_three_nodes_exact_placed_and_only_partials_cross(ray_server, cluster):
+    srv = ray_server()
+    rt = srv.runtime
+    assert len(rt.node_models()) == 3 and len(srv.gateways()) == 3
+    assert sorted(n.cores for n in rt.node_models()) == [2.0, 2.0, 3.0]
+    base = small_model(1)
+    updates = [perturb(base, s) for s in range(9)]
+    weights = [float(1 + s % 4) for s in range(9)]
+    with Client(srv.address) as admin:
+        rid = admin.open_round(base, expected=9)
+        before = dict(rt.crossed)
+        _push_spread(srv, rid, updates, weights)
+        got = admin.pull(rid, wait_s=60)
+    assert_matches(got, fedavg64(updates, weights))
+
+    run = srv.dispatcher.get("default", rid)
+    # locality: every leaf runs on the node whose gateway fed it, and the actor really is there
+    assert [leaf.node for leaf in run.leaves] == [leaf.home for leaf in run.leaves]
+    assert sorted({leaf.node for leaf in run.leaves}) == sorted(srv.gateways())
+    for leaf in run.leaves:
+        assert leaf.worker is None or _actor_node(leaf.worker.handle) == leaf.node
+    for w in srv.dispatcher.workers():
+        assert _actor_node(w.handle) == w.node
+    # bytes between nodes: partial sums only, exactly what the placement predicted
+    crossed = {k: rt.crossed[k] - before[k] for k in before}
+    partial = run.round.layout.numel * 8
+    assert crossed["update"] == 0
+    assert crossed["partial"] == run.placement.partial_bytes_crossing > 0
+    assert crossed["partial"] % partial == 0
+    assert crossed["result"] in (0, run.round.layout.total_size)  # the model goes to the head once at most
+
+
+def test_same_result_as_embedded_runtime(ray_server, make_server):
+    base = small_model(2)
+    updates = [perturb(base, 100 + s) for s in range(6)]
+    weights = [3.0, 1.0, 2.5, 7.0, 1.0, 4.0]
+    results = []
+    for srv in (ray_server(leaves=2), make_server(leaves=3, workers=2)):
+        with Client(srv.address) as admin:
+            rid = admin.open_round(base, expected=6)
+            if srv.config.runtime == "ray":
+                _push_spread(srv, rid, updates, weights)
+            else:
+                for i, (u, w) in enumerate(zip(updates, weights)):
+                    admin.push(rid, u, w, f"c{i}")
+            results.append(admin.pull(rid, wait_s=60))
+    for k in base:
+        a, b = results[0][k].astype(np.float64), results[1][k].astype(np.float64)
+        if base[k].dtype.kind == "f":
+            np.testing.assert_allclose(a, b, rtol=1e-6 if base[k].dtype != np.float16 else 2**-10)
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_scale_to_zero_then_cold_start_again(ray_server):
+    srv = ray_server(keep_alive_s=0.5)
+    base = small_model(3)
+    for rnd in range(2):
+        updates = [perturb(base, 10 * rnd + s) for s in range(3)]
+        with Client(srv.address) as admin:
+            rid = admin.open_round(base, expected=3)
+            _push_spread(srv, rid, updates, [1.0, 2.0, 3.0])
+            assert_matches(admin.pull(rid, wait_s=60), fedavg64(updates, [1.0, 2.0, 3.0]))
+        started = list(srv.runtime.workers())
+        assert started, "functions should have run"
+        deadline = time.monotonic() + 30
+        while (srv.dispatcher.workers() or srv.runtime.workers()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.dispatcher.workers() == [] and srv.runtime.workers() == []
+        for w in started:  # really gone, not just forgotten
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(w.actor.ready.remote(), timeout=30)
+    assert srv.metrics.scale_downs._value.get() >= 2
+    assert srv.metrics.cold_starts._value.get() >= 2
+
+
+def test_killed_actor_mid_fold_is_replaced_and_result_exact(ray_server, monkeypatch):
+    monkeypatch.setenv("LIFL_FAULT_FOLD_DELAY_S", "0.4")
+    srv = ray_server()
+    base = small_model(4)
+    updates = [perturb(base, 200 + s) for s in range(6)]
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    with Client(srv.address) as admin:
+        rid = admin.open_round(base, expected=6)
+        _push_spread(srv, rid, updates[:3], weights[:3], names=["c0", "c1", "c2"])
+        victim = None
+        deadline = time.monotonic() + 20
+        while victim is None and time.monotonic() < deadline:  # a function in the middle of a fold
+            victim = next((w for w in srv.dispatcher.workers() if w.current is not None), None)
+            time.sleep(0.02)
+        assert victim is not None
+        victim.handle.kill()
+        _push_spread(srv, rid, updates[3:], weights[3:], names=["c3", "c4", "c5"])
+        got = admin.pull(rid, wait_s=60)
+    assert_matches(got, fedavg64(updates, weights))
+    assert srv.metrics.function_failures._value.get() >= 1
+    assert srv.metrics.tasks_retried._value.get() >= 1
+
+
+def test_node_gateway_refusals_and_relays(ray_server):
+    srv = ray_server()
+    node, addr = next((n, a) for n, a in sorted(srv.gateways().items()) if a != srv.address)
+    base = small_model(5)
+    with Client(srv.address) as admin, Client(addr) as c:
+        rid = admin.open_round(base, expected=2)
+        with pytest.raises(RpcFailure) as e:
+            c.push(rid + 99, base, 1.0, "x")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        bad = dict(base)
+        bad["head.bias"] = bad["head.bias"][:5]
+        with pytest.raises(RpcFailure) as e:
+            c.push(rid, bad, 1.0, "x")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "head.bias" in e.value.message
+        c.push(rid, base, 1.0, "x")
+        with pytest.raises(RpcFailure) as e:  # the head deduplicates across gateways
+            admin.push(rid, base, 1.0, "x")
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+        assert c.round_info(rid).accepted == 1           # relayed to the head
+        admin.push(rid, perturb(base, 1), 3.0, "y")
+        got = c.pull(rid, wait_s=60)                     # relayed, byte for byte
+        assert_matches(got, fedavg64([base, perturb(base, 1)], [1.0, 3.0]))
+        st = c.status()
+        assert any(g.startswith(node + "=") for g in st.gateways)
+        assert {w.node for w in st.workers} <= set(srv.gateways())
+
+
+def test_lost_node_updates_are_taken_back_and_resent(ray_server, cluster):
+    extra = cluster.add_node(num_cpus=2, resources={"lifl_extra": 1})
+    cluster.wait_for_nodes()
+    srv = ray_server()
+    rt = srv.runtime
+    doomed = next(n.name for n in rt.nodes.values() if n.ray_id == extra.node_id)
+    base = small_model(6)
+    updates = [perturb(base, 300 + s) for s in range(8)]
+    weights = [float(s + 1) for s in range(8)]
+    with Client(srv.address) as admin:
+        rid = admin.open_round(base, expected=8, quorum=5)
+        where = _push_spread(srv, rid, updates[:6], weights[:6], names=[f"c{i}" for i in range(6)])
+        lost = sorted(c for c, n in where.items() if n == doomed)
+        assert lost, "some clients pushed through the node that will be lost"
+        assert admin.round_info(rid).accepted == 6
+        cluster.remove_node(extra)
+        deadline = time.monotonic() + 60
+        while srv.metrics.nodes_lost._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert srv.metrics.nodes_lost._value.get() == 1
+        info = admin.round_info(rid)
+        assert info.state == "open" and info.accepted == 6 - len(lost)
+        assert "lost with node" in info.detail
+        assert doomed not in srv.gateways()
+        # those clients push again (to a surviving gateway), and the round finishes exactly
+        for c in lost + ["c6", "c7"]:
+            i = int(c[1:])
+            admin.push(rid, updates[i], weights[i], c)
+        got = admin.pull(rid, wait_s=60)
+    assert_matches(got, fedavg64(updates, weights))
+    assert srv.metrics.updates_lost._value.get() == len(lost)
