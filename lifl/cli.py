@@ -55,6 +55,8 @@ def cmd_serve(args) -> int:
     print(f"lifl: serving on {srv.address} (runtime {cfg.runtime}, up to {cfg.workers} functions, "
           f"metrics {'on :' + str(srv.metrics_port) if srv.metrics_port >= 0 else 'off'})", flush=True)
     if cfg.runtime == "ray":
+        info["ray_address"] = srv.runtime.ray_address
+        print(f"lifl: on the Ray cluster at {srv.runtime.ray_address}", flush=True)
         for node, addr in sorted(srv.gateways().items()):
             print(f"lifl: gateway of {node}: {addr}", flush=True)
     if args.ready_file:

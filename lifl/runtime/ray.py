@@ -183,6 +183,7 @@ class RayRuntime:
             ray.init(address=config.ray_address or None, include_dashboard=False, log_to_driver=False,
                      namespace="lifl")
         self.timeout_s = 120.0
+        self.ray_address = ray.get_runtime_context().gcs_address  # for other servers to join
         head_id = ray.get_runtime_context().get_node_id()
         self.nodes: dict[str, RayNode] = {}
         for n in sorted(ray.nodes(), key=lambda n: (n["NodeID"] != head_id, n["NodeID"])):
