@@ -217,7 +217,8 @@ def run_job(cfg: BenchConfig, dataset, seed: int, method: str, aggregator=None, 
     return {"seed": seed, "method": method, "aggregator": agg.name, "final": final, "history": history,
             "compute": totals, "switch_levels": levels, "switch_log": switch_log,
             "switch_by_device": _switch_by_device(switch_log), "tail_rounds": cfg.tail_rounds,
-            "wall_seconds": time.perf_counter() - t0}
+            "wall_seconds": time.perf_counter() - t0, "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)}
 
 
 def _switch_by_device(log: list[list]) -> dict[str, dict]:
@@ -426,6 +427,10 @@ def _job_cmd(cfg_path: Path, seed: int, method: str, out_json: Path, address: st
     return cmd + ([address] if address else [])
 
 
+LAUNCH_STAGGER_S = 1.0  # seconds between worker start-ups
+JOB_RETRIES = 1  # a worker killed by a signal (e.g. SIGKILL by the OOM killer) is started again this often
+
+
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run every (seed, method) job, write results, table and plots; return the summary."""
     out = Path(cfg.out_dir)
@@ -452,18 +457,25 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         else:
             cfg_path = out / "config.json"
             cfg_path.write_text(json.dumps(config_to_dict(cfg), indent=1))
-            pending = list(jobs_spec)
-            running: list[tuple[subprocess.Popen, Path]] = []
+            pending = [(s, m, 0) for s, m in jobs_spec]
+            running: list[tuple[subprocess.Popen, Path, tuple]] = []
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             while pending or running:
                 while pending and len(running) < cfg.workers:
-                    s, m = pending.pop(0)
+                    s, m, tries = spec = pending.pop(0)
                     oj = out / f"job_{m}_s{s}.json"
-                    running.append((subprocess.Popen(_job_cmd(cfg_path, s, m, oj, address), env=env), oj))
+                    running.append((subprocess.Popen(_job_cmd(cfg_path, s, m, oj, address), env=env), oj, spec))
+                    # stagger start-ups: many processes initialising torch/CUDA at once can exhaust host
+                    # memory on a VM whose memory grows on demand (jobs were SIGKILLed at start-up there)
+                    time.sleep(LAUNCH_STAGGER_S)
                 time.sleep(0.5)
-                for p, oj in list(running):
+                for p, oj, (s, m, tries) in list(running):
                     if p.poll() is not None:
-                        running.remove((p, oj))
+                        running.remove((p, oj, (s, m, tries)))
+                        if p.returncode < 0 and tries < JOB_RETRIES:  # killed by a signal: run it again once
+                            log(f"WARNING: bench job {oj.name} killed by signal {-p.returncode}; restarting it")
+                            pending.insert(0, (s, m, tries + 1))
+                            continue
                         if p.returncode != 0:  # keep going: report what finished, say what did not
                             failed.append(f"{oj.name} (exit code {p.returncode})")
                             log(f"WARNING: bench job {oj.name} failed with exit code {p.returncode}")
@@ -476,12 +488,18 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     return _report(cfg, results, out, time.perf_counter() - t0, log, failed)
 
 
-def _report(cfg: BenchConfig, results: list[dict], out: Path, wall: float, log=print, failed=()) -> dict:
+def _report(cfg: BenchConfig, results: list[dict], out: Path, wall: float, log=print, failed=(),
+            rebuilt: bool = False) -> dict:
     order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in cfg.seeds for m in cfg.methods)}
     results.sort(key=lambda j: order.get((j["seed"], j["method"]), 1 << 30))
     summary = summarize(results, cfg.data.unseen_device)
+    # where the jobs ran: from the job files when they say (a report may be rebuilt on another machine)
+    torch_v = sorted({j["torch"] for j in results if "torch" in j}) or ([None] if rebuilt else [torch.__version__])
+    names = sorted({j["device_name"] for j in results if "device_name" in j})
     doc = {"config": config_to_dict(cfg), "jobs": results, "summary": summary, "failed_jobs": list(failed),
-           "device": str(resolve_device(cfg.device)), "torch": torch.__version__, "wall_seconds": wall}
+           "device": str(resolve_device(cfg.device)), "device_name": ", ".join(names) or None,
+           "torch": ", ".join(v for v in torch_v if v) or None, "wall_seconds": wall,
+           "rebuilt_from_job_files": rebuilt}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     table = render_table(summary)
     if failed:
@@ -499,7 +517,7 @@ def report_from_jobs(out_dir: str | Path, log=print) -> dict:
     results = [json.loads(p.read_text()) for p in sorted(out.glob("job_*.json"))]
     if not results:
         raise FileNotFoundError(f"no job_*.json files in {out}")
-    return _report(cfg, results, out, float("nan"), log)
+    return _report(cfg, results, out, float("nan"), log, rebuilt=True)
 
 
 def _lifl_job_agg(address: str, method: str, seed: int):
