@@ -175,7 +175,8 @@ class Dispatcher:
         slot = WorkerSlot(handle)
         self._workers.append(slot)
         self.metrics.cold_starts.inc()
-        self.metrics.cold_start_seconds.observe(getattr(handle, "start_seconds", 0.0))
+        if not getattr(handle, "async_start", False):  # a Ray actor reports it once it is up
+            self.metrics.cold_start_seconds.observe(getattr(handle, "start_seconds", 0.0))
         return slot
 
     # -- nodes and their shared memory ---------------------------------------------

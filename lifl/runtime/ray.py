@@ -116,18 +116,39 @@ class RayNode:
 
 
 class RayWorker:
-    _ids = itertools.count(1)
+    """A function actor. It is usable at once: Ray queues calls to an actor that is still
+    starting, so a cold start never blocks the dispatcher (or a client's push); the reply
+    thread first waits for the actor to report where it runs and checks that node."""
 
-    def __init__(self, runtime: "RayRuntime", actor, node: str, pid: int, on_message: OnMessage, t0: float):
+    _ids = itertools.count(1)
+    async_start = True  # reports its own cold-start time once ready
+
+    def __init__(self, runtime: "RayRuntime", actor, node: RayNode, on_message: OnMessage, t0: float):
         self.id = f"ray-fn-{next(self._ids)}"
-        self.runtime, self.actor, self.node, self.pid = runtime, actor, node, pid
+        self.runtime, self.actor, self.node, self.pid = runtime, actor, node.name, 0
         self.started = time.time()
-        self.start_seconds = time.perf_counter() - t0
+        self.start_seconds = 0.0
+        self._t0, self._ray_id = t0, node.ray_id
+        self._ready = actor.ready.remote()
         self._on_message = on_message
         self._replies: queue.Queue = queue.Queue()
         self._dead = threading.Event()
         self.stopping = False
         threading.Thread(target=self._wait_replies, name=f"lifl-{self.id}", daemon=True).start()
+
+    def _await_ready(self) -> bool:
+        from ray.exceptions import RayActorError
+        try:
+            info = json.loads(_ray().get(self._ready, timeout=self.runtime.timeout_s))
+        except (RayActorError, Exception):
+            return False
+        if info["ray_node"] != self._ray_id:  # node affinity is hard; this would be a Ray bug
+            self.kill()
+            return False
+        self.pid = info["pid"]
+        self.start_seconds = time.perf_counter() - self._t0
+        self.runtime.metrics.cold_start_seconds.observe(self.start_seconds)
+        return True
 
     def send(self, cmd: dict) -> None:
         if self._dead.is_set():
@@ -137,7 +158,7 @@ class RayWorker:
     def _wait_replies(self) -> None:
         ray = _ray()
         from ray.exceptions import RayActorError, RayTaskError
-        while True:
+        while self._await_ready():
             item = self._replies.get()
             if item is None:
                 break
@@ -248,13 +269,16 @@ class RayRuntime:
 
     def check_node(self, node: str) -> None:
         """A function on ``node`` died: is the node itself gone? (then report it first)."""
+        from ray.exceptions import RayActorError
         n = self.nodes[node]
         if n.agent is None or not n.alive:
             return
         try:
             _ray().get(n.agent.ping.remote(), timeout=10)
-        except Exception:
+        except RayActorError:  # Ray says the agent is dead: its node is gone
             self._lose(n)
+        except Exception:
+            pass  # slow is not dead: the watcher decides after repeated silence
 
     def _lose(self, n: RayNode) -> None:
         with self._lock:
@@ -264,26 +288,36 @@ class RayRuntime:
         if self.on_node_lost is not None:
             self.on_node_lost(n.name)
 
-    def _watch_nodes(self) -> None:
+    def _watch_nodes(self, every_s: float = 1.0, silent_limit: int = 6) -> None:
+        """Ping every agent each second. Lost = Ray reports the agent dead, or ``silent_limit``
+        pings in a row went unanswered for 10 s each (a loaded node is slow, not gone)."""
         ray = _ray()
-        while not self._stop.wait(1.0):
+        from ray.exceptions import RayActorError
+        silent: dict[str, int] = {}
+        while not self._stop.wait(every_s):
             live = [n for n in self.nodes.values() if n.alive and n.agent is not None]
             if not live:
                 continue
             refs = [n.agent.ping.remote() for n in live]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
             for n, ref in zip(live, refs):
-                try:
-                    if ref not in ready:
-                        raise TimeoutError("no answer in 10 s")
-                    ray.get(ref)
-                except Exception:
-                    if not self._stop.is_set():
+                if self._stop.is_set():
+                    return
+                if ref not in ready:
+                    silent[n.name] = silent.get(n.name, 0) + 1
+                    if silent[n.name] >= silent_limit:
                         self._lose(n)
+                    continue
+                silent[n.name] = 0
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    self._lose(n)
+                except Exception:
+                    pass
 
     # -- functions ------------------------------------------------------------------------
     def start_worker(self, on_message: OnMessage, node: str | None = None) -> RayWorker:
-        ray = _ray()
         from .ray_actors import FunctionActor
         n = self.nodes[node or self.head]
         if not n.alive:
@@ -291,15 +325,7 @@ class RayRuntime:
         t0 = time.perf_counter()
         actor = FunctionActor.options(scheduling_strategy=_affinity(n.ray_id),
                                       num_cpus=self.config.function_cpus).remote([n.prefix], _fault_delay())
-        try:
-            info = json.loads(ray.get(actor.ready.remote(), timeout=self.timeout_s))
-        except BaseException:
-            ray.kill(actor)
-            raise
-        if info["ray_node"] != n.ray_id:  # node affinity is hard; this would be a Ray bug
-            ray.kill(actor)
-            raise RuntimeError(f"function for {n.name} started on {info['ray_node'][:8]}")
-        w = RayWorker(self, actor, n.name, info["pid"], on_message, t0)
+        w = RayWorker(self, actor, n, on_message, t0)
         with self._lock:
             self._workers.append(w)
         return w
