@@ -166,7 +166,8 @@ class Dispatcher:
         for _ in range(config.min_workers):
             self._spawn()
         self._ticker = threading.Thread(target=self._tick_loop, name="lifl-deadlines", daemon=True)
-        self._stop = threading.Event()
+        self._stop = False
+        self._wake = threading.Event()   # a round opened (or shutdown): the ticker has work again
         self._ticker.start()
 
     # -- functions -----------------------------------------------------------
@@ -352,6 +353,7 @@ class Dispatcher:
                 self.arena.release_scratch(run.result.name)
                 raise
             self._runs[rid] = run
+            self._wake.set()
             return rnd
 
     def _shape(self, run: RoundRun) -> None:
@@ -698,9 +700,23 @@ class Dispatcher:
             return list(self._workers)
 
     # -- time --------------------------------------------------------------------
+    def _tick_period(self) -> float | None:
+        """How often the ticker must run: 50 ms while a round is open (deadlines, arrival rate,
+        re-planning), 0.5 s while functions wait out their keep-alive, never when nothing runs —
+        so an idle service burns no CPU at all."""
+        if any(r.round.state == State.OPEN for r in self._runs.values()):
+            return 0.05
+        return 0.5 if self._workers else None
+
     def _tick_loop(self) -> None:
-        while not self._stop.wait(0.05):
+        period: float | None = 0.05
+        while True:
+            self._wake.wait(period)
+            self._wake.clear()
+            if self._stop:
+                return
             with self._lock:
+                period = self._tick_period()
                 for run in list(self._runs.values()):
                     if run.round.state == State.OPEN and run.round.deadline_s:
                         self._maybe_close(run, forced=False)
@@ -817,7 +833,8 @@ class Dispatcher:
         dt, self._last_tick = now - self._last_tick, now
         rate = self._accepted_since_tick / dt if dt > 0 else 0.0
         self._accepted_since_tick = 0
-        self._arrivals = 0.7 * self._arrivals + 0.3 * rate
+        keep = 0.7 ** (dt / 0.05)  # the same decay per second whatever the tick period
+        self._arrivals = keep * self._arrivals + (1 - keep) * rate
         if self._arrivals < 0.01:  # the average decays geometrically; call a trickle this small none
             self._arrivals = 0.0
         obs = self.observation(now)
@@ -845,6 +862,7 @@ class Dispatcher:
             for run in self._runs.values():
                 if run.round.state in (State.OPEN, State.AGGREGATING):
                     self._fail(run, "the server shut down")
-        self._stop.set()
+        self._stop = True
+        self._wake.set()
         self._ticker.join(timeout=2)
         self.runtime.close()
