@@ -8,8 +8,8 @@ strategy wrapper that takes LIFL's aggregate (Message API, flwr >= 1.42).
 Needs the ``flower`` extra (``pip install lifl[flower]``). See docs/flower.md.
 """
 from .config import ERROR_CODE_BASE, error_code, status_of
-from .mod import arrays_to_numpy, lifl_mod, numpy_to_arrays
+from .mod import arrays_to_numpy, lifl_mod, numpy_to_arrays, pull_arrays, release_heap
 from .strategy import LiflStrategy
 
 __all__ = ["lifl_mod", "LiflStrategy", "ERROR_CODE_BASE", "error_code", "status_of",
-           "arrays_to_numpy", "numpy_to_arrays"]
+           "arrays_to_numpy", "numpy_to_arrays", "pull_arrays", "release_heap"]

@@ -29,6 +29,7 @@ strategy put in the message (``lifl.address``), then the run config (same
 """
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 
 from ..client import MiB, Client, RpcFailure
+from ..layout import Layout
 from . import config as K
 
 log = logging.getLogger("flwr.lifl")  # propagates to Flower's log handlers
@@ -86,13 +88,152 @@ def _train_config(msg: Message) -> ConfigRecord | None:
     return None
 
 
+def _npy_view(a: Array) -> np.ndarray:
+    """A read-only ndarray over an Array's own bytes (no copy), or ``Array.numpy()`` when that is not possible.
+
+    Flower keeps a numpy Array as the ``np.save`` bytes (``.npy`` header + raw data);
+    ``Array.numpy()`` parses them with ``np.load``, which copies the whole tensor. For
+    sending an update or a model to LIFL a view is enough, so a model never exists
+    twice in the process just to be streamed out.
+    """
+    data = a.data
+    if a.stype == "numpy.ndarray" and isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            f = io.BytesIO(memoryview(data)[:4096])          # the header is at most a few hundred bytes
+            major, _minor = np.lib.format.read_magic(f)
+            if major == 1:
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif major == 2:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format {major}")
+            if not fortran and not dtype.hasobject:
+                count = int(np.prod(shape, dtype=np.int64))
+                if f.tell() + count * dtype.itemsize == len(data):
+                    return np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).reshape(shape)
+        except (ValueError, EOFError):
+            pass
+    return a.numpy()
+
+
 def arrays_to_numpy(record: ArrayRecord) -> "OrderedDict[str, np.ndarray]":
-    """ArrayRecord -> name -> ndarray, keeping the record's key order."""
-    return OrderedDict((k, v.numpy()) for k, v in record.items())
+    """ArrayRecord -> name -> ndarray (read-only views over the record's bytes where possible), key order kept."""
+    return OrderedDict((k, _npy_view(v)) for k, v in record.items())
+
+
+def _npy_array(v) -> Array:
+    """``Array(v)`` with the same ``.npy`` bytes, built with one copy of the tensor.
+
+    ``Array(ndarray)`` goes through ``np.save`` into a growing BytesIO and then copies it
+    out; here the header and the tensor are joined straight into the final bytes object.
+    """
+    v = np.asarray(v)
+    if v.dtype.hasobject or not (v.flags.c_contiguous or v.ndim == 0):
+        return Array(v)
+    head = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(v))
+    except ValueError:                 # header too large for format 1.0: let np.save pick
+        return Array(v)
+    data = b"".join((head.getvalue(), v.reshape(-1).view(np.uint8)))
+    return Array(dtype=str(v.dtype), shape=tuple(int(d) for d in v.shape), stype="numpy.ndarray", data=data)
 
 
 def numpy_to_arrays(arrays) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, Array(np.asarray(v))) for k, v in arrays.items()))
+    return ArrayRecord(OrderedDict((k, _npy_array(v)) for k, v in arrays.items()))
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array of this dtype and shape."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        head, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+               "shape": tuple(int(d) for d in shape)})
+    return head.getvalue()
+
+
+def pull_arrays(client: Client, rid: int, *, wait_s: float = 0.0, initial: bool = False,
+                job: str = "default") -> ArrayRecord:
+    """Pull a LIFL model straight into a Flower ArrayRecord, one tensor at a time.
+
+    Same result as ``numpy_to_arrays(client.pull(...))`` but without the whole-model
+    receive buffer: each tensor's ``.npy`` bytes are filled from the stream and handed
+    to Flower as soon as they are complete, so the process holds the model once
+    (plus one tensor) instead of twice.
+    """
+    from ..layout import public_dtype
+    from ..v1 import aggregation_pb2 as pb
+    from ..wire import chunk_payload
+
+    req = pb.PullRequest(job=job, round=rid, wait_seconds=wait_s,
+                         kind=pb.MODEL_KIND_INITIAL if initial else pb.MODEL_KIND_RESULT)
+    timeout = None if client.timeout_s is None else client.timeout_s + wait_s
+    out: "OrderedDict[str, Array]" = OrderedDict()
+    try:
+        stream = client._pull(req, metadata=client._md, timeout=timeout)
+        layout = Layout.from_proto(pb.PullChunk.FromString(next(stream)).header.tensors)
+        specs, offsets = layout.specs, layout.offsets
+        i, pos = 0, 0                       # next tensor to complete; bytes of the flat layout seen
+        cur, cur_off, hlen = None, 0, 0     # the tensor being filled: npy buffer, layout offset, header size
+
+        def start(k: int):
+            sp = specs[k]
+            head = _npy_header(public_dtype(sp.dtype), sp.shape)
+            buf = bytearray(len(head) + sp.nbytes)
+            buf[:len(head)] = head
+            return buf, offsets[k], len(head)
+
+        def finish(k: int, buf: bytearray) -> None:
+            sp = specs[k]
+            out[sp.name] = Array(dtype=str(public_dtype(sp.dtype)), shape=tuple(sp.shape),
+                                 stype="numpy.ndarray", data=bytes(buf))
+
+        while i < len(specs) and specs[i].nbytes == 0:      # empty tensors carry no bytes
+            finish(i, start(i)[0]); i += 1
+        if i < len(specs):
+            cur, cur_off, hlen = start(i)
+        for raw in stream:
+            piece = chunk_payload(raw, pb.PullChunk, "model chunk")
+            p0, p1 = pos, pos + len(piece)
+            while cur is not None:
+                sp = specs[i]
+                a, b = max(p0, cur_off), min(p1, cur_off + sp.nbytes)
+                if a < b:
+                    cur[hlen + a - cur_off:hlen + b - cur_off] = piece[a - p0:b - p0]
+                if cur_off + sp.nbytes > p1:
+                    break                                   # this tensor goes on in the next chunk
+                finish(i, cur); cur = None; i += 1
+                while i < len(specs) and specs[i].nbytes == 0:
+                    finish(i, start(i)[0]); i += 1
+                if i < len(specs):
+                    cur, cur_off, hlen = start(i)
+            pos = p1
+    except grpc.RpcError as e:
+        raise RpcFailure(e.code(), e.details() or str(e)) from None
+    if cur is not None or pos != layout.total_size:
+        raise RpcFailure(grpc.StatusCode.DATA_LOSS, f"model stream ended after {pos} of {layout.total_size} bytes")
+    return ArrayRecord(out)
+
+
+def release_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A model's worth of tensor-sized buffers (gRPC chunks, ``.npy`` bytes) is allocated
+    and freed every round; glibc keeps such freed blocks in its arenas, so without a
+    trim a long-lived ServerApp or ClientApp grows by about a model per round.
+    """
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
 
 
 def _error_reply(msg: Message, code: grpc.StatusCode, text: str) -> Message:
@@ -129,11 +270,10 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     # 1. pull option: fetch the global model from LIFL instead of the SuperLink
     if bool(cfg.get(K.PULL, False)):
         try:
-            model = client.pull(rid, initial=True, job=job)
+            msg.content[arrays_key] = pull_arrays(client, rid, initial=True, job=job)
         except RpcFailure as e:
             return _error_reply(msg, e.code, f"pulling the model of round {rid} from {address} failed: {e.message}")
-        msg.content[arrays_key] = numpy_to_arrays(model)
-        del model
+        release_heap()
 
     # 2. the user's handler
     reply = call_next(msg, context)
@@ -162,6 +302,7 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         update = arrays_to_numpy(records[name])
         receipt = client.push(rid, update, num_examples=float(weight), client_id=client_id, job=job)
         del update
+        release_heap()
     except RpcFailure as e:
         if e.code == grpc.StatusCode.UNAVAILABLE:
             _drop_client(client)
@@ -179,5 +320,5 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     return reply
 
 
-__all__ = ["lifl_mod", "arrays_to_numpy", "numpy_to_arrays"]
+__all__ = ["lifl_mod", "arrays_to_numpy", "numpy_to_arrays", "pull_arrays", "release_heap"]
 

@@ -6,19 +6,22 @@
     result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
 
 ``configure_train`` lets the wrapped strategy sample nodes and build its train
-messages, then opens a LIFL round with the current global model (expected =
-number of sampled nodes, optional quorum and deadline) and adds the round
-reference (``lifl.round``, ``lifl.job``, ``lifl.address``, weighting key, ...)
-to each message's ConfigRecord. With ``pull_model=True`` the messages carry no
-ArrayRecord at all: the client mod pulls the model the round was opened with
-from LIFL, so the SuperLink moves neither the global model nor the updates.
+messages, then opens a LIFL round for the current global model's tensor layout
+(expected = number of sampled nodes, optional quorum and deadline) and adds the
+round reference (``lifl.round``, ``lifl.job``, ``lifl.address``, weighting key,
+...) to each message's ConfigRecord. With ``pull_model=True`` the round is opened
+with the model itself and the messages carry no ArrayRecord at all: the client
+mod pulls the model from LIFL, so the SuperLink moves neither the global model
+nor the updates. Without it LIFL never receives the model (it only needs the
+layout to fold updates), which saves an upload and a model-sized segment per round.
 
 Clients with :func:`lifl.flower.lifl_mod` stream their update to LIFL and reply
 with a receipt. ``aggregate_train`` closes the round on quorum if some clients
 failed or never replied (LIFL closes it by itself when all expected updates
 arrived), pulls LIFL's exact FedAvg (float64-accumulated, cast back to each
-dtype) and returns it as an ArrayRecord; metrics are aggregated by the wrapped
-strategy's ``train_metrics_aggr_fn`` over the replies whose update LIFL counted.
+dtype) straight into an ArrayRecord, one tensor at a time, and returns it;
+metrics are aggregated by the wrapped strategy's ``train_metrics_aggr_fn`` over
+the replies whose update LIFL counted.
 A reply that still carries its arrays (a client without the mod) is pushed to
 LIFL by the strategy on the client's behalf, so mixed fleets stay exact.
 
@@ -42,8 +45,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from ..client import Client, RpcFailure
+from ..layout import Layout
 from . import config as K
-from .mod import arrays_to_numpy, numpy_to_arrays
+from .mod import arrays_to_numpy, pull_arrays, release_heap
 
 log = logging.getLogger("flwr.lifl")  # propagates to Flower's log handlers
 
@@ -118,14 +122,23 @@ class LiflStrategy(Strategy):
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if not messages:
             return messages
-        model = arrays_to_numpy(arrays)
+        model = arrays_to_numpy(arrays)          # read-only views over the ArrayRecord's bytes, no copy
+        # Only the pull option needs LIFL to hold the model (clients fetch it from there); otherwise the
+        # round is opened with the tensor layout alone: no model upload, no model-sized segment in LIFL.
         try:
-            rid = self._client.open_round(model, expected=len(messages), quorum=self._quorum_for(len(messages)),
-                                          deadline_s=self.deadline_s, job=self.job)
+            if self.pull_model:
+                rid = self._client.open_round(model, expected=len(messages),
+                                              quorum=self._quorum_for(len(messages)),
+                                              deadline_s=self.deadline_s, job=self.job)
+            else:
+                rid = self._client.open_round(layout=Layout.from_arrays(model), expected=len(messages),
+                                              quorum=self._quorum_for(len(messages)),
+                                              deadline_s=self.deadline_s, job=self.job)
         except RpcFailure as e:
             raise RuntimeError(f"LIFL at {self.address} refused to open round for server round {server_round}: "
                                f"{e.code.name}: {e.message}") from None
         del model
+        release_heap()
         self._rounds[server_round] = rid
         log.info("LIFL round %d opened for server round %d (%d clients)", rid, server_round, len(messages))
         akey, ckey = self.inner.arrayrecord_key, self.inner.configrecord_key
@@ -182,9 +195,8 @@ class LiflStrategy(Strategy):
                 except RpcFailure as e:      # it closed by itself meanwhile
                     log.debug("close_round(%d): %s", rid, e)
             deadline = time.monotonic() + self.pull_wait_s
-            result = self._client.pull(rid, wait_s=self.pull_wait_s, job=self.job)
-            arrays = numpy_to_arrays(result)
-            del result
+            arrays = pull_arrays(self._client, rid, wait_s=self.pull_wait_s, job=self.job)
+            release_heap()
             self.last_round_detail = self._client.round_info(rid, job=self.job).detail
             log.info("LIFL round %d: %s (%.3fs left of the pull wait)", rid, self.last_round_detail,
                      deadline - time.monotonic())

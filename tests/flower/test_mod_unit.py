@@ -202,3 +202,99 @@ def test_strategy_pull_option_sends_no_model(server, task_identity):
     assert all(not m.content.array_records and m.content["config"][K.PULL] for m in msgs)
     s._client.close_round(msgs[0].content["config"][K.ROUND], abort=True)
     s.close()
+
+
+# -- memory helpers: zero-copy views, one-copy Arrays, streamed pulls --------------------------------
+def _odd_arrays():
+    import ml_dtypes
+
+    rng = np.random.default_rng(5)
+    return OrderedDict([("a", rng.standard_normal((3, 5), dtype=np.float32)), ("empty", np.zeros((0, 4), np.float32)),
+                        ("big", rng.standard_normal(700_001).astype(np.float32)), ("i", np.arange(7, dtype=np.int64)),
+                        ("bf", np.ones(5, ml_dtypes.bfloat16)), ("scalar", np.array(2.5, np.float32)),
+                        ("m", rng.standard_normal((1000, 999)).astype(np.float32))])
+
+
+def test_arrays_to_numpy_views_the_record_bytes():
+    from lifl.flower import arrays_to_numpy
+
+    rec = ArrayRecord({k: Array(v) for k, v in _odd_arrays().items()})
+    rec["fortran"] = Array(np.asfortranarray(np.arange(6.0).reshape(2, 3)))     # falls back to Array.numpy()
+    got = arrays_to_numpy(rec)
+    assert list(got) == list(rec)
+    for k, v in got.items():
+        ref = rec[k].numpy()
+        assert v.dtype == ref.dtype and v.shape == ref.shape
+        np.testing.assert_array_equal(v, ref)
+    assert not got["m"].flags.writeable and np.shares_memory(got["m"], np.frombuffer(rec["m"].data, np.uint8))
+
+
+def test_numpy_to_arrays_writes_the_same_npy_bytes_as_flower():
+    from lifl.flower import numpy_to_arrays
+
+    arrays = _odd_arrays()
+    arrays["strided"] = np.arange(10.0)[::2]
+    arrays["big-endian"] = np.array([1, 2], dtype=">i4")
+    rec = numpy_to_arrays(arrays)
+    for k, v in arrays.items():
+        ref = Array(v)
+        assert (rec[k].data, rec[k].dtype, rec[k].shape, rec[k].stype) == (ref.data, ref.dtype, ref.shape, ref.stype)
+        assert rec[k].object_id == ref.object_id
+
+
+@pytest.mark.parametrize("initial", [True, False])
+def test_pull_arrays_streams_tensor_by_tensor_with_the_same_result(server, initial):
+    from lifl.flower import numpy_to_arrays, pull_arrays
+
+    arrays = _odd_arrays()
+    with Client(server.address) as c:
+        rid = c.open_round(arrays, expected=1)
+        if not initial:
+            c.push(rid, arrays, 3.0, "x")
+        ref = numpy_to_arrays(c.pull(rid, wait_s=30, initial=initial))
+        got = pull_arrays(c, rid, wait_s=30, initial=initial)
+        assert list(got) == list(ref)
+        for k in ref:
+            assert got[k].data == ref[k].data and got[k].object_id == ref[k].object_id
+        with pytest.raises(Exception) as e:
+            pull_arrays(c, rid + 1000)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND
+        if initial:
+            c.close_round(rid, abort=True)
+
+
+def test_strategy_without_pull_opens_the_round_with_the_layout_only(server, task_identity):
+    """The model reaches clients through the SuperLink, so LIFL need not hold (nor receive) it."""
+    s = LiflStrategy(FedAvg(min_available_nodes=2, min_train_nodes=2), address=server.address)
+    msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in model().items()}), ConfigRecord(),
+                                  FakeGrid([1, 2])))
+    rid = msgs[0].content["config"][K.ROUND]
+    assert all("arrays" in m.content for m in msgs)
+    with pytest.raises(Exception) as e:
+        s._client.pull(rid, initial=True)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND                 # opened without an initial model
+    s._client.close_round(rid, abort=True)
+    s.close()
+
+
+def test_tree_sampler_attributes_memory_per_role():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lifl.flower.testing import TreeSampler
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        time.sleep(1.0)
+        s = TreeSampler([os.getpid()], interval=0.05, labels={os.getpid(): "me"}).start()
+        time.sleep(0.3)
+        s.stop()
+        w = s.window(s.samples[0][0], s.samples[-1][0])
+        assert set(w["at_peak"]) == {"me", "me-child"}
+        assert w["role_peak"]["me-child"] > 60 << 20                 # the child's 64 MiB buffer
+        assert sum(w["at_peak"].values()) == w["peak_pss"]
+    finally:
+        child.kill()
+        child.wait()
