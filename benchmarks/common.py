@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from lifl.procfs import process_tree as _process_tree
+
 MiB = 2**20
 MB = 10**6
 ROOT = Path(__file__).resolve().parent.parent
@@ -314,28 +316,8 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 
 # -- memory sampling ---------------------------------------------------------------------------
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
 def process_tree(pid: int) -> list[int]:
-    kids = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, ()))
-    return out
+    return _process_tree([pid])
 
 
 def pss_rss(pid: int) -> tuple[int, int]:

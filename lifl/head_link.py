@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -97,7 +97,6 @@ class RemoteRound:
 @dataclass
 class RemoteRun:
     round: RemoteRound
-    extra: dict = field(default_factory=dict)
 
 
 class HeadLink:

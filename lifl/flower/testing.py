@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..procfs import children_map, process_tree
+
 BIN = Path(sys.executable).parent
 
 
@@ -221,29 +223,8 @@ class Stack:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                s = f.read()
-        except OSError:
-            continue
-        ppid = int(s[s.rindex(b")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
 def tree(roots: Sequence[int]) -> list[int]:
-    kids = _children_map()
-    out, todo = [], list(roots)
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, ()))
-    return out
+    return process_tree(roots)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -348,7 +329,7 @@ class TreeSampler:
         self._t.join()
 
     def _tree_with_roots(self) -> list[tuple[int, int]]:
-        kids = _children_map()
+        kids = children_map()
         out, todo = [], [(r, r) for r in self.roots]
         while todo:
             p, root = todo.pop()

@@ -68,9 +68,6 @@ class NodeAgent:
     def release_slot(self, name: str) -> None:
         self.arena.release_slot(name)
 
-    def free(self, name: str) -> None:
-        self.arena.free(name)
-
     def export(self, name: str) -> np.ndarray:
         """A segment's bytes as an object-store array (one copy), to be read on another node."""
         return self.arena.get(name).array(np.uint8)
