@@ -25,8 +25,8 @@ Ratios are LIFL-variant median ÷ stock median; raw medians are printed beside t
 
 For memory use ``--fresh-stack`` (a new SuperLink, SuperNodes and LIFL server per run):
 long-lived servers carry the heap grown in earlier runs into later ones. The LIFL server
-runs with a slot budget of two updates of the layout, ``keep_rounds=1`` and
-``MALLOC_ARENA_MAX=2`` unless told otherwise (see docs/flower.md for the trade-offs).
+runs with a slot budget of two updates of the layout, ``keep_rounds=1``,
+``grpc_bdp_probe=false`` and ``MALLOC_ARENA_MAX=2`` unless told otherwise (see docs/flower.md for the trade-offs).
 ``--combine A.json B.json ...`` pools the runs of several result files into one table.
 """
 from __future__ import annotations
@@ -238,6 +238,9 @@ def main(argv=None) -> int:
                     help="finished rounds whose result and initial model LIFL keeps for Pull")
     ap.add_argument("--lifl-malloc-arena-max", type=int, default=2,
                     help="MALLOC_ARENA_MAX of the LIFL server process (0 = glibc's default of 8 per core)")
+    ap.add_argument("--lifl-bdp-probe", action="store_true",
+                    help="leave gRPC's BDP window probing on in LIFL (off by default here: a push waiting for "
+                         "a slot then buffers 64 KiB, not megabytes)")
     ap.add_argument("--lifl-shm-prefix", default="liflbench",
                     help="name prefix of LIFL's /dev/shm segments (kept apart from other LIFL servers on the host)")
     ap.add_argument("--fresh-stack", action="store_true",
@@ -264,7 +267,7 @@ def main(argv=None) -> int:
         ap.error("--rounds must be >= 2 (round 1 is not measured)")
     lifl_cfg = {"leaves": a.lifl_leaves, "workers": a.lifl_workers, "shm_budget_mb": a.lifl_shm_mb,
                 "keep_rounds": a.lifl_keep_rounds, "shm_prefix": a.lifl_shm_prefix,
-                "malloc_arena_max": a.lifl_malloc_arena_max}
+                "malloc_arena_max": a.lifl_malloc_arena_max, "grpc_bdp_probe": a.lifl_bdp_probe}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     res = bench([int(x) for x in a.nodes.split(",")], a.layouts.split(","), variants, a.reps, a.rounds,
                 a.timeout, lifl_cfg, fresh=a.fresh_stack, log=lambda s: print(s, flush=True), json_path=a.json)

@@ -39,13 +39,16 @@ def main(argv=None) -> None:
     ids = itertools.count()
     diag_c = 2 if 2 in chunks else chunks[0]
     with ServerProc("lifl") as lifl_srv, ServerProc("null") as null_srv, \
-            ServerProc("lifl", reject_nonfinite=False) as nocheck_srv:
+            ServerProc("lifl", reject_nonfinite=False) as nocheck_srv, \
+            ServerProc("lifl", grpc_bdp_probe=True) as bdp_srv:
         clients = {}
         for c in chunks:
             clients[("lifl", c)] = Client(lifl_srv.address, chunk_size=c * MiB)
             clients[("null", c)] = Client(null_srv.address, chunk_size=c * MiB)
         clients[("nocheck", diag_c)] = Client(nocheck_srv.address, chunk_size=diag_c * MiB)
-        admins = {"lifl": Client(lifl_srv.address), "nocheck": Client(nocheck_srv.address)}
+        clients[("bdp", diag_c)] = Client(bdp_srv.address, chunk_size=diag_c * MiB)
+        admins = {"lifl": Client(lifl_srv.address), "nocheck": Client(nocheck_srv.address),
+                  "bdp": Client(bdp_srv.address)}
 
         def lifl_case(c, which="lifl"):
             cl = clients[(which, c)]
@@ -74,8 +77,8 @@ def main(argv=None) -> None:
         cases = []
         for c in chunks:
             cases += [(f"null{c}", null_case(c)), (f"lifl{c}", lifl_case(c))]
-        if not args.quick:  # diagnostic: the same server without the non-finite scan
-            cases += [(f"nocheck{diag_c}", lifl_case(diag_c, "nocheck"))]
+        if not args.quick:  # diagnostics: the same server without the non-finite scan; with BDP probing
+            cases += [(f"nocheck{diag_c}", lifl_case(diag_c, "nocheck")), (f"bdp{diag_c}", lifl_case(diag_c, "bdp"))]
         print(f"bench_ingest: {args.model} ({layout.describe()}), {n_up} pushes per sample, chunks {chunks} MiB, "
               f"{reps} reps", flush=True)
         s = interleave(cases, reps)
@@ -95,6 +98,8 @@ def main(argv=None) -> None:
     if f"nocheck{diag_c}" in gibs:
         rep.add(f"chunk {diag_c} MiB", "diagnostic: reject_nonfinite=off ÷ null", gibs[f"nocheck{diag_c}"],
                 gibs[f"null{diag_c}"], "GiB/s", goal="(diagnostic)", ours_label="LIFL-nocheck", peer_label="null")
+        rep.add(f"chunk {diag_c} MiB", "diagnostic: grpc_bdp_probe=on ÷ null", gibs[f"bdp{diag_c}"],
+                gibs[f"null{diag_c}"], "GiB/s", goal="(diagnostic)", ours_label="LIFL-bdp", peer_label="null")
     rep.print()
     rep.write(args.out)
 

@@ -34,6 +34,8 @@ class ServerConfig:
     header_limit_bytes: int = 1 * MiB
     keep_rounds: int = 8              # results kept for Pull
     grpc_threads: int = 32
+    grpc_bdp_probe: bool = True       # gRPC grows stream windows by probing bandwidth: off saves memory (server.py)
+    pull_buffer_mb: int = 8           # model bytes all Pull streams together may have in gRPC's send buffers
     # hierarchy (static planner)
     # default: one leaf per two cores (the gateway needs cores too); 1 leaf on a 2-core machine
     workers: int = field(default_factory=lambda: _default_leaves())  # most functions running at once
@@ -55,6 +57,8 @@ class ServerConfig:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.shm_budget_mb < 1:
             raise ValueError("shm_budget_mb must be >= 1")
+        if self.pull_buffer_mb < 1:
+            raise ValueError("pull_buffer_mb must be >= 1")
         if self.leaves < 1 or self.workers < 1:
             raise ValueError("leaves and workers must be >= 1")
         if not 0 <= self.min_workers <= self.workers:

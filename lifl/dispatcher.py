@@ -32,6 +32,7 @@ from .control.model import (AutoscalerState, FoldCosts, Instance, InstanceState,
                             PlannerPolicy, Resources, ScalePolicy)
 from .control.placement import place, random_placement
 from .control.planner import Hierarchy, build_tree, plan_elastic, plan_static, replan, route_leaf
+from . import fold
 from .errors import LiflError
 from .layout import Layout
 from .metrics import Metrics
@@ -43,17 +44,20 @@ MAX_BATCH = 16  # updates per fold command
 
 @dataclass
 class LeafRun:
-    """A leaf's state. Its float64 partial sum ping-pongs between two segments: a fold
-    reads ``acc`` and writes ``spare``, and only the reply commits the swap, so a
-    function killed mid-fold leaves ``acc`` intact and the fold is re-run exactly once."""
+    """A leaf's state. Its float64 partial sum lives in one accumulator that folds update
+    in place, piece by piece, with a journal beside it (``fold.Journal``): every fold takes
+    it to a new generation, and only the reply commits that generation here, so a
+    function killed mid-fold is simply sent the same command again and nothing is
+    folded twice."""
 
     index: int
     worker: "WorkerSlot | None"   # bound when the leaf's first work arrives
-    accs: tuple[Segment, Segment]
+    acc: Segment
+    journal: Segment
     node: str = "local"            # where its function and accumulators are (the placement's choice)
     home: str = "local"            # whose gateway feeds it
-    cur: int = 0
-    fresh: bool = True             # nothing folded yet: the sum is logically zero
+    gen: int = 0                   # generation of the committed sum (0: nothing folded, logically zero)
+    next_gen: int = 0              # generation the fold in flight writes
     pending: list[tuple[str, float]] = field(default_factory=list)
     folding: int = 0
     folded: int = 0
@@ -62,24 +66,20 @@ class LeafRun:
     lost: bool = False             # its node is gone, and with it what it held
 
     @property
-    def acc(self) -> Segment:
-        return self.accs[self.cur]
-
-    @property
-    def spare(self) -> Segment:
-        return self.accs[1 - self.cur]
+    def fresh(self) -> bool:
+        """Nothing folded yet: the sum is logically zero."""
+        return self.gen == 0
 
     def commit(self) -> None:
-        self.cur = 1 - self.cur
-        self.fresh = False
+        self.gen = self.next_gen
 
-    def fold_cmd(self, run_id: int, **inputs) -> dict:
-        """A fold that writes the spare accumulator from the current one (or from zero)."""
-        cmd = {"op": "fold", "layout": run_id, "acc": self.spare.name, **inputs}
-        if self.fresh:
-            cmd["zero"] = True
-        else:
-            cmd["base"] = self.acc.name
+    def fold_cmd(self, run_id: int, gen: int, **inputs) -> dict:
+        """A fold taking the accumulator from its committed generation (or zero) to ``gen``."""
+        self.next_gen = gen
+        cmd = {"op": "fold", "layout": run_id, "acc": self.acc.name, "journal": self.journal.name,
+               "gen": gen, **inputs}
+        if self.gen:
+            cmd["from"] = self.gen
         return cmd
 
 
@@ -89,7 +89,8 @@ class RoundRun:
     hier: Hierarchy
     leaves: list[LeafRun]
     initial: Segment | None = None
-    result: Segment | None = None
+    result: Segment | None = None      # allocated when the top finalises
+    from_round: int = 0                # initial is that round's result (shared, not copied)
     done_event: threading.Event = field(default_factory=threading.Event)
     nodes_done: set[tuple[int, int]] = field(default_factory=set)
     children_folded: dict[tuple[int, int], set[int]] = field(default_factory=dict)
@@ -142,6 +143,7 @@ class Dispatcher:
         self._lock = threading.RLock()
         self._seq = itertools.count(1)
         self._round_ids = itertools.count(1)
+        self._gens = itertools.count(1)     # accumulator generations: never reused (fold.Journal)
         self._runs: dict[int, RoundRun] = {}
         self._workers: list[WorkerSlot] = []
         self._closing = False
@@ -261,7 +263,7 @@ class Dispatcher:
                     leaf.folding = len(batch)
                     run.tasks_in_flight += 1
                     w.role = "leaf"
-                    return Task(leaf.fold_cmd(run.round.id, updates=[[n, wt] for n, wt in batch]), run,
+                    return Task(leaf.fold_cmd(run.round.id, next(self._gens), updates=[[n, wt] for n, wt in batch]), run,
                                 lambda r, run=run, leaf=leaf, batch=batch: self._leaf_folded(run, leaf, batch, r),
                                 kind="update")
         return None
@@ -296,8 +298,8 @@ class Dispatcher:
     def _worker_died(self, w: WorkerSlot) -> None:
         """Start a replacement, hand it the dead function's leaves, and re-run its unfinished commands.
 
-        Safe because commands never modify their inputs (folds write the spare
-        accumulator, finalize writes the result) and update slots are released
+        Safe because commands never modify their inputs (a fold re-sent resumes from its
+        journal, finalize writes the result) and update slots are released
         only when the fold that read them is committed: nothing is folded twice.
         """
         if self.multi_node and not self.runtime.node_alive(w.node):
@@ -338,19 +340,18 @@ class Dispatcher:
 
     # -- rounds --------------------------------------------------------------
     def open_round(self, job: str, layout: Layout, expected: int, quorum: int, deadline_s: float,
-                   initial: Segment | None) -> Round:
+                   initial: Segment | None, from_round: int = 0) -> Round:
         quorum = Round.check_params(expected, quorum, deadline_s)
         with self._lock:
             if self._closing:
                 raise LiflError("UNAVAILABLE", "the server is shutting down")
             rid = next(self._round_ids)
             rnd = Round(job, rid, layout, expected, quorum, deadline_s)
-            run = RoundRun(rnd, None, [], initial=initial, result=self.arena.scratch(layout.total_size))
+            run = RoundRun(rnd, None, [], initial=initial, from_round=from_round)
             try:
                 self._shape(run)
             except BaseException:
                 self._release_accs(run)
-                self.arena.release_scratch(run.result.name)
                 raise
             self._runs[rid] = run
             self._wake.set()
@@ -396,17 +397,17 @@ class Dispatcher:
         return sorted(collections.Counter(leaf.node for leaf in run.leaves).items())
 
     def _add_leaves(self, run: RoundRun, homes: list[str], nodes: list[str]) -> None:
-        size = run.round.layout.numel * 8
+        numel = run.round.layout.numel
         for home, node in list(zip(homes, nodes))[len(run.leaves):]:
             store = self._store(node)
-            run.leaves.append(LeafRun(len(run.leaves), None, (store.scratch(size), store.scratch(size)),
-                                      node=node, home=home))
+            run.leaves.append(LeafRun(len(run.leaves), None, store.scratch(numel * 8),
+                                      store.scratch(fold.journal_bytes(numel)), node=node, home=home))
 
     def _release_accs(self, run: RoundRun) -> None:
         for leaf in run.leaves:
             if not leaf.lost:
                 store = self._store(leaf.node)
-                for seg in leaf.accs:
+                for seg in (leaf.acc, leaf.journal):
                     store.release_scratch(seg.name)
 
     def _nodes(self) -> list[Node]:
@@ -567,6 +568,7 @@ class Dispatcher:
             leaf.pending.clear()
         run.done_event.set()
         self._maybe_release(run)
+        self._evict_old()
 
     # -- reduction -------------------------------------------------------------
     def _advance(self, run: RoundRun) -> None:
@@ -599,7 +601,7 @@ class Dispatcher:
                     host.worker.role = role
                     parts = [run.leaves[hier.host(level - 1, k)].acc.name for k in ready]
                     self._enqueue(host.worker, Task(
-                        host.fold_cmd(run.round.id, partials=parts), run,
+                        host.fold_cmd(run.round.id, next(self._gens), partials=parts), run,
                         lambda r, run=run, node=node, ready=ready: self._partials_folded(run, node, ready, r),
                         kind="partial"))
                 if len(folded) == len(kids) - 1:
@@ -611,6 +613,7 @@ class Dispatcher:
             if host.worker is None:
                 self._bind(host, "top")
             host.worker.role = "top"
+            run.result = self.arena.scratch(run.round.layout.total_size)
             self._enqueue(host.worker, Task(
                 {"op": "finalize", "layout": run.round.id, "acc": host.acc.name,
                  "weight": run.round.total_weight, "out": run.result.name}, run,
@@ -659,10 +662,18 @@ class Dispatcher:
                 self._enqueue(w, Task({"op": "forget", "segments": [], "layouts": [run.round.id]}, None))
 
     def _evict_old(self) -> None:
+        """Forget finished rounds beyond ``keep_rounds``. A finished round opened from another's
+        result lets go of that model at once: it is the other round's to keep, and holding it
+        for every kept round would pin one more model per round."""
         finished = [r for r in self._runs.values() if r.round.state in (State.DONE, State.FAILED)]
+        for run in finished:
+            if run.from_round and run.initial is not None and run.readers == 0:
+                self.arena.free(run.initial.name)
+                run.initial = None
         for run in finished[:-self.config.keep_rounds] if self.config.keep_rounds else finished:
             if run.readers == 0 and run.released:
-                self.arena.release_scratch(run.result.name)
+                if run.result is not None:
+                    self.arena.release_scratch(run.result.name)
                 if run.initial is not None:
                     self.arena.free(run.initial.name)
                 del self._runs[run.round.id]
@@ -676,6 +687,9 @@ class Dispatcher:
             run.readers += 1
         try:
             if initial:
+                if run.initial is None and run.from_round:
+                    raise LiflError("NOT_FOUND", f"round {rid} is finished and its initial model was round "
+                                                 f"{run.from_round}'s result: pull that round's result instead")
                 if run.initial is None:
                     raise LiflError("NOT_FOUND", f"round {rid} was opened without an initial model")
                 yield run, run.initial

@@ -17,6 +17,7 @@ weighted majority (ties give False).
 """
 from __future__ import annotations
 
+import bisect
 from typing import Sequence
 
 import numpy as np
@@ -80,6 +81,96 @@ def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews]
     for i, (spec, e) in enumerate(zip(layout.specs, layout.elem_offsets)):
         fold_arrays(acc[e:e + spec.numel], [u.views[i] for u in updates], weights, kernel_id(spec.dtype),
                     None if base is None else base[e:e + spec.numel])
+
+
+#: Elements of the float64 sum folded and committed as one piece (1 MiB: it stays in cache
+#: between saving it and folding into it).
+PIECE = 1 << 17
+_HEADER = 64  # journal bytes before the piece generations: [piece being folded, its new generation]
+
+
+def journal_bytes(numel: int) -> int:
+    """Size of the journal that lets folds into an accumulator of ``numel`` run in place."""
+    return _HEADER + 8 * -(-numel // PIECE) + 8 * min(numel, PIECE) + 64
+
+
+class Journal:
+    """How far in-place folds into one accumulator got, in shared memory beside it.
+
+    An accumulator carries a generation per piece; a fold takes every piece from
+    generation ``a`` to a new, never reused ``b``: it saves the piece in a one-piece
+    undo area, records (piece, b), folds into the piece in place and marks it. A fold
+    cut short (its function was killed) is simply sent again: pieces at ``b`` are
+    skipped, the piece it was in is restored from the undo area, the rest still hold
+    their generation-``a`` values. So every update is folded exactly once, with one
+    piece of spare memory instead of a second float64 accumulator.
+    """
+
+    def __init__(self, buf, numel: int):
+        n = -(-numel // PIECE)
+        self.numel = numel
+        self.head = np.frombuffer(buf, np.int64, 2, 0)
+        self.gens = np.frombuffer(buf, np.int64, n, _HEADER)
+        off = _HEADER + 8 * n
+        off += -off % 64
+        self.undo = np.frombuffer(buf, np.float64, min(numel, PIECE), off)
+
+
+def fold_in_place(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int | None, add) -> None:
+    """Bring ``acc`` from generation ``from_gen`` (None: logically zero, whatever its bytes) to
+    ``to_gen`` with ``add(out, e0, e1)``, which adds Σ sources[e0:e1] into out. Re-running the
+    same call after it was cut short at any point gives exactly the uninterrupted result."""
+    head, gens, undo = journal.head, journal.gens, journal.undo
+    for k in range(len(gens)):
+        g = int(gens[k])
+        if g == to_gen:
+            continue
+        e0, e1 = k * PIECE, min(journal.numel, (k + 1) * PIECE)
+        dst = acc[e0:e1]
+        if from_gen is None:             # no old value to keep: start the piece from zero
+            dst[:] = 0.0
+        elif head[1] == to_gen and head[0] == k:
+            dst[:] = undo[:e1 - e0]      # cut short inside this piece: restore it first
+        elif g != from_gen:
+            raise RuntimeError(f"accumulator piece {k} is at generation {g}, expected {from_gen} or {to_gen}")
+        else:
+            head[1] = -1                 # the undo area is being rewritten
+            undo[:e1 - e0] = dst
+            head[0] = k
+            head[1] = to_gen             # the undo area holds piece k as it was before this fold
+        add(dst, e0, e1)
+        gens[k] = to_gen
+
+
+def _tensor_ranges(layout: Layout) -> tuple[list[int], list[int]]:
+    starts = list(layout.elem_offsets)
+    return starts, [t0 + spec.numel for t0, spec in zip(starts, layout.specs)]
+
+
+def add_updates(layout: Layout, updates: Sequence[UpdateViews], weights: Sequence[float]):
+    """An ``add`` for :func:`fold_in_place` over client updates in their native dtypes."""
+    starts, ends = _tensor_ranges(layout)
+    kids = [kernel_id(spec.dtype) for spec in layout.specs]
+    weights = [float(w) for w in weights]
+
+    def add(out: np.ndarray, e0: int, e1: int) -> None:
+        i = bisect.bisect_right(starts, e0) - 1
+        while i < len(starts) and starts[i] < e1:
+            a, b = max(e0, starts[i]), min(e1, ends[i])
+            if a < b:
+                t0 = starts[i]
+                fold_arrays(out[a - e0:b - e0], [u.views[i][a - t0:b - t0] for u in updates], weights, kids[i])
+            i += 1
+    return add
+
+
+def add_partials(partials: Sequence[np.ndarray]):
+    """An ``add`` for :func:`fold_in_place` over children's float64 partial sums."""
+    ones = [1.0] * len(partials)
+
+    def add(out: np.ndarray, e0: int, e1: int) -> None:
+        fold_arrays(out, [p[e0:e1] for p in partials], ones, 1)
+    return add
 
 
 def fold_partials(acc: np.ndarray, partials: Sequence[np.ndarray], base: np.ndarray | None = None) -> None:

@@ -77,6 +77,9 @@ class Function:
     def acc(self, name: str, layout: Layout) -> np.ndarray:
         return self.seg(name).array(np.float64, layout.numel)
 
+    def journal(self, name: str, layout: Layout) -> fold.Journal:
+        return fold.Journal(self.seg(name).buf, layout.numel)
+
     def update_views(self, name: str, lid: int) -> fold.UpdateViews:
         if name in self.given:  # an imported update: valid for this command only
             return fold.UpdateViews(self.layouts[lid], self.seg(name).buf)
@@ -90,19 +93,17 @@ class Function:
         if "specs" in cmd:  # first command of a round on this function carries its layout
             self.layouts[cmd["layout"]] = Layout.from_specs(
                 TensorSpec(n, d, tuple(s)) for n, d, s in cmd["specs"])
-        if op == "fold":  # acc = base + Σ (base untouched, so a cut-short fold can be re-run)
+        if op == "fold":  # in place, journaled: a fold cut short is re-run exactly (fold.Journal)
             layout = self.layouts[cmd["layout"]]
-            acc = self.acc(cmd["acc"], layout)
-            base = self.acc(cmd["base"], layout) if cmd.get("base") else None
             t0 = time.perf_counter()
-            if cmd.get("zero"):  # the leaf's first fold: start from zero (re-runnable too)
-                acc[:] = 0.0
             ups = cmd.get("updates", [])
             if ups:
-                fold.fold_updates(acc, layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
-                                  [w for _, w in ups], base)
-                base = None
-            fold.fold_partials(acc, [self.acc(n, layout) for n in cmd.get("partials", [])], base)
+                add = fold.add_updates(layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
+                                       [w for _, w in ups])
+            else:
+                add = fold.add_partials([self.acc(n, layout) for n in cmd.get("partials", [])])
+            fold.fold_in_place(self.acc(cmd["acc"], layout), self.journal(cmd["journal"], layout),
+                               cmd["gen"], cmd.get("from"), add)
             if self.fault_delay_s:
                 time.sleep(self.fault_delay_s)  # fault injection: a window to be killed after writing, before replying
             return {"seconds": time.perf_counter() - t0}

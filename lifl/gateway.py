@@ -10,6 +10,7 @@ client retries those by itself.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import contextmanager
 
@@ -25,7 +26,7 @@ from .shm import BudgetExhausted
 from .v1 import aggregation_pb2 as pb
 from .wire import chunk_payload, encode_chunk, parse
 
-PULL_CHUNK = 4 * 2**20
+PULL_CHUNK = 2**20
 
 
 def round_info(run) -> pb.RoundInfo:
@@ -55,6 +56,9 @@ class Gateway:
         self.config, self.arena, self.dispatcher, self.metrics = config, arena, dispatcher, metrics
         self.started = time.time()
         self._client_tokens = set(config.tokens)
+        # chunks handed to gRPC and not yet sent, over all Pull streams: many clients pulling at once
+        # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
+        self._pull_sends = threading.BoundedSemaphore(max(1, config.pull_buffer_mb * 2**20 // PULL_CHUNK))
 
     # -- plumbing ------------------------------------------------------------------
     def handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -226,7 +230,19 @@ class Gateway:
             yield pb.PullChunk(header=header).SerializeToString()
             buf = seg.buf
             for a in range(0, r.layout.total_size, PULL_CHUNK):
-                yield encode_chunk(buf[a:a + PULL_CHUNK])
+                with self._send_permit(context):
+                    # gRPC asks for the next chunk only once this one is sent
+                    yield encode_chunk(buf[a:a + PULL_CHUNK])
+
+    @contextmanager
+    def _send_permit(self, context):
+        while not self._pull_sends.acquire(timeout=1.0):
+            if not context.is_active():
+                raise LiflError("CANCELLED", "the client cancelled the pull")
+        try:
+            yield
+        finally:
+            self._pull_sends.release()
 
     def get_round(self, req: pb.GetRoundRequest, context) -> pb.RoundInfo:
         return round_info(self.dispatcher.get(req.job, req.round))
@@ -240,8 +256,7 @@ class Gateway:
             if h.from_round:
                 with self.dispatcher.model(job, h.from_round, False, 0.0) as (prev, seg):
                     layout = prev.round.layout
-                    initial = self.arena.segment(layout.total_size)
-                    initial.buf[:] = seg.buf
+                    initial = self.arena.share(seg.name)   # the same bytes, not a copy
                 if next(it, None) is not None:
                     raise LiflError("INVALID_ARGUMENT", "no model chunks may follow a header with from_round")
             else:
@@ -258,7 +273,8 @@ class Gateway:
                                   "initial model")
                 elif next(it, None) is not None:
                     raise LiflError("INVALID_ARGUMENT", "model chunks sent but total_size is 0")
-            rnd = self.dispatcher.open_round(job, layout, h.expected, h.quorum, h.deadline_seconds, initial)
+            rnd = self.dispatcher.open_round(job, layout, h.expected, h.quorum, h.deadline_seconds, initial,
+                                             from_round=h.from_round)
         except BaseException:
             if initial is not None:
                 self.arena.free(initial.name)

@@ -129,6 +129,7 @@ class Arena:
         self._in_use: dict[str, Segment] = {}        # update slots handed out
         self._scratch_free: dict[int, list[Segment]] = {}
         self._others: dict[str, Segment] = {}        # accumulators, results, initial models
+        self._refs: dict[str, int] = {}              # extra holders of an _others segment (share())
         self._closed = False
         self.reclaimed = reclaim_stale(prefix, shm_dir)
 
@@ -210,8 +211,28 @@ class Arena:
         seg.array()[:] = 0
         return seg
 
+    def share(self, name: str) -> Segment:
+        """One more holder of a held segment (a round opened from another's result reads the
+        same bytes); each holder gives it back with release_scratch or free, the last one counts."""
+        with self._cond:
+            seg = self._others.get(name)
+            if seg is None:
+                raise KeyError(f"segment {name} is not held by this arena")
+            self._refs[name] = self._refs.get(name, 1) + 1
+            return seg
+
+    def _last_holder(self, name: str) -> bool:
+        n = self._refs.pop(name, 1)
+        if n > 1:
+            if n > 2:
+                self._refs[name] = n - 1
+            return False
+        return True
+
     def release_scratch(self, name: str) -> None:
         with self._cond:
+            if not self._last_holder(name):
+                return
             seg = self._others.pop(name, None)
             if seg is not None:
                 self._scratch_free.setdefault(seg.size, []).append(seg)
@@ -233,6 +254,8 @@ class Arena:
 
     def free(self, name: str) -> None:
         with self._cond:
+            if not self._last_holder(name):
+                return
             seg = self._others.pop(name, None)
         if seg is not None:
             seg.close()
@@ -257,6 +280,7 @@ class Arena:
             segs = list(self._in_use.values()) + list(self._others.values())
             segs += [s for group in (self._free, self._scratch_free) for ss in group.values() for s in ss]
             self._in_use.clear(); self._others.clear(); self._free.clear(); self._scratch_free.clear()
+            self._refs.clear()
             self._cond.notify_all()
         for seg in segs:
             seg.close()

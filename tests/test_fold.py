@@ -136,3 +136,83 @@ def test_nonfinite_scan_by_ranges_covers_every_element():
         for name, n in fold.count_nonfinite(lay, buf, a, b):
             found[name] = found.get(name, 0) + n
     assert found == dict(fold.count_nonfinite(lay, buf)) == {"a": 2, "b": 1, "c": 1}
+
+
+class _Cut(Exception):
+    pass
+
+
+def _journaled(monkeypatch, seed):
+    """Small pieces, a mixed-dtype layout spanning several of them, two folds' worth of updates."""
+    monkeypatch.setattr(fold, "PIECE", 8)
+    rng = np.random.default_rng(seed)
+    base = _model(rng, DTYPES * 3)
+    layout = Layout.from_arrays(base)
+    ups = [_like(base, rng) for _ in range(5)]
+    bufs = []
+    for u in ups:
+        b = bytearray(layout.total_size)
+        layout.pack_into(u, b)
+        bufs.append(b)
+    views = [fold.UpdateViews(layout, b) for b in bufs]
+    acc = np.full(layout.numel, np.nan)               # stale bytes: the first fold must not read them
+    jbuf = bytearray(fold.journal_bytes(layout.numel))
+    fold.Journal(jbuf, layout.numel).gens[:] = 7      # stale generations from an earlier round
+    return layout, ups, views, acc, jbuf
+
+
+def _expected(layout, views, weights):
+    want = np.zeros(layout.numel)
+    fold.fold_updates(want, layout, views, weights)
+    return want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_in_place_fold_cut_short_anywhere_is_exact_when_re_run(monkeypatch, seed):
+    layout, ups, views, acc, jbuf = _journaled(monkeypatch, seed)
+    j = fold.Journal(jbuf, layout.numel)
+    w = [1.0, 2.5, 0.5, 3.0, 1.5]
+    npieces = len(j.gens)
+    assert npieces >= 4
+    rng = np.random.default_rng(100 + seed)
+    # fold 1 (from zero, generation 11): cut inside `add` at a random piece, after writing half of it
+    cut_at = int(rng.integers(npieces))
+    calls = [0]
+    real = fold.add_updates(layout, views[:3], w[:3])
+
+    def flaky(out, e0, e1):
+        real(out, e0, e1)
+        calls[0] += 1
+        if calls[0] == cut_at + 1:
+            out[: len(out) // 2] = 1e300          # a half-written piece
+            raise _Cut
+
+    with pytest.raises(_Cut):
+        fold.fold_in_place(acc, j, 11, None, flaky)
+    fold.fold_in_place(acc, j, 11, None, real)
+    np.testing.assert_array_equal(acc, _expected(layout, views[:3], w[:3]))
+    assert (j.gens == 11).all()
+    # fold 2 (11 -> 12): cut inside piece k, after its old value was saved (undo record written)
+    before = acc.copy()
+    done = acc.copy()
+    jd = bytearray(jbuf)
+    fold.fold_in_place(done, fold.Journal(jd, layout.numel), 12, 11, fold.add_updates(layout, views[3:], w[3:]))
+    k = int(rng.integers(npieces))
+    e0, e1 = k * 8, min(layout.numel, (k + 1) * 8)
+    acc[:e0] = done[:e0]
+    j.gens[:k] = 12
+    j.undo[: e1 - e0] = before[e0:e1]
+    j.head[:] = (k, 12)
+    acc[e0:e0 + (e1 - e0) // 2] = 1e300                       # half-folded garbage
+    fold.fold_in_place(acc, j, 12, 11, fold.add_updates(layout, views[3:], w[3:]))
+    np.testing.assert_array_equal(acc, done)
+    np.testing.assert_allclose(acc, before + _expected(layout, views[3:], w[3:]), rtol=1e-14)
+    # the same command again (its reply was lost) changes nothing; a wrong generation is refused
+    fold.fold_in_place(acc, j, 12, 11, fold.add_updates(layout, views[3:], w[3:]))
+    np.testing.assert_array_equal(acc, done)
+    with pytest.raises(RuntimeError, match="generation 12, expected 13"):
+        fold.fold_in_place(acc, j, 14, 13, fold.add_partials([acc]))
+    # and the result is FedAvg's
+    out = bytearray(layout.total_size)
+    fold.finalize(acc, layout, sum(w), out)
+    assert_matches(layout.views(out), fedavg64(ups, w))
