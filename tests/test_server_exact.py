@@ -1,13 +1,16 @@
 """Real gRPC server, real function processes, real shared memory: the global model is exact."""
 import threading
 
+import grpc
+
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from support import assert_matches, fedavg64, perturb, small_model
-from lifl.client import Client
+from lifl.client import Client, RpcFailure
+from lifl.v1 import aggregation_pb2 as pb
 
 
 @pytest.mark.parametrize("workers,leaves,fan_in", [(1, 1, 2), (2, 2, 2), (3, 3, 2), (4, 4, 4), (5, 5, 2)])
@@ -95,6 +98,38 @@ def test_next_round_from_previous_result(server):
         assert r2 == r1 + 1
         init = c.pull(r2, initial=True)
         assert all(np.array_equal(init[k], g1[k]) for k in g1)
+        d = server.dispatcher   # round 2's model is round 1's result segment, not a copy of it
+        assert d.get("default", r2).initial.name == d.get("default", r1).result.name
         c.push(r2, init, 5, "a")  # the same client id is fine in a new round
         g2 = c.pull(r2, wait_s=10)
+        # once round 2 is done it lets go of round 1's result; asking for it says where it is
+        with pytest.raises(RpcFailure) as e:
+            c.pull(r2, initial=True)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND and "round 1's result" in e.value.message
+        again = c.pull(r1)
+        assert all(np.array_equal(again[k], g1[k]) for k in g1)
     assert_matches(g2, fedavg64([g1], [5.0]))
+
+
+def test_many_concurrent_pulls_share_a_small_send_budget(make_server):
+    """pull_buffer_mb=1: one chunk in gRPC's hands at a time over all streams; every pull is
+    still whole and exact, and a pull cancelled midway gives its turn back."""
+    srv = make_server(pull_buffer_mb=1)
+    rng = np.random.default_rng(3)
+    base = {"w": rng.standard_normal(900_000).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+    with Client(srv.address) as c:
+        rid = c.open_round(base, expected=1)
+        stream = c._pull(pb.PullRequest(round=rid, kind=pb.MODEL_KIND_INITIAL))
+        next(stream), next(stream)               # header and one chunk, then walk away
+        stream.cancel()
+        got = [None] * 6
+
+        def pull(i):
+            with Client(srv.address) as ci:
+                got[i] = ci.pull(rid, initial=True)
+        threads = [threading.Thread(target=pull, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert all(g is not None and all(np.array_equal(g[k], base[k]) for k in base) for g in got)

@@ -34,6 +34,22 @@ def test_segments_are_owner_only_and_budgeted(shm_prefix):
     assert list_segments(shm_prefix) == []
 
 
+def test_shared_segment_lives_until_its_last_holder_lets_go(shm_prefix):
+    with Arena(1000, prefix=shm_prefix) as a:
+        res = a.scratch(128)                    # a round's result ...
+        res.array()[:] = 7
+        same = a.share(res.name)                # ... opened as the next round's initial model
+        assert same is res and len(list_segments(shm_prefix)) == 1
+        a.release_scratch(res.name)             # the first round is evicted: still held
+        assert a.get(res.name).array()[0] == 7
+        assert a.scratch(128).name != res.name  # not back in the pool either
+        a.free(res.name)                        # the second round lets go: gone
+        assert not (SHM_DIR / res.name).exists()
+        with pytest.raises(KeyError):
+            a.share(res.name)
+    assert list_segments(shm_prefix) == []
+
+
 def test_restart_reclaims_what_a_killed_server_left(shm_prefix):
     code = ("import sys, time; from lifl.shm import Arena; a = Arena(1 << 20, prefix=sys.argv[1]); "
             "a.acquire_slot(4096); a.scratch(8192); print('ready', flush=True); time.sleep(60)")

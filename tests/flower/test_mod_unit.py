@@ -298,3 +298,60 @@ def test_tree_sampler_attributes_memory_per_role():
     finally:
         child.kill()
         child.wait()
+
+
+def _self_signed(tmp_path):
+    """A PEM key and certificate for 127.0.0.1 (cryptography comes with flwr)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lifl-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    kp, cp = tmp_path / "key.pem", tmp_path / "cert.pem"
+    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return kp, cp
+
+
+def test_mod_over_tls_with_a_token_and_the_refusals(tmp_path):
+    """TLS + bearer tokens from the node config: pushes land; a wrong token or a missing
+    certificate is an error reply with the gateway's status, and nothing is folded."""
+    kp, cp = _self_signed(tmp_path)
+    cfg = ServerConfig(port=0, metrics_port=-1, shm_budget_mb=16, tls_cert=str(cp), tls_key=str(kp),
+                       tokens=["node-secret"], admin_token="admin-secret")
+    with EmbeddedServer(cfg) as srv, Client(srv.address, token="admin-secret", root_cert=cp.read_bytes()) as admin:
+        rid = admin.open_round(model(), expected=2)
+        msg = lifl_cfg(rid, srv.address)
+        wrong = lifl_mod(train_msg(msg, model()), ctx({"lifl-token": "guess", "lifl-root-cert": str(cp)}),
+                         handler(model(1)))
+        assert wrong.has_error() and status_of(wrong.error.code) == grpc.StatusCode.UNAUTHENTICATED
+        plain = lifl_mod(train_msg(msg, model()), ctx({"lifl-token": "node-secret"}), handler(model(1)))
+        assert plain.has_error() and status_of(plain.error.code) == grpc.StatusCode.UNAVAILABLE
+        missing = lifl_mod(train_msg(msg, model()),
+                           ctx({"lifl-token": "node-secret", "lifl-root-cert": str(tmp_path / "nope.pem")}),
+                           handler(model(1)))
+        assert missing.has_error() and "cannot read lifl-root-cert" in missing.error.reason
+        assert admin.round_info(rid).accepted == 0                     # none of them reached the round
+        ok = lifl_mod(train_msg(msg, model()), ctx({"lifl-token": "node-secret", "lifl-root-cert": str(cp)}),
+                      handler(model(1), 3.0))
+        assert not ok.has_error() and ok.content.config_records[K.RECEIPT]["accepted"] == 1
+        with Client(srv.address, token="node-secret", root_cert=cp.read_bytes()) as node:
+            node.push(rid, model(2), 1.0, "other")
+        got = admin.pull(rid, wait_s=30)
+    want = {k: (3.0 * model(1)[k].astype(np.float64) + model(2)[k]) / 4.0 for k in model()}
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
