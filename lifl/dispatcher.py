@@ -613,7 +613,7 @@ class Dispatcher:
             if host.worker is None:
                 self._bind(host, "top")
             host.worker.role = "top"
-            run.result = self.arena.scratch(run.round.layout.total_size)
+            run.result = self.arena.result_segment(run.round.layout.total_size)
             self._enqueue(host.worker, Task(
                 {"op": "finalize", "layout": run.round.id, "acc": host.acc.name,
                  "weight": run.round.total_weight, "out": run.result.name}, run,
@@ -673,7 +673,7 @@ class Dispatcher:
         for run in finished[:-self.config.keep_rounds] if self.config.keep_rounds else finished:
             if run.readers == 0 and run.released:
                 if run.result is not None:
-                    self.arena.release_scratch(run.result.name)
+                    self.arena.recycle_as_slot(run.result.name)
                 if run.initial is not None:
                     self.arena.free(run.initial.name)
                 del self._runs[run.round.id]
@@ -704,6 +704,8 @@ class Dispatcher:
         finally:
             with self._lock:
                 run.readers -= 1
+                if run.readers == 0 and run.round.state in (State.DONE, State.FAILED):
+                    self._evict_old()   # what a reader kept alive may go now
 
     def rounds(self) -> list[Round]:
         with self._lock:

@@ -211,6 +211,33 @@ class Arena:
         seg.array()[:] = 0
         return seg
 
+    def result_segment(self, size: int) -> Segment:
+        """A segment for a round's result (an update's size): a cached free update slot when
+        there is one — when a round finalises its updates are all folded, so its slots sit
+        idle — else a new one. Give it back with :meth:`recycle_as_slot`."""
+        with self._cond:
+            if self._free.get(size):
+                seg = self._free[size].pop()
+                self._others[seg.name] = seg
+                return seg
+        return self.scratch(size)
+
+    def recycle_as_slot(self, name: str) -> None:
+        """Let go of a result segment: it becomes a cached free update slot if the budget has
+        room for one more, else it is unlinked."""
+        with self._cond:
+            if not self._last_holder(name):
+                return
+            seg = self._others.pop(name, None)
+            if seg is None:
+                return
+            if not self._closed and self._used_bytes() + self._cached_bytes() + seg.size <= self.budget:
+                self._free.setdefault(seg.size, []).append(seg)
+                self._cond.notify_all()
+                return
+        seg.close()
+        seg.unlink()
+
     def share(self, name: str) -> Segment:
         """One more holder of a held segment (a round opened from another's result reads the
         same bytes); each holder gives it back with release_scratch or free, the last one counts."""

@@ -50,6 +50,24 @@ def test_shared_segment_lives_until_its_last_holder_lets_go(shm_prefix):
     assert list_segments(shm_prefix) == []
 
 
+def test_results_take_idle_slots_and_give_them_back_within_the_budget(shm_prefix):
+    with Arena(1000, prefix=shm_prefix) as a:
+        s1, s2 = a.acquire_slot(400), a.acquire_slot(400)
+        a.release_slot(s1.name)
+        a.release_slot(s2.name)                 # the round's updates are folded: two idle slots
+        r1 = a.result_segment(400)
+        assert r1.name in (s1.name, s2.name)    # the result takes one of them, no new segment
+        assert len(list_segments(shm_prefix)) == 2
+        s3 = a.acquire_slot(400)                # the next round's first push gets the other one
+        r2 = a.result_segment(400)              # no idle slot left: a new segment
+        assert r2.name not in (s1.name, s2.name, s3.name)
+        a.recycle_as_slot(r1.name)              # budget 1000: 400 in use + 400 cached fits
+        assert a.acquire_slot(400).name == r1.name
+        a.recycle_as_slot(r2.name)              # 800 in use + 400 would not: unlinked
+        assert not (SHM_DIR / r2.name).exists()
+    assert list_segments(shm_prefix) == []
+
+
 def test_restart_reclaims_what_a_killed_server_left(shm_prefix):
     code = ("import sys, time; from lifl.shm import Arena; a = Arena(1 << 20, prefix=sys.argv[1]); "
             "a.acquire_slot(4096); a.scratch(8192); print('ready', flush=True); time.sleep(60)")
