@@ -14,10 +14,16 @@
 3. **Post-arrival latency** with the elastic planner ÷ the best static hierarchy
    among hand-picked shapes, same updates. Goal <= 1.1.
 
-    python -m benchmarks.bench_serverless [--quick]
+    python -m benchmarks.bench_serverless [--quick] [--part cpu dispatch latency]
+        [--rounds 5] [--clients 200] [--bursts 4] [--burst-gap 0.5] [--round-gap 2.0] [--reps 3]
+
+``--part`` picks what runs (default all): ``cpu`` runs the trace on both deployments,
+``dispatch`` reports the elastic runs' dispatch histograms (the trace runs elastic-only
+unless ``cpu`` is picked too), ``latency`` runs part 3.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import urllib.request
@@ -137,20 +143,30 @@ def post_arrival(srv: ServerProc, base, pool, n: int) -> float:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--model", default="mlp1m")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--clients", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=None, help="rounds in the trace (default 5; quick 2)")
+    p.add_argument("--clients", type=int, default=None, help="clients per round (default 200; quick 40)")
+    p.add_argument("--bursts", type=int, default=4, help="bursts of clients per round")
+    p.add_argument("--burst-gap", type=float, default=0.5, metavar="S", help="idle seconds between bursts")
+    p.add_argument("--round-gap", type=float, default=None, metavar="S",
+                   help="idle seconds after each round (default 2.0; quick 1.0)")
+    p.add_argument("--part", nargs="+", choices=("cpu", "dispatch", "latency", "all"), default=["all"],
+                   help="what to run (default all)")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     quick = args.quick
+    parts = {"cpu", "dispatch", "latency"} if "all" in args.part else set(args.part)
     reps = args.reps or (2 if quick else 3)
-    rounds, clients = (2, 40) if quick else (args.rounds, args.clients)
-    bursts, gap_s, round_gap_s = 4, 0.5, (1.0 if quick else 2.0)
+    rounds = args.rounds or (2 if quick else 5)
+    clients = args.clients or (40 if quick else 200)
+    bursts, gap_s = args.bursts, args.burst_gap
+    round_gap_s = args.round_gap if args.round_gap is not None else (1.0 if quick else 2.0)
     base = model_arrays(args.model)
     pool = [perturbed(base, i) for i in range(8)]
     rep = Report("bench_serverless", "Serverless control plane: elastic LIFL ÷ always-on and ÷ static plans",
                  {"model": Layout.from_arrays(base).describe(), "trace": f"{rounds} rounds x {clients} clients in "
                   f"{bursts} bursts, {gap_s}s gaps, {round_gap_s}s idle between rounds",
-                  "functions": args.workers, "reps (interleaved)": reps, "quick": quick})
+                  "parts": " ".join(sorted(parts)), "functions": args.workers, "reps (interleaved)": reps,
+                  "quick": quick, "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())})
 
     elastic = dict(workers=args.workers, leaves=args.workers, metrics_port=0, keep_alive_s=30.0)
     always_on = dict(workers=args.workers, leaves=args.workers, min_workers=args.workers, keep_alive_s=1e9,
@@ -167,14 +183,29 @@ def main() -> None:
         with ServerProc("lifl", env={"LIFL_FUNCTION_POLL_S": "0.001"}, **always_on) as srv:
             return trace(srv, base, pool, rounds, clients, bursts, gap_s, round_gap_s)
 
-    res = interleave([("elastic", run_elastic), ("always_on", run_always_on)], reps=reps, warmup=0)
-    rep.add("bursty trace", "CPU-seconds ÷ always-on", [x[0] for x in res["elastic"]],
-            [x[0] for x in res["always_on"]], "CPU-s", goal="<= 0.5", better="lower", threshold=0.5,
-            peer_label="always-on")
-    rep.notes.append("idle CPU between rounds (CPU-s per s): elastic "
-                     f"{median([x[1] for x in res['elastic']]):.4f}, always-on "
-                     f"{median([x[1] for x in res['always_on']]):.4f}")
+    if "cpu" in parts:
+        res = interleave([("elastic", run_elastic), ("always_on", run_always_on)], reps=reps, warmup=0)
+        rep.add("bursty trace", "CPU-seconds ÷ always-on", [x[0] for x in res["elastic"]],
+                [x[0] for x in res["always_on"]], "CPU-s", goal="<= 0.5", better="lower", threshold=0.5,
+                peer_label="always-on")
+        rep.raw["idle CPU-s/s"] = {k: [x[1] for x in v] for k, v in res.items()}
+        rep.notes.append("idle CPU between rounds (CPU-s per s): elastic "
+                         f"{median([x[1] for x in res['elastic']]):.4f}, always-on "
+                         f"{median([x[1] for x in res['always_on']]):.4f}")
+        rep.notes.append("per rep (CPU-s, idle CPU-s/s): " + "; ".join(
+            f"{k} " + ", ".join(f"({t:.2f}, {i:.4f})" for t, i in v) for k, v in res.items()))
+    elif "dispatch" in parts:
+        interleave([("elastic", run_elastic)], reps=reps, warmup=0)
+    if "dispatch" in parts:
+        report_dispatch(rep, metrics)
+    if "latency" in parts:
+        report_latency(rep, base, pool, args.workers, quick)
+    rep.notes.append("load average at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    rep.print()
+    rep.write(args.out)
 
+
+def report_dispatch(rep: Report, metrics: list[dict]) -> None:
     cold = [hist_mean(m, "lifl_dispatch_seconds", (("start", "cold"),)) * 1000 for m in metrics]
     warm = [hist_mean(m, "lifl_dispatch_seconds", (("start", "warm"),)) * 1000 for m in metrics]
     n_cold = sum(m.get(("lifl_dispatches_total", (("start", "cold"),)), 0) for m in metrics)
@@ -188,11 +219,13 @@ def main() -> None:
     rep.notes.append(f"dispatches sent at arrival: {int(n_warm)} warm, {int(n_cold)} cold -> warm share "
                      f"{n_warm / max(1, n_warm + n_cold):.1%} (goal >= 95%)")
 
+
+def report_latency(rep: Report, base, pool, workers: int, quick: bool) -> None:
     n = 20 if quick else 60
     statics = {"static 1 leaf": dict(leaves=1, fan_in=2), "static 2 leaves": dict(leaves=2, fan_in=2)}
     cases = [("elastic", lambda: post_arrival(srv_e, base, pool, n))]
-    with ServerProc("lifl", workers=args.workers, leaves=args.workers) as srv_e:
-        srvs = {k: ServerProc("lifl", workers=args.workers, planner="static", **v) for k, v in statics.items()}
+    with ServerProc("lifl", workers=workers, leaves=workers) as srv_e:
+        srvs = {k: ServerProc("lifl", workers=workers, planner="static", **v) for k, v in statics.items()}
         try:
             for k, s in srvs.items():
                 cases.append((k, lambda s=s: post_arrival(s, base, pool, n)))
@@ -207,8 +240,6 @@ def main() -> None:
             goal="<= 1.1", better="lower", threshold=1.1, peer_label=best, scale=1000)
     for k in statics:
         rep.notes.append(f"post-arrival {k}: {median(lat[k]) * 1000:.1f} ms")
-    rep.print()
-    rep.write(args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ evicted only when a slot of another size needs room.
 """
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import re
@@ -24,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+
+
+_SERIALS = itertools.count(1)  # per process, not per arena: two servers in one process never collide
 
 
 class BudgetExhausted(RuntimeError):
@@ -123,7 +127,6 @@ class Arena:
     def __init__(self, budget_bytes: int, prefix: str = "lifl", shm_dir: Path = SHM_DIR):
         self.budget = int(budget_bytes)
         self.prefix, self.shm_dir = prefix, shm_dir
-        self._serial = 0
         self._cond = threading.Condition()
         self._free: dict[int, list[Segment]] = {}   # size -> cached free update slots
         self._in_use: dict[str, Segment] = {}        # update slots handed out
@@ -135,8 +138,7 @@ class Arena:
 
     # -- naming / creation ---------------------------------------------------
     def _new(self, size: int) -> Segment:
-        self._serial += 1
-        return Segment(f"{self.prefix}-{os.getpid()}-{self._serial}", size, create=True, shm_dir=self.shm_dir)
+        return Segment(f"{self.prefix}-{os.getpid()}-{next(_SERIALS)}", size, create=True, shm_dir=self.shm_dir)
 
     # -- budgeted update slots ---------------------------------------------
     def _cached_bytes(self) -> int:

@@ -50,6 +50,12 @@ def test_shared_segment_lives_until_its_last_holder_lets_go(shm_prefix):
     assert list_segments(shm_prefix) == []
 
 
+def test_two_arenas_in_one_process_never_collide(shm_prefix):
+    with Arena(1000, prefix=shm_prefix) as a, Arena(1000, prefix=shm_prefix) as b:
+        assert a.scratch(64).name != b.scratch(64).name        # two servers in one process, same prefix
+    assert list_segments(shm_prefix) == []
+
+
 def test_results_take_idle_slots_and_give_them_back_within_the_budget(shm_prefix):
     with Arena(1000, prefix=shm_prefix) as a:
         s1, s2 = a.acquire_slot(400), a.acquire_slot(400)

@@ -12,7 +12,8 @@ round reference (``lifl.round``, ``lifl.job``, ``lifl.address``, weighting key,
 ...) to each message's ConfigRecord. With ``pull_model=True`` the round is opened
 with the model itself and the messages carry no ArrayRecord at all: the client
 mod pulls the model from LIFL, so the SuperLink moves neither the global model
-nor the updates. Without it LIFL never receives the model (it only needs the
+nor the updates. When that model is the one the previous round returned (LIFL's
+result), the round is opened ``from_round`` it: no upload and no copy in LIFL. Without it LIFL never receives the model (it only needs the
 layout to fold updates), which saves an upload and a model-sized segment per round.
 
 Clients with :func:`lifl.flower.lifl_mod` stream their update to LIFL and reply
@@ -40,6 +41,7 @@ import math
 import time
 from collections.abc import Iterable
 
+import grpc
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -90,6 +92,7 @@ class LiflStrategy(Strategy):
         self.pull_model, self.pull_wait_s = pull_model, pull_wait_s
         self._client = Client(address, token=token, root_cert=root_cert)
         self._rounds: dict[int, int] = {}       # flower server_round -> LIFL round id
+        self._last: tuple[ArrayRecord, int] | None = None   # the model aggregate_train returned, its LIFL round
         self.last_round_detail: str = ""
 
     # -- delegation ------------------------------------------------------------------
@@ -123,14 +126,18 @@ class LiflStrategy(Strategy):
         if not messages:
             return messages
         model = arrays_to_numpy(arrays)          # read-only views over the ArrayRecord's bytes, no copy
+        rid = 0
         # Only the pull option needs LIFL to hold the model (clients fetch it from there); otherwise the
         # round is opened with the tensor layout alone: no model upload, no model-sized segment in LIFL.
         try:
-            if self.pull_model:
+            if self.pull_model and self._last is not None and self._last[0] is arrays:
+                # the global model is the result LIFL just computed: open from it, no upload, no copy
+                rid = self._open_from(self._last[1], len(messages))
+            if self.pull_model and not rid:
                 rid = self._client.open_round(model, expected=len(messages),
                                               quorum=self._quorum_for(len(messages)),
                                               deadline_s=self.deadline_s, job=self.job)
-            else:
+            elif not self.pull_model:
                 rid = self._client.open_round(layout=Layout.from_arrays(model), expected=len(messages),
                                               quorum=self._quorum_for(len(messages)),
                                               deadline_s=self.deadline_s, job=self.job)
@@ -139,6 +146,7 @@ class LiflStrategy(Strategy):
                                f"{e.code.name}: {e.message}") from None
         del model
         release_heap()
+        self._last = None
         self._rounds[server_round] = rid
         log.info("LIFL round %d opened for server round %d (%d clients)", rid, server_round, len(messages))
         akey, ckey = self.inner.arrayrecord_key, self.inner.configrecord_key
@@ -207,7 +215,19 @@ class LiflStrategy(Strategy):
             return None, None
 
         metrics = self.inner.train_metrics_aggr_fn(counted, self.inner.weighted_by_key) if counted else None
+        self._last = (arrays, rid)
         return arrays, metrics
+
+    def _open_from(self, prev: int, expected: int) -> int:
+        """Open a round whose model is LIFL round ``prev``'s result; 0 if LIFL no longer has it."""
+        try:
+            return self._client.open_round(from_round=prev, expected=expected, quorum=self._quorum_for(expected),
+                                           deadline_s=self.deadline_s, job=self.job)
+        except RpcFailure as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.info("LIFL round %d's result is gone (%s); uploading the model", prev, e.message)
+            return 0
 
     def _push_for(self, rid: int, m: Message) -> None:
         content = m.content

@@ -204,6 +204,39 @@ def test_strategy_pull_option_sends_no_model(server, task_identity):
     s.close()
 
 
+def test_strategy_pull_option_opens_the_next_round_from_lifls_result(server, task_identity):
+    """With pull_model the round after a LIFL-aggregated one starts from LIFL's own result
+    (no upload, no copy); a model that is not that result is uploaded as before."""
+    s = LiflStrategy(FedAvg(min_available_nodes=2, min_train_nodes=2), address=server.address, pull_model=True)
+    rounds, arrays = [], ArrayRecord({k: Array(v) for k, v in model().items()})
+    for rnd in (1, 2):
+        msgs = list(s.configure_train(rnd, arrays, ConfigRecord(), FakeGrid([1, 2])))
+        rounds.append(msgs[0].content["config"][K.ROUND])
+        with Client(server.address) as c:      # what the clients will pull: this round's model
+            pulled = c.pull(rounds[-1], initial=True)
+        for k in pulled:
+            np.testing.assert_array_equal(pulled[k], arrays[k].numpy())
+        replies = []
+        for m, seed in zip(msgs, (rnd, rnd + 10)):
+            ctx_m = Context(run_id=1, node_id=m.metadata.dst_node_id, node_config={}, state=RecordDict(),
+                            run_config={})
+            replies.append(lifl_mod(_reply_to(m, m.metadata.dst_node_id), ctx_m, handler(model(seed), 5.0)))
+        arrays, _ = s.aggregate_train(rnd, replies)
+    d = server.dispatcher
+    assert d.get("default", rounds[0]).from_round == 0
+    assert d.get("default", rounds[1]).from_round == rounds[0]
+    other = ArrayRecord({k: Array(v + 1) for k, v in model().items()})  # e.g. a server-side step changed it
+    msgs = list(s.configure_train(3, other, ConfigRecord(), FakeGrid([1, 2])))
+    r3 = msgs[0].content["config"][K.ROUND]
+    assert d.get("default", r3).from_round == 0
+    with Client(server.address) as c:
+        got = c.pull(r3, initial=True)
+        c.close_round(r3, abort=True)
+    for k in got:
+        np.testing.assert_array_equal(got[k], model()[k] + 1)
+    s.close()
+
+
 # -- memory helpers: zero-copy views, one-copy Arrays, streamed pulls --------------------------------
 def _odd_arrays():
     import ml_dtypes
