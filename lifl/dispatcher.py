@@ -662,12 +662,13 @@ class Dispatcher:
                 self._enqueue(w, Task({"op": "forget", "segments": [], "layouts": [run.round.id]}, None))
 
     def _evict_old(self) -> None:
-        """Forget finished rounds beyond ``keep_rounds``. A finished round opened from another's
-        result lets go of that model at once: it is the other round's to keep, and holding it
-        for every kept round would pin one more model per round."""
+        """Forget finished rounds beyond ``keep_rounds``. A finished round lets go of the model it
+        was opened with at once (only results are kept): its clients have fetched it, the
+        operator has it, and when it was another round's result that round keeps it; holding
+        it would pin one more model per kept round."""
         finished = [r for r in self._runs.values() if r.round.state in (State.DONE, State.FAILED)]
         for run in finished:
-            if run.from_round and run.initial is not None and run.readers == 0:
+            if run.initial is not None and run.readers == 0:
                 self.arena.free(run.initial.name)
                 run.initial = None
         for run in finished[:-self.config.keep_rounds] if self.config.keep_rounds else finished:
@@ -690,6 +691,9 @@ class Dispatcher:
                 if run.initial is None and run.from_round:
                     raise LiflError("NOT_FOUND", f"round {rid} is finished and its initial model was round "
                                                  f"{run.from_round}'s result: pull that round's result instead")
+                if run.initial is None and run.round.state in (State.DONE, State.FAILED):
+                    raise LiflError("NOT_FOUND", f"round {rid} is finished and its initial model is no longer "
+                                                 "kept (only results are, for the last keep_rounds rounds)")
                 if run.initial is None:
                     raise LiflError("NOT_FOUND", f"round {rid} was opened without an initial model")
                 yield run, run.initial

@@ -78,7 +78,8 @@ def test_cli_end_to_end(tmp_path, shm_prefix):
         bad = run_cli("push", *addr, "--round", "42", "--client", "x", "--num-examples", "1",
                       str(tmp_path / "u0.npz"), ok=False)
         assert bad.returncode == 1 and bad.stderr.startswith("lifl: NOT_FOUND") and bad.stderr.count("\n") == 1
-        bad = run_cli("pull", *addr, "--round", "1", "-o", str(tmp_path / "x.npz"), "--initial", ok=True)
+        bad = run_cli("pull", *addr, "--round", "1", "-o", str(tmp_path / "x.npz"), "--initial", ok=False)
+        assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "no longer kept" in bad.stderr
         bad = run_cli("round", "open", *addr, "--model", str(tmp_path / "missing.npz"), "--expected", "1", ok=False)
         assert bad.returncode == 1 and "cannot read model file" in bad.stderr
         dead = run_cli("status", "--address", "127.0.0.1:1", ok=False)

@@ -78,11 +78,14 @@ def test_large_model_many_chunks(server):
     ups = [{k: (v + rng.standard_normal(v.shape).astype(np.float32)) for k, v in base.items()} for _ in range(3)]
     with Client(server.address, chunk_size=1 << 20) as c:
         rid = c.open_round(base, expected=3)
+        init = c.pull(rid, initial=True)    # what clients fetch while the round is open
         for i, u in enumerate(ups):
             r = c.push(rid, u, i + 1, f"c{i}")
             assert r.bytes_received == 12_000_000 + 33 * 4  # second tensor starts at an aligned 12e6
         got = c.pull(rid, wait_s=30)
-        init = c.pull(rid, initial=True)
+        with pytest.raises(RpcFailure) as e:   # once finished, only the result is kept
+            c.pull(rid, initial=True)
+        assert e.value.code == grpc.StatusCode.NOT_FOUND and "no longer kept" in e.value.message
     assert_matches(got, fedavg64(ups, [1, 2, 3]))
     assert all(np.array_equal(init[k], base[k]) for k in base)
 
