@@ -42,27 +42,15 @@ def _as_f64(x: np.ndarray, kid: int) -> np.ndarray:
     return x.astype(np.float64)
 
 
-def fold_arrays(acc: np.ndarray, sources: Sequence[np.ndarray], weights: Sequence[float], kid: int,
-                base: np.ndarray | None = None) -> None:
-    """acc += Σ wₖ·xₖ for flat sources of one storage dtype (kernel id ``kid``).
-
-    With ``base``: acc = base + Σ wₖ·xₖ, leaving base untouched (how functions fold,
-    so that a fold cut short by a crash can be re-run from base exactly once).
-    """
-    if not len(sources):
-        if base is not None:
-            np.copyto(acc, base)
-        return
+def fold_arrays(acc: np.ndarray, sources: Sequence[np.ndarray], weights: Sequence[float], kid: int) -> None:
+    """acc += Σ wₖ·xₖ for flat sources of one storage dtype (kernel id ``kid``)."""
     for start in range(0, len(sources), MAX_FUSE):
         src, w = sources[start:start + MAX_FUSE], [float(x) for x in weights[start:start + MAX_FUSE]]
         if _foldc is not None:
-            _foldc.fold(acc, src, w, kid, base)
+            _foldc.fold(acc, src, w, kid)
         else:
-            if base is not None:
-                np.copyto(acc, base)
             for x, wk in zip(src, w):
                 acc += wk * _as_f64(x, kid)
-        base = None
 
 
 class UpdateViews:
@@ -75,12 +63,10 @@ class UpdateViews:
                       for s, off in zip(layout.specs, layout.offsets)]
 
 
-def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews], weights: Sequence[float],
-                 base: np.ndarray | None = None) -> None:
+def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews], weights: Sequence[float]) -> None:
     """Fold client updates (native layout) into a float64 accumulator of ``layout.numel`` elements."""
     for i, (spec, e) in enumerate(zip(layout.specs, layout.elem_offsets)):
-        fold_arrays(acc[e:e + spec.numel], [u.views[i] for u in updates], weights, kernel_id(spec.dtype),
-                    None if base is None else base[e:e + spec.numel])
+        fold_arrays(acc[e:e + spec.numel], [u.views[i] for u in updates], weights, kernel_id(spec.dtype))
 
 
 #: Elements of the float64 sum folded and committed as one piece (1 MiB: it stays in cache
@@ -173,9 +159,9 @@ def add_partials(partials: Sequence[np.ndarray]):
     return add
 
 
-def fold_partials(acc: np.ndarray, partials: Sequence[np.ndarray], base: np.ndarray | None = None) -> None:
-    """acc += Σ partialₖ (children's float64 weighted sums); with base, acc = base + Σ."""
-    fold_arrays(acc, partials, [1.0] * len(partials), 1, base)
+def fold_partials(acc: np.ndarray, partials: Sequence[np.ndarray]) -> None:
+    """acc += Σ partialₖ (children's float64 weighted sums)."""
+    fold_arrays(acc, partials, [1.0] * len(partials), 1)
 
 
 def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> None:

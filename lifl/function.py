@@ -6,7 +6,8 @@ Commands arrive as JSON lines on an inherited Unix socket, one at a time;
 each is answered with ``{"seq": n, "ok": true, ...}`` or an error. No pickle.
 
 Commands (a round's first one on a function carries its layout): ``fold``
-(updates and/or child partials into an accumulator, from a base or from zero), ``finalize``
+(updates or child partials into an accumulator, in place and journaled: from its
+committed generation or from zero), ``finalize``
 (accumulator / total weight -> native-dtype result), ``forget`` (drop cached
 mappings), ``exit``.
 """

@@ -247,16 +247,15 @@ class Arena:
             seg = self._others.get(name)
             if seg is None:
                 raise KeyError(f"segment {name} is not held by this arena")
-            self._refs[name] = self._refs.get(name, 1) + 1
+            self._refs[name] = self._refs.get(name, 0) + 1
             return seg
 
     def _last_holder(self, name: str) -> bool:
-        n = self._refs.pop(name, 1)
-        if n > 1:
-            if n > 2:
-                self._refs[name] = n - 1
-            return False
-        return True
+        """Count one holder out; True if it was the last (call with the lock held)."""
+        extra = self._refs.pop(name, 0)
+        if extra > 1:
+            self._refs[name] = extra - 1
+        return extra == 0
 
     def release_scratch(self, name: str) -> None:
         with self._cond:
