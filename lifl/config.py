@@ -33,6 +33,7 @@ class ServerConfig:
     max_chunk_bytes: int = 8 * MiB
     header_limit_bytes: int = 1 * MiB
     keep_rounds: int = 8              # results kept for Pull
+    release_idle_shm: bool = True     # no round running: unlink cached update slots and accumulators
     grpc_threads: int = 32
     grpc_bdp_probe: bool = True       # gRPC grows stream windows by probing bandwidth: off saves memory (server.py)
     pull_buffer_mb: int = 8           # model bytes all Pull streams together may have in gRPC's send buffers

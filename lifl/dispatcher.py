@@ -660,6 +660,21 @@ class Dispatcher:
             if run.round.id in w.layouts:
                 w.layouts.discard(run.round.id)
                 self._enqueue(w, Task({"op": "forget", "segments": [], "layouts": [run.round.id]}, None))
+        self._let_go_of_memory()
+
+    def _let_go_of_memory(self) -> None:
+        """With no round running, unlink the cached update slots and accumulators
+        (``release_idle_shm``): an idle server then holds only the results it keeps, and the next
+        round pays a few ms per model-sized segment to map fresh ones. Functions are told to unmap
+        every segment the arena unlinked: a segment still mapped is still memory."""
+        if self.config.release_idle_shm and not any(
+                r.round.state in (State.OPEN, State.AGGREGATING) for r in self._runs.values()):
+            self.arena.trim()
+        names = self.arena.drain_unlinked()
+        if names:
+            for w in self._workers:
+                if not w.dead:
+                    self._enqueue(w, Task({"op": "forget", "segments": names, "layouts": []}, None))
 
     def _evict_old(self) -> None:
         """Forget finished rounds beyond ``keep_rounds``. A finished round lets go of the model it
@@ -678,6 +693,7 @@ class Dispatcher:
                 if run.initial is not None:
                     self.arena.free(run.initial.name)
                 del self._runs[run.round.id]
+        self._let_go_of_memory()
 
     # -- results -----------------------------------------------------------------
     @contextmanager

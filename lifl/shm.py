@@ -133,6 +133,7 @@ class Arena:
         self._scratch_free: dict[int, list[Segment]] = {}
         self._others: dict[str, Segment] = {}        # accumulators, results, initial models
         self._refs: dict[str, int] = {}              # extra holders of an _others segment (share())
+        self._unlinked: list[str] = []               # unlinked since drain_unlinked(): functions may still map them
         self._closed = False
         self.reclaimed = reclaim_stale(prefix, shm_dir)
 
@@ -181,8 +182,7 @@ class Arena:
             while segs and excess > 0:
                 seg = segs.pop()
                 excess -= seg.size
-                seg.close()
-                seg.unlink()
+                self._drop(seg)
 
     def release_slot(self, name: str) -> None:
         with self._cond:
@@ -237,8 +237,7 @@ class Arena:
                 self._free.setdefault(seg.size, []).append(seg)
                 self._cond.notify_all()
                 return
-        seg.close()
-        seg.unlink()
+            self._drop(seg)
 
     def share(self, name: str) -> Segment:
         """One more holder of a held segment (a round opened from another's result reads the
@@ -285,9 +284,32 @@ class Arena:
             if not self._last_holder(name):
                 return
             seg = self._others.pop(name, None)
-        if seg is not None:
-            seg.close()
-            seg.unlink()
+            if seg is not None:
+                self._drop(seg)
+
+    def _drop(self, seg: Segment) -> None:
+        """Unmap and unlink a segment this arena no longer holds (call with the lock held)."""
+        seg.close()
+        seg.unlink()
+        self._unlinked.append(seg.name)
+
+    def trim(self) -> int:
+        """Unlink every cached free segment (update slots, accumulators, journals): all an idle
+        server holds beyond the results it keeps. Returns the bytes let go."""
+        with self._cond:
+            segs = [s for group in (self._free, self._scratch_free) for ss in group.values() for s in ss]
+            self._free.clear()
+            self._scratch_free.clear()
+            for seg in segs:
+                self._drop(seg)
+            return sum(s.size for s in segs)
+
+    def drain_unlinked(self) -> list[str]:
+        """Names unlinked since the last call. A function that still maps one keeps its pages
+        alive, so the server tells its functions to forget them."""
+        with self._cond:
+            names, self._unlinked = self._unlinked, []
+            return names
 
     def stats(self) -> ArenaStats:
         with self._cond:

@@ -169,3 +169,52 @@ def test_function_killed_mid_fold_is_rerun_exactly_once(make_server, monkeypatch
     assert killed >= 1
     assert srv.metrics.registry.get_sample_value("lifl_tasks_retried_total") >= 1
     assert_matches(got, fedavg64(ups, ws))
+
+
+def _mapped_segments(pid: int, prefix: str) -> set[str]:
+    """Names of the prefix's shared-memory files a process maps (unlinked ones end in ' (deleted)')."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split("/dev/shm/", 1)[1].strip() for line in f if f"/dev/shm/{prefix}" in line}
+
+
+def _round_of_three(srv, base):
+    from support import assert_matches, fedavg64, perturb
+    ups = [perturb(base, i) for i in range(3)]
+    with Client(srv.address) as c:
+        rid = c.open_round(base, expected=3)
+        for i, u in enumerate(ups):
+            c.push(rid, u, i + 1, f"c{i}")
+        assert_matches(c.pull(rid, wait_s=20), fedavg64(ups, [1, 2, 3]))
+    return rid
+
+
+def test_an_idle_server_holds_only_kept_results_and_functions_unmap_the_rest(make_server, shm_prefix):
+    srv = make_server(workers=2, leaves=2, keep_rounds=1)
+    base = small_model()
+    _round_of_three(srv, base)
+    pids = [w.handle.pid for w in srv.dispatcher.workers()]
+    assert pids, "the round ran on functions"
+    for _ in range(100):      # forget commands are asynchronous: wait for the functions to unmap
+        held = set(list_segments(shm_prefix))
+        mapped = set().union(*(_mapped_segments(p, shm_prefix) for p in pids))
+        if not any(m.endswith("(deleted)") for m in mapped):
+            break
+        time.sleep(0.05)
+    assert len(held) == 1, held                       # the round's result, nothing cached
+    assert not any(m.endswith("(deleted)") for m in mapped), mapped   # no unlinked segment still mapped
+    st = srv.arena.stats()
+    assert st.slot_bytes_cached == 0 and st.slots_in_use == 0
+    _round_of_three(srv, base)                        # the next round maps fresh segments, same exact result
+    for _ in range(100):
+        if len(list_segments(shm_prefix)) == 1:
+            break
+        time.sleep(0.05)
+    assert len(list_segments(shm_prefix)) == 1        # keep_rounds=1: the first result went too
+
+
+def test_release_idle_shm_off_keeps_the_cache_for_the_next_round(make_server, shm_prefix):
+    srv = make_server(workers=2, leaves=2, release_idle_shm=False)
+    _round_of_three(srv, small_model())
+    # the result plus the two leaves' accumulators and journals, kept for the next round
+    assert len(list_segments(shm_prefix)) == 5
+    assert srv.arena.stats().other_bytes > 2 * 8 * sum(a.size for a in small_model().values())

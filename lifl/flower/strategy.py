@@ -28,9 +28,13 @@ LIFL by the strategy on the client's behalf, so mixed fleets stay exact.
 
 Supported wrapped strategies: :class:`flwr.serverapp.strategy.FedAvg` and
 subclasses whose server-side aggregation is the plain weighted mean
-(``aggregate_train`` not overridden, e.g. ``FedProx``). Strategies that apply
-a server optimizer after the mean (FedAvgM, FedAdam, ...) or robust
-aggregation (Krum, median, ...) are refused unless ``allow_any=True``.
+(``aggregate_train`` not overridden, e.g. ``FedProx``), and the strategies that
+apply a server optimizer to that mean (``FedAvgM``, ``FedAdam``, ``FedYogi``,
+``FedAdagrad``): they are handed LIFL's mean as their only reply (the weighted
+mean of one reply is itself) and take their server step from it as usual.
+Robust aggregation (Krum, median, trimmed mean, ...) needs every update, not
+their mean, and is refused unless ``allow_any=True`` (then LIFL's plain FedAvg
+is used instead).
 Evaluation (``configure_evaluate`` / ``aggregate_evaluate``) and ``summary``
 are delegated unchanged.
 """
@@ -42,9 +46,9 @@ import time
 from collections.abc import Iterable
 
 import grpc
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
 
 from ..client import Client, RpcFailure
 from ..layout import Layout
@@ -52,6 +56,14 @@ from . import config as K
 from .mod import arrays_to_numpy, pull_arrays, release_heap
 
 log = logging.getLogger("flwr.lifl")  # propagates to Flower's log handlers
+
+# aggregate_train methods that are "weighted mean, then a server optimizer step on it"
+SERVER_STEPS = {cls.aggregate_train for cls in (FedAvgM, FedAdam, FedYogi, FedAdagrad)}
+
+
+def takes_server_step(strategy: FedAvg) -> bool:
+    """True if the strategy moves the model from the weighted mean with a server optimizer."""
+    return type(strategy).aggregate_train in SERVER_STEPS
 
 
 class LiflStrategy(Strategy):
@@ -79,10 +91,12 @@ class LiflStrategy(Strategy):
                  pull_wait_s: float = 600.0, allow_any: bool = False):
         if not isinstance(strategy, FedAvg):
             raise TypeError(f"LiflStrategy wraps FedAvg-family strategies, got {type(strategy).__name__}")
-        if not allow_any and type(strategy).aggregate_train is not FedAvg.aggregate_train:
+        self.server_step = takes_server_step(strategy)
+        if not (allow_any or self.server_step or type(strategy).aggregate_train is FedAvg.aggregate_train):
             raise TypeError(
-                f"{type(strategy).__name__} overrides aggregate_train, so its result is not the plain weighted "
-                "mean LIFL computes; pass allow_any=True to use LIFL's FedAvg anyway")
+                f"{type(strategy).__name__} overrides aggregate_train, so its result is neither the weighted mean "
+                "LIFL computes nor a server optimizer step from it (FedAvgM, FedAdam, FedYogi, FedAdagrad); "
+                "pass allow_any=True to use LIFL's FedAvg anyway")
         if isinstance(quorum, float) and not 0.0 <= quorum <= 1.0:
             raise ValueError(f"a fractional quorum must be in [0, 1], got {quorum}")
         self.inner = strategy
@@ -205,7 +219,8 @@ class LiflStrategy(Strategy):
             deadline = time.monotonic() + self.pull_wait_s
             arrays = pull_arrays(self._client, rid, wait_s=self.pull_wait_s, job=self.job)
             release_heap()
-            self.last_round_detail = self._client.round_info(rid, job=self.job).detail
+            info = self._client.round_info(rid, job=self.job)
+            self.last_round_detail = info.detail
             log.info("LIFL round %d: %s (%.3fs left of the pull wait)", rid, self.last_round_detail,
                      deadline - time.monotonic())
         except RpcFailure as e:
@@ -215,8 +230,24 @@ class LiflStrategy(Strategy):
             return None, None
 
         metrics = self.inner.train_metrics_aggr_fn(counted, self.inner.weighted_by_key) if counted else None
-        self._last = (arrays, rid)
+        if self.server_step:
+            arrays = self._step_from_mean(server_round, arrays, info.total_weight)
+            self._last = None            # the new model is not LIFL's result: the next round uploads it
+        else:
+            self._last = (arrays, rid)
         return arrays, metrics
+
+    def _step_from_mean(self, server_round: int, mean: ArrayRecord, total_weight: float) -> ArrayRecord | None:
+        """The wrapped strategy's server optimizer step, from LIFL's weighted mean given as the only
+        reply: FedAvg's mean of a single reply is that reply, so the step sees the mean it would
+        have computed itself (in float64, cast back, rather than Flower's float32 sum)."""
+        reply = Message(RecordDict({self.inner.arrayrecord_key: mean,
+                                    "metrics": MetricRecord({self.inner.weighted_by_key: float(total_weight)})}),
+                        dst_node_id=0, message_type=MessageType.TRAIN)
+        arrays, _ = self.inner.aggregate_train(server_round, [reply])
+        if arrays is None:
+            return None
+        return keep_dtypes(arrays, mean)
 
     def _open_from(self, prev: int, expected: int) -> int:
         """Open a round whose model is LIFL round ``prev``'s result; 0 if LIFL no longer has it."""
@@ -244,3 +275,17 @@ class LiflStrategy(Strategy):
 
     def close(self) -> None:
         self._client.close()
+
+
+def keep_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each tensor in ``like``'s dtype. Flower's FedOpt family returns float64 for
+    float32 models (its step multiplies by numpy float64 scalars); a LIFL round's layout is fixed
+    by its model, so an upcast global model would make every client's float32 update a wrong
+    layout in the next round."""
+    changed = {k: a for k, a in arrays.items() if k in like and a.dtype != like[k].dtype}
+    if not changed:
+        return arrays
+    log.info("server step returned %s for %d tensors; cast back to the clients' dtypes",
+             sorted({a.dtype for a in changed.values()}), len(changed))
+    return ArrayRecord({k: Array(a.numpy().astype(like[k].dtype)) if k in changed else a
+                        for k, a in arrays.items()})

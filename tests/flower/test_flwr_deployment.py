@@ -57,6 +57,25 @@ def test_deployment_pull_model_from_lifl(stack, outdir):
     assert max_rel_diff(outdir / "stock.npz", outdir / "pull.npz") <= 1e-6
 
 
+@pytest.mark.parametrize("strategy,extra", [("fedavgm", {"server-momentum": 0.9}),
+                                             ("fedadam", {"server-lr": 0.05})])
+def test_server_optimizer_strategies_step_from_lifls_mean(stack, outdir, strategy, extra):
+    """FedAvgM / FedAdam wrapped: LIFL computes the mean, the strategy's server step runs on it.
+    Flower's FedAdam turns a float32 model into float64; the wrapper keeps the clients' float32
+    (a LIFL round's layout is its model's), so for it only the values are compared."""
+    cfg = {"strategy": strategy, **extra}
+    run(stack, outdir / f"stock-{strategy}", lifl=False, **cfg)
+    summary, log = run(stack, outdir / f"lifl-{strategy}", lifl=True, **{"lifl-pull": True}, **cfg)
+    assert log.count("LIFL round") >= ROUNDS and "all 3 expected updates arrived" in summary["last_round_detail"]
+    assert len(summary["train_metrics"]) == ROUNDS
+    assert max_rel_diff(outdir / f"stock-{strategy}.npz", outdir / f"lifl-{strategy}.npz",
+                        same_dtypes=strategy != "fedadam") <= 1e-6
+    if not (outdir / "stock.npz").exists():
+        run(stack, outdir / "stock", lifl=False)
+    # the server step moved the model away from plain FedAvg's
+    assert max_rel_diff(outdir / "stock.npz", outdir / f"lifl-{strategy}.npz") > 1e-3
+
+
 def test_client_failing_mid_round_closes_on_quorum(stack, outdir):
     run(stack, outdir / "stock-fault", lifl=False, **FAULT, **{"fault-kind": "raise"})
     summary, log = run(stack, outdir / "lifl-fault", lifl=True, **FAULT, **{"fault-kind": "raise", "lifl-quorum": 0.6})

@@ -138,11 +138,18 @@ def test_pull_option_puts_the_model_into_the_message(server):
 
 
 def test_strategy_refuses_non_mean_strategies(server):
-    with pytest.raises(TypeError):
-        LiflStrategy(FedAvgM(), address=server.address)
+    from flwr.serverapp.strategy import FedAdam, FedMedian, FedTrimmedAvg, Krum
+
+    for robust in (FedMedian(), FedTrimmedAvg(), Krum()):      # need every update, not the mean
+        with pytest.raises(TypeError, match="allow_any"):
+            LiflStrategy(robust, address=server.address)
     s = LiflStrategy(FedAvg(), address=server.address)
-    assert s.weighted_by_key == "num-examples"                    # delegated to the wrapped FedAvg
+    assert s.weighted_by_key == "num-examples" and not s.server_step   # delegated to the wrapped FedAvg
     s.close()
+    for opt in (FedAvgM(server_momentum=0.9), FedAdam()):     # a server step on the mean: accepted
+        s = LiflStrategy(opt, address=server.address)
+        assert s.server_step
+        s.close()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ configured, so the run config switch `lifl` alone decides whether LIFL aggregate
 from __future__ import annotations
 
 import os
+import time
 
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,6 +33,11 @@ def _maybe_fail(context: Context, server_round: int, arrays: ArrayRecord) -> Arr
         raise RuntimeError(f"injected fault: partition {_partition(context)} fails in round {server_round}")
     if kind == "exit":
         os._exit(3)
+    if kind == "hang":     # say so in <out>.hang, then never answer (a test kills this node meanwhile)
+        with open(str(rc.get("out", "")) + ".hang", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(float(rc.get("fault-hang-s", 300.0)))
+        raise RuntimeError(f"injected hang of partition {_partition(context)} ended without the node being killed")
     if kind == "layout":   # drop the last row of the first tensor: a layout LIFL must refuse
         items = list(arrays.items())
         k0, a0 = items[0]

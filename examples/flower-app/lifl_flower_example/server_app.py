@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from lifl.flower import LiflStrategy
 
@@ -25,13 +25,27 @@ def initial_arrays(model: str) -> ArrayRecord:
     return ArrayRecord(task.make_net().state_dict())
 
 
+def make_strategy(rc, n_min: int) -> FedAvg:
+    """FedAvg, or FedAvgM / FedAdam (a server optimizer step on the weighted mean), per run config `strategy`."""
+    common = dict(fraction_train=1.0, fraction_evaluate=float(rc["fraction-evaluate"]),
+                  min_train_nodes=n_min, min_evaluate_nodes=n_min, min_available_nodes=n_min)
+    name = str(rc["strategy"])
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=float(rc["server-lr"]),
+                       server_momentum=float(rc["server-momentum"]))
+    if name == "fedadam":
+        return FedAdam(**common, eta=float(rc["server-lr"]))
+    raise ValueError(f"run config strategy must be fedavg, fedavgm or fedadam, got {name!r}")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     model = str(rc["model"])
     n_min = int(rc["min-nodes"])
-    inner = FedAvg(fraction_train=1.0, fraction_evaluate=float(rc["fraction-evaluate"]),
-                   min_train_nodes=n_min, min_evaluate_nodes=n_min, min_available_nodes=n_min)
+    inner = make_strategy(rc, n_min)
     strategy = inner
     if bool(rc["lifl"]):
         strategy = LiflStrategy(inner, address=str(rc["lifl-address"]), job=str(rc["lifl-job"]),
