@@ -13,6 +13,7 @@ evicted only when a slot of another size needs room.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import mmap
 import os
@@ -133,7 +134,8 @@ class Arena:
         self._scratch_free: dict[int, list[Segment]] = {}
         self._others: dict[str, Segment] = {}        # accumulators, results, initial models
         self._refs: dict[str, int] = {}              # extra holders of an _others segment (share())
-        self._unlinked: list[str] = []               # unlinked since drain_unlinked(): functions may still map them
+        # unlinked since drain_unlinked(): functions may still map them (bounded: an arena nobody drains)
+        self._unlinked: collections.deque[str] = collections.deque(maxlen=4096)
         self._closed = False
         self.reclaimed = reclaim_stale(prefix, shm_dir)
 
@@ -308,7 +310,8 @@ class Arena:
         """Names unlinked since the last call. A function that still maps one keeps its pages
         alive, so the server tells its functions to forget them."""
         with self._cond:
-            names, self._unlinked = self._unlinked, []
+            names = list(self._unlinked)
+            self._unlinked.clear()
             return names
 
     def stats(self) -> ArenaStats:
