@@ -299,12 +299,17 @@ class Arena:
         """Unlink every cached free segment (update slots, accumulators, journals): all an idle
         server holds beyond the results it keeps. Returns the bytes let go."""
         with self._cond:
-            segs = [s for group in (self._free, self._scratch_free) for ss in group.values() for s in ss]
-            self._free.clear()
-            self._scratch_free.clear()
+            segs = self._take_cached()
             for seg in segs:
                 self._drop(seg)
             return sum(s.size for s in segs)
+
+    def _take_cached(self) -> list[Segment]:
+        """Remove and return every cached free segment (call with the lock held)."""
+        segs = [s for group in (self._free, self._scratch_free) for ss in group.values() for s in ss]
+        self._free.clear()
+        self._scratch_free.clear()
+        return segs
 
     def drain_unlinked(self) -> list[str]:
         """Names unlinked since the last call. A function that still maps one keeps its pages
@@ -330,9 +335,8 @@ class Arena:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            segs = list(self._in_use.values()) + list(self._others.values())
-            segs += [s for group in (self._free, self._scratch_free) for ss in group.values() for s in ss]
-            self._in_use.clear(); self._others.clear(); self._free.clear(); self._scratch_free.clear()
+            segs = list(self._in_use.values()) + list(self._others.values()) + self._take_cached()
+            self._in_use.clear(); self._others.clear()
             self._refs.clear()
             self._cond.notify_all()
         for seg in segs:
