@@ -8,6 +8,7 @@ import time
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .config import MiB, ServerConfig
 from .dispatcher import Dispatcher
@@ -26,6 +27,10 @@ def _make_runtime(config: ServerConfig, arena: Arena, metrics: Metrics):
     raise ValueError(f"unknown runtime {config.runtime!r}")
 
 
+#: Names the health service reports on: "" (the whole server) and each LIFL service.
+HEALTH_SERVICES = ("", "lifl.v1.Aggregation", "lifl.v1.Admin")
+
+
 class EmbeddedServer:
     """Start with ``with EmbeddedServer(ServerConfig(port=0)) as srv: ...``; ``srv.address`` is host:port."""
 
@@ -38,6 +43,9 @@ class EmbeddedServer:
         self.grpc: grpc.Server | None = None
         self.port = 0
         self.metrics_port = -1
+        # grpc.health.v1 for load balancers and Kubernetes probes: SERVING while up,
+        # NOT_SERVING from the first moment of stop() (before the gRPC server drains)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
         self._stats_stop = threading.Event()
 
     @property
@@ -82,6 +90,7 @@ class EmbeddedServer:
                 self.port = self.grpc.add_insecure_port(target)
             if not self.port:
                 raise OSError(f"cannot listen on {target}")
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
             self.grpc.start()
             if head is not None:
                 host = cfg.host if cfg.host not in ("0.0.0.0", "::") else _node_ip()
@@ -89,6 +98,8 @@ class EmbeddedServer:
             if cfg.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.host)
             threading.Thread(target=self._sample_stats, name="lifl-stats", daemon=True).start()
+            for service in HEALTH_SERVICES:
+                self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
             self.stop()
             raise
@@ -113,6 +124,7 @@ class EmbeddedServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self._stats_stop.set()
+        self.health.enter_graceful_shutdown()  # probes and load balancers see NOT_SERVING first
         if self.grpc is not None:
             self.grpc.stop(grace).wait()
             self.grpc = None
