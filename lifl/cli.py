@@ -1,4 +1,4 @@
-"""The ``lifl`` command line: serve, round open/close/info, push, pull, status, demo, bench.
+"""The ``lifl`` command line: serve, round open/close/info, push, pull, status, demo, bench, sim.
 
 Models are ``.npz`` files (tensor name -> array) so any tool can produce and
 check them. Every failure exits non-zero with one line on stderr.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -46,6 +47,7 @@ def cmd_serve(args) -> int:
         "leaves": args.leaves, "fan_in": args.fan_in, "workers": args.workers, "shm_budget_mb": args.shm_budget_mb,
         "min_workers": args.min_workers, "keep_alive_s": args.keep_alive, "planner": args.planner,
         "ray_address": args.ray_address, "placement": args.placement})
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     srv = EmbeddedServer(cfg).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -225,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run benchmarks/bench_NAME.py (source checkout)")
     b.add_argument("name"); b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
+
+    from .sim.cli import add_parser as add_sim_parser  # `lifl sim run|report`: everything lives in lifl.sim
+    add_sim_parser(sub)
     return p
 
 

@@ -6,9 +6,11 @@
         global_arrays = c.pull(rid, wait_s=60)
 
 Updates stream as the flat layout in ``chunk_size`` pieces straight from the
-arrays (no whole-model copy). RESOURCE_EXHAUSTED (server's slot budget full)
-is retried with the server's ``retry-after-ms`` hint for up to ``retry_s``.
-Other refusals raise :class:`RpcFailure` with the gRPC status and message.
+arrays (no whole-model copy). A push is retried for up to ``retry_s`` only when the
+server said a retry may succeed (:func:`retryable`): RESOURCE_EXHAUSTED with its
+``retry-after-ms`` hint (slot budget full) or from grpcio's call limit
+(``max_concurrent_rpcs``), and UNAVAILABLE. Everything else raises
+:class:`RpcFailure` at once with the gRPC status and message.
 """
 from __future__ import annotations
 
@@ -67,11 +69,37 @@ def _failure(e: grpc.RpcError) -> RpcFailure:
     return RpcFailure(e.code(), e.details() or "")
 
 
-def _retry_after(e: grpc.RpcError, default: float) -> float:
+def _retry_after(e: grpc.RpcError) -> float | None:
+    """The server's ``retry-after-ms`` hint, in seconds (None when it sent none)."""
     for k, v in e.trailing_metadata() or ():
         if k == "retry-after-ms":
-            return int(v) / 1000
-    return default
+            try:
+                return int(v) / 1000
+            except ValueError:
+                return None
+    return None
+
+
+#: grpcio's own refusal when a server's maximum_concurrent_rpcs is reached (no trailers of ours)
+_CALL_LIMIT = "Concurrent RPC limit exceeded!"
+
+
+def retryable(e: grpc.RpcError) -> float | None:
+    """Seconds to wait before a retry that may succeed, or None: do not retry.
+
+    RESOURCE_EXHAUSTED is retried only when the server meant "busy" — its ``retry-after-ms``
+    trailer, or grpcio's call limit — never the client's own "received metadata size exceeds
+    hard limit", which no retry can fix."""
+    code = e.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return 0.5
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        hint = _retry_after(e)
+        if hint is not None:
+            return hint
+        if (e.details() or "") == _CALL_LIMIT:
+            return 0.2
+    return None
 
 
 class Client:
@@ -118,8 +146,9 @@ class Client:
                 r = self._push(self._stream(first, layout, arrays), metadata=self._md, timeout=self.timeout_s)
                 return Receipt(r.round, r.client_id, r.bytes_received, r.accepted)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < give_up:
-                    time.sleep(_retry_after(e, 0.5))
+                wait = retryable(e)
+                if wait is not None and time.monotonic() + wait < give_up:
+                    time.sleep(wait)
                     continue
                 raise _failure(e) from None
 

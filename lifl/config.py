@@ -35,6 +35,9 @@ class ServerConfig:
     keep_rounds: int = 8              # results kept for Pull
     release_idle_shm: bool = True     # no round running: unlink cached update slots and accumulators
     grpc_threads: int = 32
+    max_model_mb: int = 1024          # largest model a round may have (also capped by shm_budget_mb)
+    max_concurrent_rpcs: int = 256    # calls in progress at once (more get RESOURCE_EXHAUSTED): bounds gRPC's buffers
+    log_level: str = "info"           # lifl serve's log level: debug, info, warning, error
     grpc_bdp_probe: bool = True       # gRPC grows stream windows by probing bandwidth: off saves memory (server.py)
     pull_buffer_mb: int = 8           # model bytes all Pull streams together may have in gRPC's send buffers
     # hierarchy (static planner)
@@ -58,6 +61,12 @@ class ServerConfig:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.shm_budget_mb < 1:
             raise ValueError("shm_budget_mb must be >= 1")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if self.max_model_mb < 1:
+            raise ValueError("max_model_mb must be >= 1")
+        if self.max_concurrent_rpcs < 1:
+            raise ValueError("max_concurrent_rpcs must be >= 1")
         if self.pull_buffer_mb < 1:
             raise ValueError("pull_buffer_mb must be >= 1")
         if self.leaves < 1 or self.workers < 1:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 import threading
 import time
@@ -33,13 +34,16 @@ from .control.model import (AutoscalerState, FoldCosts, Instance, InstanceState,
 from .control.placement import place, random_placement
 from .control.planner import Hierarchy, build_tree, plan_elastic, plan_static, replan, route_leaf
 from . import fold
-from .errors import LiflError
+from .errors import LiflError, quote
 from .layout import Layout
 from .metrics import Metrics
-from .rounds import Round, State
+from .rounds import Round, State, job_name
 from .shm import Arena, Segment
 
 MAX_BATCH = 16  # updates per fold command
+START_ATTEMPTS = 3  # a function that dies while starting is retried this often before anything fails
+
+log = logging.getLogger("lifl.dispatcher")
 
 
 @dataclass
@@ -137,6 +141,17 @@ class WorkerSlot:
         return InstanceState.WARM if self.bindings else InstanceState.IDLE
 
 
+def _wait(event: threading.Event, timeout: float, alive: Callable[[], bool], step: float = 0.5) -> bool:
+    """``event.wait(timeout)`` in slices, giving up early when ``alive()`` is false."""
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        if event.wait(min(step, max(0.0, left))):
+            return True
+        if left <= step or not alive():
+            return event.is_set()
+
+
 class Dispatcher:
     def __init__(self, config: ServerConfig, arena: Arena, runtime, metrics: Metrics):
         self.config, self.arena, self.runtime, self.metrics = config, arena, runtime, metrics
@@ -174,7 +189,18 @@ class Dispatcher:
 
     # -- functions -----------------------------------------------------------
     def _spawn(self, node: str | None = None) -> WorkerSlot:
-        handle = self.runtime.start_worker(self._on_message, node=node)
+        """Start a function, retrying one that dies while it starts (``START_ATTEMPTS`` in all);
+        when none can start, UNAVAILABLE with the last reason (nothing was changed)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                handle = self.runtime.start_worker(self._on_message, node=node)
+                break
+            except Exception as e:
+                self.metrics.function_failures.inc()
+                log.warning("aggregator function start %d/%d failed: %s", attempt, START_ATTEMPTS, e)
+                if attempt == START_ATTEMPTS:
+                    raise LiflError("UNAVAILABLE", f"no aggregator function could start ({START_ATTEMPTS} "
+                                                   f"attempts; last: {e}); retry later") from e
         slot = WorkerSlot(handle)
         self._workers.append(slot)
         self.metrics.cold_starts.inc()
@@ -269,31 +295,45 @@ class Dispatcher:
         return None
 
     def _on_message(self, handle, msg: dict | None) -> None:
+        """A function's reply (or its exit, ``msg is None``), from the runtime's reader thread.
+        An error here is logged and fails only the round the reply belongs to: the reader
+        thread must go on reading (an exception reaching it would look like the function dying)."""
         with self._lock:
             w = self._slot_of(handle)
             if w is None:
                 return
-            if msg is None:
-                self._worker_died(w)
-                return
-            task, w.current = w.current, None
-            if task is not None:
-                run = task.run
-                if run is not None:
-                    run.tasks_in_flight -= 1
-                if not msg.get("ok"):
-                    if msg.get("lost_input") and run is not None and run.lost_nodes and task.kind == "partial":
-                        pass  # a child's partial went down with its node: the rebuild re-reduces
-                    else:
-                        self._fail(run, f"aggregator function {handle.id} failed: {msg.get('error')}")
-                elif task.on_done is not None:
-                    w.folds += 1
-                    task.on_done(msg)
-                if run is not None:
-                    if run.needs_rebuild:
-                        self._try_rebuild(run)
-                    self._maybe_release(run)
-            self._pump(w)
+            task = w.current
+            try:
+                self._handle_message(w, handle, msg)
+            except Exception as e:
+                eid = os.urandom(4).hex()
+                log.exception("error %s handling %s from function %s", eid, "its exit" if msg is None else "a reply",
+                              getattr(handle, "id", "?"))
+                if task is not None:
+                    self._fail(task.run, f"internal error {eid} handling a function's reply: {e}")
+
+    def _handle_message(self, w: WorkerSlot, handle, msg: dict | None) -> None:
+        if msg is None:
+            self._worker_died(w)
+            return
+        task, w.current = w.current, None
+        if task is not None:
+            run = task.run
+            if run is not None:
+                run.tasks_in_flight -= 1
+            if not msg.get("ok"):
+                if msg.get("lost_input") and run is not None and run.lost_nodes and task.kind == "partial":
+                    pass  # a child's partial went down with its node: the rebuild re-reduces
+                else:
+                    self._fail(run, f"aggregator function {handle.id} failed: {msg.get('error')}")
+            elif task.on_done is not None:
+                w.folds += 1
+                task.on_done(msg)
+            if run is not None:
+                if run.needs_rebuild:
+                    self._try_rebuild(run)
+                self._maybe_release(run)
+        self._pump(w)
 
     def _worker_died(self, w: WorkerSlot) -> None:
         """Start a replacement, hand it the dead function's leaves, and re-run its unfinished commands.
@@ -312,9 +352,11 @@ class Dispatcher:
         self.metrics.function_failures.inc()
         if not w.bindings and w.current is None and not w.queue:
             return  # an idle function: nothing to recover, nothing to replace (serverless)
+        log.warning("aggregator function %s died while it had work; starting a replacement", w.handle.id)
         try:
             repl = self._spawn(w.node if self.multi_node else None)
         except Exception as e:  # cannot even restart: fail what depended on it
+            log.error("no replacement for function %s: %s", w.handle.id, e)
             for run in list(self._runs.values()):
                 if any(leaf.worker is w for leaf in run.leaves):
                     self._fail(run, f"aggregator function {w.handle.id} died and no replacement started: {e}")
@@ -342,6 +384,7 @@ class Dispatcher:
     def open_round(self, job: str, layout: Layout, expected: int, quorum: int, deadline_s: float,
                    initial: Segment | None, from_round: int = 0) -> Round:
         quorum = Round.check_params(expected, quorum, deadline_s)
+        job = job_name(job)
         with self._lock:
             if self._closing:
                 raise LiflError("UNAVAILABLE", "the server is shutting down")
@@ -470,9 +513,11 @@ class Dispatcher:
         self.last_plan = new.hierarchy.describe() + " (re-planned mid-round)"
 
     def get(self, job: str, rid: int) -> RoundRun:
+        """A round of a job; an empty job is ``default`` (never "any job")."""
+        job = job_name(job)
         run = self._runs.get(rid)
-        if run is None or (job and run.round.job != job):
-            raise LiflError("NOT_FOUND", f"round {rid} of job {job or '(any)'!r} does not exist on this server")
+        if run is None or run.round.job != job:
+            raise LiflError("NOT_FOUND", f"round {rid} of job {quote(job)} does not exist on this server")
         return run
 
     def begin_push(self, job: str, rid: int, client: str) -> RoundRun:
@@ -496,21 +541,24 @@ class Dispatcher:
         t_event = time.perf_counter()
         with self._lock:
             node = node or (self.runtime.head if self.multi_node else "local")
-            run.round.accept(client, weight, time.monotonic())
-            self._accepted_since_tick += 1
-            self._node_arrivals[node] += 1
+            run.round.check_accept(weight)
             cands = ([leaf for leaf in run.leaves if leaf.home == node and not leaf.lost]
                      or [leaf for leaf in run.leaves if not leaf.lost])
             i = route_leaf([len(leaf.pending) for leaf in cands], [leaf.folding > 0 for leaf in cands],
                            run.cursor % len(cands))
-            run.cursor = (i + 1) % len(cands)
             leaf = cands[i]
+            # a function for the leaf first: if none can start, nothing is recorded and the
+            # client may push again (UNAVAILABLE); an update is never counted without a folder
+            how = self._bind(leaf, "leaf") if leaf.worker is None else "warm"
+            run.round.accept(client, weight, time.monotonic())
+            self._accepted_since_tick += 1
+            self._node_arrivals[node] += 1
+            run.cursor = (i + 1) % len(cands)
             leaf.pending.append((slot, weight))
             leaf.clients.append(client)
             run.num_updates += 1
             self.metrics.updates_received.labels(run.round.job).inc()
             n = len(run.round.accepted)
-            how = self._bind(leaf, "leaf") if leaf.worker is None else "warm"
             w = leaf.worker
             self._maybe_close(run, forced=False)
             self._pump(w)
@@ -560,6 +608,7 @@ class Dispatcher:
         if run is None or run.round.state in (State.DONE, State.FAILED):
             return
         run.round.close(State.FAILED, detail)
+        log.warning("round %d of job %s failed: %s", run.round.id, quote(run.round.job), detail)
         self.metrics.rounds.labels("failed").inc()
         for leaf in run.leaves:
             if not leaf.lost:
@@ -594,8 +643,8 @@ class Dispatcher:
                     folding.update(ready)
                     host = run.leaves[hier.host(level, j)]
                     role = "top" if level == hier.depth - 1 else "middle"
-                    if host.worker is None:
-                        self._bind(host, role)
+                    if host.worker is None and not self._bind_or_fail(run, host, role):
+                        return
                     elif host.worker.role != role:
                         self.metrics.warm_reuses.inc()  # a finished leaf takes a parent's role
                     host.worker.role = role
@@ -610,14 +659,23 @@ class Dispatcher:
         if top in done and not run.finalizing:
             run.finalizing = True
             host = run.leaves[hier.host(*top)]
-            if host.worker is None:
-                self._bind(host, "top")
+            if host.worker is None and not self._bind_or_fail(run, host, "top"):
+                return
             host.worker.role = "top"
             run.result = self.arena.result_segment(run.round.layout.total_size)
             self._enqueue(host.worker, Task(
                 {"op": "finalize", "layout": run.round.id, "acc": host.acc.name,
                  "weight": run.round.total_weight, "out": run.result.name}, run,
                 lambda r, run=run: self._finalized(run, r), kind="finalize"))
+
+    def _bind_or_fail(self, run: RoundRun, leaf: LeafRun, role: str) -> bool:
+        """Bind a parent's function; if none can start, the round fails with the reason."""
+        try:
+            self._bind(leaf, role)
+            return True
+        except LiflError as e:
+            self._fail(run, f"no aggregator function for the {role} could start: {e.message}")
+            return False
 
     def _partials_folded(self, run: RoundRun, node, ready, reply: dict) -> None:
         host = run.leaves[run.hier.host(*node)]
@@ -644,6 +702,8 @@ class Dispatcher:
         self.metrics.post_arrival.observe(rnd.post_arrival_s)
         self.metrics.round_duration.observe(time.time() - rnd.opened)
         self.metrics.rounds.labels("done").inc()
+        log.info("round %d of job %s done: %d updates, total weight %g", rnd.id, quote(rnd.job),
+                 len(rnd.accepted), rnd.total_weight)
         run.done_event.set()
         self._evict_old()
 
@@ -697,8 +757,10 @@ class Dispatcher:
 
     # -- results -----------------------------------------------------------------
     @contextmanager
-    def model(self, job: str, rid: int, initial: bool, wait_s: float) -> Iterator[tuple[RoundRun, Segment]]:
-        """Hold a round's result (or initial model) for reading; waits up to wait_s for the result."""
+    def model(self, job: str, rid: int, initial: bool, wait_s: float,
+              alive: Callable[[], bool] = lambda: True) -> Iterator[tuple[RoundRun, Segment]]:
+        """Hold a round's result (or initial model) for reading; waits up to wait_s for the result,
+        or until ``alive()`` turns false (the client went away: its thread is freed at once)."""
         with self._lock:
             run = self.get(job, rid)
             run.readers += 1
@@ -714,7 +776,7 @@ class Dispatcher:
                     raise LiflError("NOT_FOUND", f"round {rid} was opened without an initial model")
                 yield run, run.initial
                 return
-            if not run.done_event.wait(max(0.0, wait_s)):
+            if not _wait(run.done_event, max(0.0, wait_s), alive):
                 raise LiflError("DEADLINE_EXCEEDED" if wait_s > 0 else "FAILED_PRECONDITION",
                                 f"round {rid} has no result yet (state {run.round.state.name.lower()}, "
                                 f"{len(run.round.accepted)}/{run.round.expected} updates); pull with a longer wait")
@@ -754,10 +816,21 @@ class Dispatcher:
             with self._lock:
                 period = self._tick_period()
                 for run in list(self._runs.values()):
-                    if run.round.state == State.OPEN and run.round.deadline_s:
-                        self._maybe_close(run, forced=False)
-                    self._replan(run)
-                self._autoscale()
+                    self._guarded(f"deadline of round {run.round.id}", self._tick_deadline, run)
+                    self._guarded(f"re-planning round {run.round.id}", self._replan, run)
+                self._guarded("autoscaling", self._autoscale)
+
+    def _tick_deadline(self, run: RoundRun) -> None:
+        if run.round.state == State.OPEN and run.round.deadline_s:
+            self._maybe_close(run, forced=False)
+
+    @staticmethod
+    def _guarded(what: str, step, *args) -> None:
+        """One step of the control loop: an error is logged and the loop goes on (it never dies)."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("control loop: %s failed; continuing", what)
 
     def _prestart_node(self) -> str | None:
         """Where a pre-started function is most useful: a node with open-round leaves still unbound."""
@@ -783,6 +856,7 @@ class Dispatcher:
         if node in self._lost_nodes:
             return
         self._lost_nodes.add(node)
+        log.warning("node %s was lost with its functions and shared memory", node)
         self.metrics.nodes_lost.inc()
         for w in [w for w in self._workers if w.node == node]:
             w.dead = True
@@ -796,7 +870,7 @@ class Dispatcher:
                 run = self._runs.get(rid)
                 if run is not None:
                     run.round.abandon(client)
-        for run in self._runs.values():
+        for run in list(self._runs.values()):  # failing a round may evict finished ones
             if run.round.state not in (State.OPEN, State.AGGREGATING):
                 continue
             lost = [leaf for leaf in run.leaves if leaf.node == node and not leaf.lost]
@@ -883,7 +957,11 @@ class Dispatcher:
             node = self._prestart_node()
             if node is None:
                 break
-            w = self._spawn(node if self.multi_node else None)
+            try:
+                w = self._spawn(node if self.multi_node else None)
+            except LiflError as e:  # a pre-start is an optimisation: the next push starts one itself
+                log.warning("pre-starting a function failed: %s", e.message)
+                break
             w.role = "idle"
         for wid in d.stop:
             w = next((w for w in self._workers if w.handle.id == wid), None)
@@ -895,7 +973,7 @@ class Dispatcher:
     def close(self) -> None:
         with self._lock:
             self._closing = True
-            for run in self._runs.values():
+            for run in list(self._runs.values()):  # failing a round evicts finished ones
                 if run.round.state in (State.OPEN, State.AGGREGATING):
                     self._fail(run, "the server shut down")
         self._stop = True

@@ -13,3 +13,15 @@ class LiflError(Exception):
     def reason(self) -> str:
         """Short label for metrics."""
         return self.code.lower()
+
+
+def quote(value, limit: int = 64) -> str:
+    """``repr`` of a client-supplied value, cut to ``limit`` characters.
+
+    Error messages travel back in gRPC trailers, which clients cap at 8–16 KiB: a message
+    echoing a megabyte-long job name would be dropped by the client's own gRPC as
+    RESOURCE_EXHAUSTED (and look retryable). Whatever a client sent is quoted bounded."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text)} chars)"

@@ -171,6 +171,11 @@ def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> N
     out = layout.views(out_buf)
     for spec, e in zip(layout.specs, layout.elem_offsets):
         dst = out[spec.name]
+        if spec.dtype == "float64" and not np.isfinite(acc[e:e + spec.numel]).all():
+            # finite float64 values times weights up to 2**53 can still overflow the sum; narrower
+            # floats cannot. A non-finite mean is refused, never published as a result.
+            raise ValueError(f"tensor {spec.name[:64]!r}: the weighted sum overflowed float64 (values × "
+                             "num_examples too large); the round has no finite result")
         if _foldc is not None and spec.dtype in ("float32", "float64"):
             _foldc.mean_to(acc[e:e + spec.numel], dst.reshape(-1), total_weight, kernel_id(spec.dtype))
             continue

@@ -9,7 +9,9 @@ client retries those by itself.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -18,15 +20,43 @@ import grpc
 import numpy as np
 
 from . import __version__
-from .errors import LiflError
-from .fold import count_nonfinite
+from .errors import LiflError, quote
+from .fold import count_nonfinite, journal_bytes
 from .layout import Layout, LayoutError
-from .rounds import State
+from .rounds import State, check_weight, job_name
 from .shm import BudgetExhausted
 from .v1 import aggregation_pb2 as pb
 from .wire import chunk_payload, encode_chunk, parse
 
 PULL_CHUNK = 2**20
+MAX_PULL_WAIT_S = 3600.0   # a longer wait is clamped: a waiting Pull holds one of the server's threads
+MAX_MESSAGE_CHARS = 1024   # status messages travel in trailers, which clients cap at 8–16 KiB
+
+log = logging.getLogger("lifl.gateway")
+
+
+def refusal(e: BaseException, method: str) -> LiflError:
+    """The status a failed call gets: a LiflError as it is; a client that went away is CANCELLED;
+    anything else is a bug — INTERNAL with an id that is also in the server's log."""
+    if isinstance(e, LiflError):
+        return e
+    if isinstance(e, grpc.RpcError):
+        return LiflError("CANCELLED", "the client cancelled the call")
+    eid = os.urandom(4).hex()
+    log.error("internal error %s in %s", eid, method, exc_info=e)
+    return LiflError("INTERNAL", f"internal error {eid} in {method}; the server logged it under this id")
+
+
+def check_encoding(encoding: int) -> None:
+    if encoding not in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_RAW):
+        raise LiflError("INVALID_ARGUMENT", f"encoding {encoding} is not supported; use ENCODING_RAW")
+
+
+def layout_of(tensors) -> Layout:
+    try:
+        return Layout.from_proto(tensors)
+    except LayoutError as e:
+        raise LiflError("INVALID_ARGUMENT", f"bad tensor spec: {e}") from None
 
 
 def round_info(run) -> pb.RoundInfo:
@@ -46,8 +76,8 @@ def _spec_mismatch(got: Layout, want: Layout) -> str | None:
         return f"update has {len(got.specs)} tensors, the round's model has {len(want.specs)}"
     for g, w in zip(got.specs, want.specs):
         if g != w:
-            return (f"tensor {g.name!r} {g.dtype}{list(g.shape)} does not match the round's "
-                    f"{w.name!r} {w.dtype}{list(w.shape)}")
+            return (f"tensor {quote(g.name)} {g.dtype}{quote(list(g.shape))} does not match the round's "
+                    f"{quote(w.name)} {w.dtype}{quote(list(w.shape))}")
     return "tensor specs differ"
 
 
@@ -62,24 +92,23 @@ class Gateway:
 
     # -- plumbing ------------------------------------------------------------------
     def handlers(self) -> list[grpc.GenericRpcHandler]:
+        """Every method takes its request as bytes and parses it itself, so undecodable bytes are
+        INVALID_ARGUMENT with a reason, never grpcio's INTERNAL "Exception deserializing"."""
+        unary, stream = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
         agg = {
             "Push": grpc.stream_unary_rpc_method_handler(
                 self._wrap(self.push, False), response_serializer=pb.PushReply.SerializeToString),
-            "Pull": grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(self.pull, False), request_deserializer=pb.PullRequest.FromString),
-            "GetRound": grpc.unary_unary_rpc_method_handler(
-                self._wrap(self.get_round, False), request_deserializer=pb.GetRoundRequest.FromString,
-                response_serializer=pb.RoundInfo.SerializeToString),
+            "Pull": stream(self._wrap_stream(self.pull, False, pb.PullRequest)),
+            "GetRound": unary(self._wrap(self.get_round, False, pb.GetRoundRequest),
+                              response_serializer=pb.RoundInfo.SerializeToString),
         }
         admin = {
             "OpenRound": grpc.stream_unary_rpc_method_handler(
                 self._wrap(self.open_round, True), response_serializer=pb.RoundInfo.SerializeToString),
-            "CloseRound": grpc.unary_unary_rpc_method_handler(
-                self._wrap(self.close_round, True), request_deserializer=pb.CloseRoundRequest.FromString,
-                response_serializer=pb.RoundInfo.SerializeToString),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self._wrap(self.status, False), request_deserializer=pb.StatusRequest.FromString,
-                response_serializer=pb.StatusReply.SerializeToString),
+            "CloseRound": unary(self._wrap(self.close_round, True, pb.CloseRoundRequest),
+                                response_serializer=pb.RoundInfo.SerializeToString),
+            "Status": unary(self._wrap(self.status, False, pb.StatusRequest),
+                            response_serializer=pb.StatusReply.SerializeToString),
         }
         return [grpc.method_handlers_generic_handler("lifl.v1.Aggregation", agg),
                 grpc.method_handlers_generic_handler("lifl.v1.Admin", admin)]
@@ -106,24 +135,32 @@ class Gateway:
             self.metrics.updates_rejected.labels(e.reason).inc()
         if e.retry_after_s is not None:
             context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
-        context.abort(grpc.StatusCode[e.code], e.message)
+        msg = e.message if len(e.message) <= MAX_MESSAGE_CHARS else e.message[:MAX_MESSAGE_CHARS] + "…"
+        context.abort(grpc.StatusCode[e.code], msg)
 
-    def _wrap(self, fn, admin: bool):
+    @staticmethod
+    def _request(raw, cls):
+        return raw if cls is None else parse(raw, cls, "the request")
+
+    def _wrap(self, fn, admin: bool, cls=None):
         def handler(request, context):
             try:
                 self._authorize(context, admin)
-                return fn(request, context)
-            except LiflError as e:
-                self._abort(context, e, fn.__name__)
+                return fn(self._request(request, cls), context)
+            except Exception as e:
+                err = refusal(e, fn.__name__)
+            self._abort(context, err, fn.__name__)
         return handler
 
-    def _wrap_stream(self, fn, admin: bool):
+    def _wrap_stream(self, fn, admin: bool, cls=None):
         def handler(request, context):
             try:
                 self._authorize(context, admin)
-                yield from fn(request, context)
-            except LiflError as e:
-                self._abort(context, e, fn.__name__)
+                yield from fn(self._request(request, cls), context)
+                return
+            except Exception as e:
+                err = refusal(e, fn.__name__)
+            self._abort(context, err, fn.__name__)
         return handler
 
     def _first(self, it, cls, what: str):
@@ -161,16 +198,11 @@ class Gateway:
     # -- Aggregation -------------------------------------------------------------
     def push(self, it, context) -> pb.PushReply:
         h = self._first(it, pb.PushRequest, "PushHeader")
-        if not (h.num_examples > 0 and math.isfinite(h.num_examples)):
-            raise LiflError("INVALID_ARGUMENT", f"num_examples must be a positive number, got {h.num_examples}")
-        if h.encoding not in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_RAW):
-            raise LiflError("INVALID_ARGUMENT", f"encoding {h.encoding} is not supported; use ENCODING_RAW")
+        check_weight(h.num_examples)
+        check_encoding(h.encoding)
         run = self.dispatcher.get(h.job, h.round)
         want = run.round.layout
-        try:
-            got = Layout.from_proto(h.tensors)
-        except LayoutError as e:
-            raise LiflError("INVALID_ARGUMENT", f"bad tensor spec: {e}") from None
+        got = layout_of(h.tensors)
         diff = _spec_mismatch(got, want)
         if diff:
             raise LiflError("INVALID_ARGUMENT", f"round {h.round}: {diff}")
@@ -194,7 +226,7 @@ class Gateway:
                 checked[0] = upto
                 if bad:
                     name, n = bad[0]
-                    raise LiflError("INVALID_ARGUMENT", f"tensor {name!r} has {n} NaN/Inf values; "
+                    raise LiflError("INVALID_ARGUMENT", f"tensor {quote(name)} has {n} NaN/Inf values; "
                                                         "the update was rejected (reject_nonfinite is on)")
 
             def on_chunk(start: int, end: int) -> None:
@@ -221,7 +253,11 @@ class Gateway:
 
     def pull(self, req: pb.PullRequest, context):
         initial = req.kind == pb.MODEL_KIND_INITIAL
-        with self.dispatcher.model(req.job, req.round, initial, req.wait_seconds) as (run, seg):
+        wait = req.wait_seconds
+        if math.isnan(wait) or wait < 0:
+            raise LiflError("INVALID_ARGUMENT", f"wait_seconds must be >= 0, got {wait}")
+        with self.dispatcher.model(req.job, req.round, initial, min(wait, MAX_PULL_WAIT_S),
+                                   alive=context.is_active) as (run, seg):
             r = run.round
             header = pb.ModelHeader(round=r.id, total_size=r.layout.total_size, encoding=pb.ENCODING_RAW,
                                     total_weight=0.0 if initial else r.total_weight,
@@ -250,7 +286,8 @@ class Gateway:
     # -- Admin -----------------------------------------------------------------------
     def open_round(self, it, context) -> pb.RoundInfo:
         h = self._first(it, pb.OpenRoundRequest, "OpenRoundHeader")
-        job = h.job or "default"
+        job = job_name(h.job)
+        check_encoding(h.encoding)
         initial = None
         try:
             if h.from_round:
@@ -260,13 +297,11 @@ class Gateway:
                 if next(it, None) is not None:
                     raise LiflError("INVALID_ARGUMENT", "no model chunks may follow a header with from_round")
             else:
-                try:
-                    layout = Layout.from_proto(h.tensors)
-                except LayoutError as e:
-                    raise LiflError("INVALID_ARGUMENT", f"bad tensor spec: {e}") from None
+                layout = layout_of(h.tensors)
                 if h.total_size and h.total_size != layout.total_size:
                     raise LiflError("INVALID_ARGUMENT", f"total_size {h.total_size} != {layout.total_size}, the "
                                                         "model's size in the flat layout")
+                self._check_room(layout, with_initial=bool(h.total_size))
                 if h.total_size:
                     initial = self.arena.segment(layout.total_size)
                     self._receive(it, initial.array(np.uint8, layout.total_size), pb.OpenRoundRequest,
@@ -280,6 +315,18 @@ class Gateway:
                 self.arena.free(initial.name)
             raise
         return round_info(self.dispatcher.get(job, rnd.id))
+
+    def _check_room(self, layout: Layout, with_initial: bool) -> None:
+        """Refuse a model no update could ever be pushed for, or one shared memory cannot hold,
+        before anything is allocated: a 40-byte header may declare an exabyte."""
+        limit = min(self.config.max_model_mb * 2**20, self.arena.budget)
+        if layout.total_size > limit:
+            raise LiflError("INVALID_ARGUMENT",
+                            f"the model is {layout.total_size} bytes; this server takes models up to {limit} bytes "
+                            "(max_model_mb, and an update must fit in shm_budget_mb)")
+        # the initial model, one leaf's float64 sum and its journal, and the result
+        need = layout.total_size * (2 if with_initial else 1) + layout.numel * 8 + journal_bytes(layout.numel)
+        self.arena.ensure_room(need, f"a round of a {layout.total_size}-byte model")
 
     def close_round(self, req: pb.CloseRoundRequest, context) -> pb.RoundInfo:
         self.dispatcher.close_round(req.job, req.round, req.abort)

@@ -17,7 +17,12 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from .errors import quote
+
 ALIGN = 64
+MAX_NAME_CHARS = 512       # a tensor name longer than this is refused (no real model has one)
+MAX_NDIM = 32              # numpy's own limit is 64; no layer has more than a handful
+MAX_TOTAL_BYTES = 1 << 50  # a layout larger than 1 PiB is nonsense, whatever a server allows
 
 #: Supported dtype names -> (numpy storage dtype, fold kernel id, is_float).
 _DTYPES: dict[str, tuple[np.dtype, int, bool]] = {
@@ -96,13 +101,21 @@ class TensorSpec:
         return self.numel * self.itemsize
 
     def check(self) -> None:
+        """Refuse a spec no model has. Messages quote client strings bounded (``errors.quote``)."""
         if not self.name:
             raise LayoutError("a tensor has an empty name")
+        if len(self.name) > MAX_NAME_CHARS:
+            raise LayoutError(f"tensor name {quote(self.name)} is longer than {MAX_NAME_CHARS} characters")
         if self.dtype not in _DTYPES:
-            raise LayoutError(
-                f"tensor {self.name!r}: dtype {self.dtype!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
+            raise LayoutError(f"tensor {quote(self.name)}: dtype {quote(self.dtype, 32)} is not supported; "
+                              f"use one of {', '.join(SUPPORTED_DTYPES)}")
+        if len(self.shape) > MAX_NDIM:
+            raise LayoutError(f"tensor {quote(self.name)} has {len(self.shape)} dimensions; at most {MAX_NDIM}")
         if any(d < 0 for d in self.shape):
-            raise LayoutError(f"tensor {self.name!r}: negative dimension in shape {list(self.shape)}")
+            raise LayoutError(f"tensor {quote(self.name)}: negative dimension in shape {quote(list(self.shape))}")
+        if self.nbytes > MAX_TOTAL_BYTES:
+            raise LayoutError(f"tensor {quote(self.name)} of shape {quote(list(self.shape))} is larger than "
+                              f"{MAX_TOTAL_BYTES} bytes")
 
 
 @dataclass(frozen=True)
@@ -124,13 +137,15 @@ class Layout:
         for s in specs:
             s.check()
             if s.name in seen:
-                raise LayoutError(f"tensor name {s.name!r} appears twice")
+                raise LayoutError(f"tensor name {quote(s.name)} appears twice")
             seen.add(s.name)
             pos = align(pos)
             offsets.append(pos)
             elem_offsets.append(elems)
             pos += s.nbytes
             elems += s.numel
+            if pos > MAX_TOTAL_BYTES:
+                raise LayoutError(f"the model is larger than {MAX_TOTAL_BYTES} bytes")
         if not specs:
             raise LayoutError("a model needs at least one tensor")
         return cls(specs, tuple(offsets), tuple(elem_offsets), pos, elems)

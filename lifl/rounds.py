@@ -17,8 +17,25 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from .errors import LiflError
+from .errors import LiflError, quote
 from .layout import Layout
+
+DEFAULT_JOB = "default"
+MAX_ID_CHARS = 256          # job names and client ids longer than this are refused
+MAX_WEIGHT = float(2**53)   # an update's weight (its example count): beyond this float64 counts are inexact
+
+
+def job_name(job: str) -> str:
+    """The job a request names: empty means ``default`` in every method, never "any job"."""
+    if len(job) > MAX_ID_CHARS:
+        raise LiflError("INVALID_ARGUMENT", f"job name {quote(job)} is longer than {MAX_ID_CHARS} characters")
+    return job or DEFAULT_JOB
+
+
+def check_weight(weight: float) -> None:
+    """An update's weight must be a positive, finite example count (at most 2**53)."""
+    if not (0 < weight <= MAX_WEIGHT):
+        raise LiflError("INVALID_ARGUMENT", f"num_examples must be a positive number of at most 2**53, got {weight}")
 
 
 class State(enum.IntEnum):
@@ -71,12 +88,14 @@ class Round:
                             + (f" ({self.detail})" if self.detail else ""))
         if not client:
             raise LiflError("INVALID_ARGUMENT", "client_id must not be empty")
+        if len(client) > MAX_ID_CHARS:
+            raise LiflError("INVALID_ARGUMENT", f"client_id {quote(client)} is longer than {MAX_ID_CHARS} characters")
         if client in self.accepted:
             raise LiflError("ALREADY_EXISTS",
-                            f"round {self.id} already accepted an update from client {client!r}; it is counted once")
+                            f"round {self.id} already accepted an update from client {quote(client)}; it is counted once")
         if client in self.in_flight:
             raise LiflError("ALREADY_EXISTS",
-                            f"an update from client {client!r} for round {self.id} is still being received")
+                            f"an update from client {quote(client)} for round {self.id} is still being received")
         if len(self.accepted) + len(self.in_flight) >= self.expected:
             raise LiflError("FAILED_PRECONDITION",
                             f"round {self.id} already has all {self.expected} expected updates (accepted or in flight)")
@@ -86,10 +105,18 @@ class Round:
         """The stream failed; the client may try again."""
         self.in_flight.discard(client)
 
-    def accept(self, client: str, weight: float, now: float) -> None:
-        self.in_flight.discard(client)
+    def check_accept(self, weight: float) -> None:
+        """May an update of this weight be recorded now? Raises without changing anything."""
         if self.state != State.OPEN:
             raise LiflError("FAILED_PRECONDITION", f"round {self.id} closed while the update was being received")
+        check_weight(weight)
+        if not math.isfinite(self.total_weight + weight):
+            raise LiflError("INVALID_ARGUMENT", f"num_examples {weight} would make the round's total weight "
+                                                f"overflow ({self.total_weight} so far); the update was refused")
+
+    def accept(self, client: str, weight: float, now: float) -> None:
+        self.in_flight.discard(client)
+        self.check_accept(weight)
         self.accepted[client] = weight
         self.total_weight += weight
         self.last_arrival = now

@@ -1,6 +1,7 @@
 """The embedded LIFL server: arena + runtime + dispatcher + gateway + /metrics, as one context manager."""
 from __future__ import annotations
 
+import logging
 import secrets
 import sys
 import threading
@@ -16,6 +17,8 @@ from .gateway import Gateway
 from .metrics import Metrics
 from .runtime.local import LocalRuntime
 from .shm import Arena
+
+log = logging.getLogger("lifl.server")
 
 
 def _make_runtime(config: ServerConfig, arena: Arena, metrics: Metrics):
@@ -34,10 +37,13 @@ HEALTH_SERVICES = ("", "lifl.v1.Aggregation", "lifl.v1.Admin")
 class EmbeddedServer:
     """Start with ``with EmbeddedServer(ServerConfig(port=0)) as srv: ...``; ``srv.address`` is host:port."""
 
-    def __init__(self, config: ServerConfig | None = None):
+    def __init__(self, config: ServerConfig | None = None, runtime=None):
+        """``runtime``: a :class:`lifl.runtime.base.Runtime` to run functions on instead of the
+        one ``config.runtime`` names (a custom runtime; the server closes it when it stops)."""
         self.config = (config or ServerConfig()).validate()
         self.metrics = Metrics()
         self.arena: Arena | None = None
+        self._given_runtime = runtime
         self.runtime = None
         self.dispatcher: Dispatcher | None = None
         self.grpc: grpc.Server | None = None
@@ -59,7 +65,7 @@ class EmbeddedServer:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         try:
             self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=cfg.shm_prefix)
-            self.runtime = _make_runtime(cfg, self.arena, self.metrics)
+            self.runtime = self._given_runtime or _make_runtime(cfg, self.arena, self.metrics)
             self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics)
             gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics)
             handlers = gateway.handlers()
@@ -73,6 +79,9 @@ class EmbeddedServer:
             self.grpc = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads, thread_name_prefix="lifl-grpc"),
                 handlers=handlers,
+                # every call in progress (running or queued for a thread) keeps its stream's window of
+                # bytes in gRPC's buffers: bounding the calls bounds that memory (README, "Memory")
+                maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
                 options=[("grpc.max_receive_message_length", limit),
                          ("grpc.max_send_message_length", 16 * MiB),
                          ("grpc.so_reuseport", 0),
@@ -123,21 +132,39 @@ class EmbeddedServer:
         return out
 
     def stop(self, grace: float = 1.0) -> None:
+        """Stop serving, fail open rounds, stop functions, unlink every segment. Each step runs
+        even if an earlier one raised (that error is logged and re-raised at the end): shared
+        memory is never left behind by a failed shutdown."""
         self._stats_stop.set()
         self.health.enter_graceful_shutdown()  # probes and load balancers see NOT_SERVING first
+        errors = []
+        steps = (("gRPC", lambda: self._stop_grpc(grace)), ("engine", self._stop_engine),
+                 ("metrics", self.metrics.close), ("shared memory", self._close_arena))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as e:
+                log.exception("shutdown: stopping the %s failed", what)
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _stop_grpc(self, grace: float) -> None:
         if self.grpc is not None:
-            self.grpc.stop(grace).wait()
-            self.grpc = None
-        if self.dispatcher is not None:
-            self.dispatcher.close()
-            self.dispatcher = None
-        elif self.runtime is not None:
-            self.runtime.close()
-        self.runtime = None
-        self.metrics.close()
+            server, self.grpc = self.grpc, None
+            server.stop(grace).wait()
+
+    def _stop_engine(self) -> None:
+        dispatcher, runtime, self.dispatcher, self.runtime = self.dispatcher, self.runtime, None, None
+        if dispatcher is not None:
+            dispatcher.close()
+        elif runtime is not None:
+            runtime.close()
+
+    def _close_arena(self) -> None:
         if self.arena is not None:
-            self.arena.close()
-            self.arena = None
+            arena, self.arena = self.arena, None
+            arena.close()
 
     def wait(self) -> None:
         """Block until stop() is called from elsewhere (a signal handler)."""

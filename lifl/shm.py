@@ -14,6 +14,7 @@ evicted only when a slot of another size needs room.
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import mmap
 import os
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import LiflError
+
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
@@ -35,8 +38,26 @@ class BudgetExhausted(RuntimeError):
     """No slot could be had within the wait allowed."""
 
 
+class ShmFull(LiflError):
+    """The shared-memory filesystem cannot hold a segment (a request LIFL refuses, not a crash)."""
+
+    def __init__(self, message: str):
+        super().__init__("RESOURCE_EXHAUSTED", message)
+
+
+def free_bytes(shm_dir: Path = SHM_DIR) -> int:
+    """Bytes the shared-memory filesystem can still hand out (to an unprivileged writer)."""
+    st = os.statvfs(shm_dir)
+    return st.f_bavail * st.f_frsize
+
+
 class Segment:
-    """One mapped shared-memory segment. Use as a context manager or call close()."""
+    """One mapped shared-memory segment. Use as a context manager or call close().
+
+    A new segment's pages are reserved at creation (``posix_fallocate``): on a tmpfs that
+    is too small the creation fails with :class:`ShmFull` and leaves no file, where a
+    sparse file would map fine and later kill whoever touches a missing page with SIGBUS.
+    """
 
     def __init__(self, name: str, size: int, create: bool, shm_dir: Path = SHM_DIR):
         self.name, self.size, self.path = name, size, shm_dir / name
@@ -44,11 +65,18 @@ class Segment:
         fd = os.open(self.path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, max(size, 1))
+                os.posix_fallocate(fd, 0, max(size, 1))
             else:
                 size = os.fstat(fd).st_size
                 self.size = size
             self._mmap = mmap.mmap(fd, max(size, 1))
+        except (OSError, OverflowError, ValueError) as e:
+            if create:
+                self.unlink()
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise ShmFull(f"shared memory ({shm_dir}) cannot hold a segment of {size} bytes: "
+                              f"{os.strerror(e.errno)}; {free_bytes(shm_dir)} bytes are free") from None
+            raise
         finally:
             os.close(fd)
         self.buf = memoryview(self._mmap)[:size]
@@ -140,6 +168,13 @@ class Arena:
         self.reclaimed = reclaim_stale(prefix, shm_dir)
 
     # -- naming / creation ---------------------------------------------------
+    def ensure_room(self, size: int, what: str) -> None:
+        """Refuse (:class:`ShmFull`) before creating anything when the filesystem cannot hold ``size`` bytes."""
+        free = free_bytes(self.shm_dir)
+        if size > free:
+            raise ShmFull(f"{what} needs {size} bytes of shared memory but {self.shm_dir} has {free} free; "
+                          "enlarge it (a container's /dev/shm is often 64 MiB) or use a smaller model")
+
     def _new(self, size: int) -> Segment:
         return Segment(f"{self.prefix}-{os.getpid()}-{next(_SERIALS)}", size, create=True, shm_dir=self.shm_dir)
 

@@ -58,3 +58,47 @@ def perturb(model: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
         else:
             out[k] = (v + rng.integers(0, 20, size=v.shape)).astype(v.dtype)
     return out
+
+
+class FlakyStarts:
+    """A real local runtime (fork server, real function processes) whose chosen starts die:
+    the function process is really started, SIGKILLed, and the start fails as it does when a
+    function dies before its handshake. ``fail`` holds start numbers (1-based); ``fail_all``
+    makes every later start fail, as when functions cannot start at all."""
+
+    name = "local"
+
+    def __init__(self, fail=(), fail_all: bool = False):
+        from lifl.runtime.local import LocalRuntime
+        self.real = LocalRuntime()
+        self.fail, self.fail_all, self.starts = set(fail), fail_all, 0
+
+    def prepare(self) -> None:
+        self.real.prepare()
+
+    def start_worker(self, on_message, node=None):
+        import os
+        import signal
+        self.starts += 1
+        w = self.real.start_worker(on_message, node)
+        if self.fail_all or self.starts in self.fail:
+            os.kill(w.pid, signal.SIGKILL)
+            raise RuntimeError(f"aggregator function {w.id} exited during start-up")
+        return w
+
+    def stop_worker(self, worker) -> None:
+        self.real.stop_worker(worker)
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def expect(code, match, fn, *a, **kw):
+    """Call fn and check it fails with this gRPC status and a message containing ``match``."""
+    import pytest
+    from lifl.client import RpcFailure
+    with pytest.raises(RpcFailure) as ei:
+        fn(*a, **kw)
+    assert ei.value.code == code, ei.value
+    assert match in ei.value.message, ei.value.message
+    return ei.value

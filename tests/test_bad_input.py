@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from support import assert_matches, fedavg64, perturb, small_model
+from support import expect, assert_matches, fedavg64, perturb, small_model
 from lifl.client import Client, RpcFailure
 from lifl.layout import Layout
 from lifl.v1 import aggregation_pb2 as pb
@@ -27,14 +27,6 @@ def body(arrays=BASE, layout=LAYOUT) -> bytes:
     buf = bytearray(layout.total_size)
     layout.pack_into(arrays, buf)
     return bytes(buf)
-
-
-def expect(code, match, fn, *a, **kw):
-    with pytest.raises(RpcFailure) as ei:
-        fn(*a, **kw)
-    assert ei.value.code == code, ei.value
-    assert match in ei.value.message, ei.value.message
-    return ei.value
 
 
 def wait_idle(srv, rid):

@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import OnMessage
+from .base import OnMessage, deliver, log
 
 
 class LocalWorker:
@@ -54,13 +54,15 @@ class LocalWorker:
     def _read(self) -> None:
         try:
             for line in self._rfile:
-                self._on_message(self, json.loads(line))
-        except (OSError, ValueError):
-            pass
+                deliver(self._on_message, self, json.loads(line))
+        except (OSError, ValueError) as e:  # a torn line: the function is broken, treat it as gone
+            if not isinstance(e, OSError):
+                log.error("function %s sent an unreadable reply (%s); stopping it", self.id, e)
+                self.kill()
         self._eof.set()
         if self.proc is not None:
             self.proc.wait()
-        self._on_message(self, None)
+        deliver(self._on_message, self, None)
 
     def send(self, cmd: dict) -> None:
         data = json.dumps(cmd).encode() + b"\n"

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..control.model import Node
 from ..shm import SHM_DIR, list_segments, reclaim_stale
-from .base import OnMessage
+from .base import OnMessage, deliver
 
 _SEG = re.compile(r"^(.*)-\d+-\d+$")
 
@@ -175,11 +175,11 @@ class RayWorker:
                 reply = {"ok": False, "lost_input": True, "error": f"an input was lost: {type(e.cause).__name__}"}
             except Exception as e:  # e.g. an object lost with its node
                 reply = {"ok": False, "lost_input": True, "error": f"an input was lost: {type(e).__name__}: {e}"}
-            self._on_message(self, reply)
+            deliver(self._on_message, self, reply)
         self._dead.set()
         if not self.stopping:
             self.runtime.check_node(self.node)
-            self._on_message(self, None)
+            deliver(self._on_message, self, None)
 
     def alive(self) -> bool:
         return not self._dead.is_set()
