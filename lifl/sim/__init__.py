@@ -1,0 +1,1 @@
+"""`lifl sim`: simulate many FL clients against LIFL, in real processes or in virtual time."""

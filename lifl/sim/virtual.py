@@ -1,0 +1,513 @@
+"""Virtual time: a discrete-event model of one LIFL server driven by the REAL control plane.
+
+The policies are not re-implemented here: each round's tree comes from
+``control.planner.plan_elastic``/``plan_static`` (and ``replan`` on ticks),
+leaves are placed with ``control.placement.place`` on several nodes, updates
+are routed with ``planner.route_leaf``, functions are bound with
+``autoscaler.assign_roles`` and started/stopped by ``autoscaler.decide`` on
+the dispatcher's tick (50 ms while a round is open, 0.5 s while functions
+wait out their keep-alive). What this module adds is the mechanism in virtual
+time, with durations measured on this machine (``calibrate.Costs``):
+
+* each node's gateway is one FIFO server taking ``push_s(bytes)`` per update,
+  admitting a push only while an update slot (``shm_budget_mb / update size``)
+  is free; a slot is freed when the fold that read it ends;
+* a fold of k updates takes ``batch_seconds(update_s, k, fuse_speedup)`` on one
+  of the node's fold cores (more functions than cores wait for a core);
+* a cold start takes ``cold_start_s``; partial folds run after the round closes,
+  a parent after its slowest child, then the top finalises.
+
+The planner sees what the dispatcher would (its estimate of the fold time, the
+arrival-rate average), not the true costs. Clients are rows of a trace: a
+dormant client costs nothing but its row.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..config import ServerConfig
+from ..control.autoscaler import assign_roles, decide
+from ..control.model import (AutoscalerState, FoldCosts, Instance, InstanceState, Load, Node, Observation,
+                             PlannerPolicy, Resources, RoleRequest, ScalePolicy)
+from ..control.placement import place
+from ..control.planner import batch_seconds, plan_elastic, plan_static, replan, route_leaf
+from .calibrate import Costs
+from .config import SimConfigError
+from .records import RoundRecord, VariantRecord, compact_timeline
+from .workload import RoundPlan
+
+log = logging.getLogger("lifl.sim.virtual")
+MAX_BATCH = 16   # updates per fold command, as the dispatcher sends them
+
+
+@dataclass
+class _Inst:
+    id: str
+    node: str
+    ready_at: float
+    role: str = "idle"
+    last_used: float = 0.0
+    bindings: int = 0
+    busy: bool = False
+
+    def state(self, now: float) -> InstanceState:
+        if now < self.ready_at:
+            return InstanceState.COLD
+        if self.busy:
+            return InstanceState.BUSY
+        return InstanceState.WARM if self.bindings else InstanceState.IDLE
+
+
+@dataclass
+class _Leaf:
+    index: int
+    node: str
+    home: str
+    inst: _Inst | None = None
+    pending: int = 0
+    folding: int = 0
+    folded: int = 0
+    done_t: float = 0.0
+
+
+@dataclass
+class _Gateway:
+    ready: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pos: int = 0
+    busy: bool = False
+    wake_at: float = -1.0
+    slots_free: int = 1
+
+
+@dataclass
+class _Round:
+    plan_row: RoundPlan
+    open_t: float
+    to_report: int
+    hier: object
+    plan: object
+    leaves: list[_Leaf]
+    accepted: int = 0
+    weight: float = 0.0
+    last_accept_t: float = 0.0
+    closed_t: float | None = None
+    done: bool = False
+    cursor: int = 0
+    cold: int = 0
+    warm: int = 0
+
+
+class VirtualServer:
+    """One variant's server in virtual time; ``run_round`` per round, in order."""
+
+    def __init__(self, server: ServerConfig, costs: Costs, update_bytes: int, numel: int, *, nodes: int = 1,
+                 cores_per_node: float = 0.0, tick_s: float = 0.05):
+        self.cfg, self.costs, self.nbytes, self.numel = server, costs, update_bytes, numel
+        self.tick_s = tick_s
+        cores = cores_per_node or float(min(server.workers, server.fold_cores or max(1, (os.cpu_count() or 2) - 1)))
+        self.nodes = [Node(f"node{i}" if nodes > 1 else "local", cores, 0, server.shm_budget_mb * 2**20)
+                      for i in range(nodes)]
+        self.names = [n.name for n in self.nodes]
+        self.cores = {n.name: max(1, int(n.cores)) for n in self.nodes}
+        self.busy_cores = {n: 0 for n in self.names}
+        self.core_wait: dict[str, list] = {n: [] for n in self.names}
+        slots = max(1, (server.shm_budget_mb * 2**20) // max(1, update_bytes))
+        self.gw = {n: _Gateway(slots_free=slots) for n in self.names}
+        self.slots_total = slots
+        self.policy = ScalePolicy(keep_alive_s=server.keep_alive_s, min_instances=server.min_workers,
+                                  max_instances=server.workers, stabilization_s=min(10.0, server.keep_alive_s))
+        self.scale_state = AutoscalerState()
+        self.insts: list[_Inst] = []
+        self._ids = itertools.count(1)
+        self.now = 0.0
+        self.events: list = []
+        self._seq = itertools.count()
+        self.arrivals_ewma = 0.0
+        self.accepted_since_tick = 0
+        self.last_tick = 0.0
+        self.tick_pending = False
+        self.fold_s_est = 0.0            # the dispatcher's EWMA of one update's fold
+        self.last_round_rate = 0.0
+        self.round: _Round | None = None
+        # metrics
+        self.cold_starts = self.warm_reuses = 0
+        self.cpu = {"gateway": 0.0, "functions": 0.0}
+        self.peak_slots = 0
+        self.peak_leaves = 0
+        self.timeline_t: list[float] = []
+        self.timeline_alive: dict[str, list[int]] = {"leaf": [], "middle": [], "top": [], "idle": []}
+        self.arrival_times: list[float] = []
+        self.cross_node_bytes = 0
+        self.replans = 0
+        self.scale_downs = 0
+        for _ in range(server.min_workers):
+            self._spawn(self.names[0], 0.0)
+
+    # -- events ------------------------------------------------------------------------------
+    def _at(self, t: float, fn: Callable, *args) -> None:
+        heapq.heappush(self.events, (t, next(self._seq), fn, args))
+
+    def _spawn(self, node: str, now: float) -> _Inst:
+        inst = _Inst(f"fn-{next(self._ids)}", node, now + self.costs.cold_start_s, last_used=now)
+        self.insts.append(inst)
+        self.cold_starts += 1
+        self.cpu["functions"] += self.costs.cold_start_s
+        self._at(inst.ready_at, self._fn_ready, inst)
+        return inst
+
+    def _fn_ready(self, inst: _Inst) -> None:
+        if inst in self.insts:
+            self._pump(inst)
+
+    # -- gateway ----------------------------------------------------------------------------------
+    def _gw_try(self, node: str) -> None:
+        g = self.gw[node]
+        if g.busy or g.slots_free <= 0 or g.pos >= len(g.ready):
+            return
+        t = g.ready[g.pos]
+        if t > self.now:
+            if g.wake_at != t:
+                g.wake_at = t
+                self._at(t, self._gw_try, node)
+            return
+        weight = float(g.weights[g.pos])
+        g.pos += 1
+        g.busy = True
+        g.slots_free -= 1
+        self.peak_slots = max(self.peak_slots, self.slots_total - min(x.slots_free for x in self.gw.values()))
+        d = self.costs.push_s(self.nbytes)
+        self.cpu["gateway"] += self.costs.push_cpu_s(self.nbytes)
+        self._at(self.now + d, self._ingested, node, weight)
+
+    def _ingested(self, node: str, weight: float) -> None:
+        self.gw[node].busy = False
+        self._accept(node, weight)
+        self._gw_try(node)
+
+    # -- the dispatcher's side ----------------------------------------------------------------------
+    def _instances(self) -> tuple[Instance, ...]:
+        return tuple(Instance(i.id, i.node, i.state(self.now), i.role, i.last_used) for i in self.insts)
+
+    def _bind(self, run: _Round, leaf: _Leaf, role: str) -> None:
+        same = [i for i in self.insts if i.node == leaf.node]
+        a = assign_roles(self._instances(), [RoleRequest("leaf", role, leaf.node)])
+        if a.reuse:
+            inst = next(i for i in self.insts if i.id == a.reuse["leaf"])
+            self.warm_reuses += 1
+            run.warm += 1
+        elif not same or (len(self.insts) < self.cfg.workers and len(same) < self._cap(leaf.node)):
+            inst = self._spawn(leaf.node, self.now)
+            run.cold += 1
+        else:
+            inst = min(same, key=lambda i: (i.bindings, i.busy))
+            self.warm_reuses += 1
+            run.warm += 1
+        leaf.inst = inst
+        inst.bindings += 1
+        inst.role = role
+
+    def _cap(self, node: str) -> int:
+        return self.cfg.workers if len(self.nodes) == 1 else max(1, self.cores[node])
+
+    def _accept(self, node: str, weight: float) -> None:
+        run = self.round
+        run.accepted += 1
+        run.weight += weight
+        run.last_accept_t = self.now
+        self.accepted_since_tick += 1
+        self.arrival_times.append(self.now)
+        cands = [lf for lf in run.leaves if lf.home == node] or run.leaves
+        i = route_leaf([lf.pending for lf in cands], [lf.folding > 0 for lf in cands], run.cursor % len(cands))
+        run.cursor = (i + 1) % len(cands)
+        leaf = cands[i]
+        leaf.pending += 1
+        if leaf.inst is None:
+            self._bind(run, leaf, "leaf")
+        if run.accepted >= run.to_report:
+            run.closed_t = self.now
+        self._pump(leaf.inst)
+        self._maybe_reduce(run)
+
+    def _pump(self, inst: _Inst) -> None:
+        if inst.busy or self.now < inst.ready_at or inst not in self.insts:
+            return
+        run = self.round
+        if run is None or run.done:
+            return
+        for leaf in run.leaves:
+            if leaf.inst is inst and leaf.pending and not leaf.folding:
+                k = min(leaf.pending, MAX_BATCH)
+                leaf.pending -= k
+                leaf.folding = k
+                inst.busy = True
+                inst.role = "leaf"
+                d = batch_seconds(self.costs.update_s, k, self.costs.fuse_speedup)
+                self._core(inst.node, d, self._folded, inst, leaf, k, d)
+                return
+
+    def _core(self, node: str, d: float, fn: Callable, *args) -> None:
+        if self.busy_cores[node] < self.cores[node]:
+            self.busy_cores[node] += 1
+            self.cpu["functions"] += d
+            self._at(self.now + d, self._core_done, node, fn, args)
+        else:
+            self.core_wait[node].append((d, fn, args))
+
+    def _core_done(self, node: str, fn: Callable, args) -> None:
+        self.busy_cores[node] -= 1
+        if self.core_wait[node]:
+            d, f2, a2 = self.core_wait[node].pop(0)
+            self._core(node, d, f2, *a2)
+        fn(*args)
+
+    def _folded(self, inst: _Inst, leaf: _Leaf, k: int, d: float) -> None:
+        inst.busy = False
+        inst.last_used = self.now
+        leaf.folding = 0
+        leaf.folded += k
+        leaf.done_t = self.now
+        per = d / k
+        self.fold_s_est = per if not self.fold_s_est else 0.8 * self.fold_s_est + 0.2 * per
+        self.gw[leaf.home].slots_free += k
+        self._gw_try(leaf.home)
+        self._pump(inst)
+        self._maybe_reduce(self.round)
+
+    def _maybe_reduce(self, run: _Round) -> None:
+        """Once closed and every leaf is idle: partial folds up the tree, then the top finalises."""
+        if run.closed_t is None or run.done or any(lf.pending or lf.folding for lf in run.leaves):
+            return
+        c, hier = self.costs, run.hier
+        done = [max(lf.done_t, run.closed_t) for lf in run.leaves]
+        fresh = [lf.folded == 0 for lf in run.leaves]
+        tree_cpu = 0.0
+        for level in hier.levels[1:]:
+            nd, nf = [], []
+            for kids in level:
+                full = [k for k in kids if not fresh[k]]
+                t = max(done[k] for k in kids)
+                extra = sum(1 for k in kids[1:] if not fresh[k])  # the host child is folded into
+                if extra:
+                    s = batch_seconds(c.partial_s, extra, c.fuse_speedup)
+                    t += s
+                    tree_cpu += s
+                nd.append(t)
+                nf.append(not full)
+            done, fresh = nd, nf
+        top = run.leaves[hier.host(hier.depth - 1, 0)]
+        if top.inst is not None:
+            top.inst.role = "top"
+        end = done[0] + c.finalize_s
+        self.cpu["functions"] += tree_cpu + c.finalize_s
+        run.done = True
+        self._at(end, self._round_done, run)
+
+    def _round_done(self, run: _Round) -> None:
+        self.finished = run
+        span = self.now - run.open_t
+        if span > 0:
+            self.last_round_rate = run.accepted / span
+        for lf in run.leaves:
+            if lf.inst is not None:
+                lf.inst.bindings -= 1
+                if lf.inst.bindings == 0:
+                    lf.inst.last_used = self.now
+                    lf.inst.role = "idle"
+
+    # -- planning ------------------------------------------------------------------------------------
+    def _plan_inputs(self, expected: int):
+        """What the dispatcher feeds the planner (``Dispatcher._plan_inputs``): its own estimates."""
+        est = self.fold_s_est or self.nbytes / 2e9
+        costs = FoldCosts(update_s=est, fuse_speedup=2.0, partial_s=2 * est, finalize_s=est)
+        rate = self.arrivals_ewma or self.last_round_rate or expected / 10.0
+        cap = self.cfg.leaves * len(self.nodes) if len(self.nodes) > 1 else min(self.cfg.leaves, self.cfg.workers)
+        return Load(expected, rate), costs, PlannerPolicy(max_leaves=min(cap, expected))
+
+    def _shape(self, expected: int):
+        if self.cfg.planner == "static":
+            n = min(self.cfg.leaves * len(self.nodes), self.cfg.workers * len(self.nodes), expected)
+            hier = plan_static(n, max(2, self.cfg.fan_in))
+            home = [self.names[i % len(self.names)] for i in range(n)]
+            return None, hier, home
+        load, costs, policy = self._plan_inputs(expected)
+        plan = plan_elastic(load, costs, self.nodes, Resources(cores=1.0), policy=policy)
+        return plan, plan.hierarchy, list(plan.leaf_home)
+
+    def _leaves_for(self, hier, home: list[str], expected: int, have: int = 0) -> tuple[object, list[_Leaf]]:
+        if len(self.nodes) == 1:
+            return hier, [_Leaf(i, h, h) for i, h in enumerate(home)][have:]
+        per_leaf = self.nbytes * max(1, round(expected / len(home)))
+        pl = place(hier, home, self.nodes, Resources(cores=1.0), leaf_update_bytes=per_leaf,
+                   partial_bytes=self.numel * 8)
+        self.cross_node_bytes += pl.cross_node_bytes
+        return pl.hierarchy, [_Leaf(i, pl.leaf_node[i], home[i]) for i in range(have, len(home))]
+
+    def _replan(self) -> None:
+        run = self.round
+        if run is None or run.plan is None or run.closed_t is not None or not self.arrivals_ewma:
+            return
+        load, costs, policy = self._plan_inputs(run.plan_row.reports.sum())
+        load = Load(load.expected_clients, self.arrivals_ewma)
+        new = replan(run.plan, load, costs, self.nodes, Resources(cores=1.0), policy=policy, received=run.accepted)
+        if new is run.plan:
+            return
+        hier, extra = self._leaves_for(new.hierarchy, list(new.leaf_home), load.expected_clients, len(run.leaves))
+        run.plan, run.hier = new, hier
+        run.leaves.extend(extra)
+        self.replans += 1
+
+    # -- the ticker and the autoscaler -------------------------------------------------------------------
+    def _tick(self) -> None:
+        self.tick_pending = False
+        dt, self.last_tick = self.now - self.last_tick, self.now
+        rate = self.accepted_since_tick / dt if dt > 0 else 0.0
+        self.accepted_since_tick = 0
+        keep = 0.7 ** (dt / 0.05)
+        self.arrivals_ewma = keep * self.arrivals_ewma + (1 - keep) * rate
+        if self.arrivals_ewma < 0.01:
+            self.arrivals_ewma = 0.0
+        self._replan()
+        run = self.round
+        depth = sum(lf.pending + lf.folding for lf in run.leaves) if run and not run.done else 0
+        required = sum(1 for lf in run.leaves if lf.inst is not None) if run and not run.done else 0
+        obs = Observation(self._instances(), self.arrivals_ewma, depth, required,
+                          1.0 / self.fold_s_est if self.fold_s_est else 0.0)
+        d = decide(self.scale_state, obs, self.now, self.policy)
+        self.scale_state = d.state
+        for _ in range(min(d.start, self.cfg.workers - len(self.insts))):
+            inst = self._spawn(self.names[0], self.now)
+            inst.role = "idle"
+        for wid in d.stop:
+            inst = next((i for i in self.insts if i.id == wid), None)
+            if inst is not None and inst.state(self.now) is InstanceState.IDLE:
+                self.insts.remove(inst)
+                self.scale_downs += 1
+        counts = {k: 0 for k in self.timeline_alive}
+        for i in self.insts:
+            counts[i.role if i.role in counts else "idle"] += 1
+        self.timeline_t.append(self.now)
+        for k, v in counts.items():
+            self.timeline_alive[k].append(v)
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        if self.tick_pending:
+            return
+        open_ = self.round is not None and not self.round.done
+        period = self.tick_s if open_ else (0.5 if self.insts else None)
+        if period is not None:
+            self.tick_pending = True
+            self._at(self.now + period, self._tick)
+
+    # -- rounds ---------------------------------------------------------------------------------------
+    def run_round(self, row: RoundPlan, open_t: float) -> RoundRecord:
+        """Simulate one round opened at ``open_t`` (>= the previous round's end); returns its record."""
+        self._advance_to(open_t)
+        expected = len(row.clients)
+        plan, hier, home = self._shape(expected)
+        hier, leaves = self._leaves_for(hier, home, expected)
+        self.peak_leaves = max(self.peak_leaves, len(leaves))
+        to_report = int(row.reports.sum())
+        run = _Round(row, open_t, to_report, hier, plan, leaves)
+        self.round = run
+        self.finished = None
+        ready = open_t + row.ready_s[row.reports]
+        wts = row.weights[row.reports]
+        order = np.argsort(ready, kind="stable")
+        for j, n in enumerate(self.names):  # clients reach the gateways round-robin
+            sel = order[j::len(self.names)]
+            g = self.gw[n]
+            g.ready, g.weights, g.pos, g.wake_at = ready[sel], wts[sel], 0, -1.0
+        for n in self.names:
+            self._gw_try(n)
+        self._schedule_tick()
+        while self.finished is None:
+            if not self.events:
+                raise RuntimeError("virtual time stalled: no event left and the round is not done")
+            self._step()
+        end = self.now
+        return RoundRecord(round=row.round, selected=expected, reported=run.accepted, available=row.available,
+                           round_s=end - open_t, post_arrival_s=end - run.last_accept_t,
+                           push_phase_s=run.last_accept_t - open_t, start_s=open_t, total_weight=run.weight,
+                           cold_starts=run.cold, warm_reuses=run.warm, leaves=len(run.leaves),
+                           refused={} if to_report == expected else {"dropped_out": expected - to_report})
+
+    def _step(self) -> None:
+        t, _, fn, args = heapq.heappop(self.events)
+        self.now = max(self.now, t)
+        fn(*args)
+
+    def _advance_to(self, t: float) -> None:
+        while self.events and self.events[0][0] <= t:
+            self._step()
+        self.now = max(self.now, t)
+
+    def memory_model_bytes(self) -> int:
+        """Shared memory the platform would hold at peak: update slots, float64 sums, one result."""
+        return self.peak_slots * self.nbytes + self.peak_leaves * self.numel * 8 + self.nbytes
+
+
+def serverful_round(row: RoundPlan, open_t: float, costs: Costs, nbytes: int) -> tuple[RoundRecord, float, float]:
+    """The collect-then-aggregate baseline in virtual time: one process receives every update (same
+    gateway cost), holds them all, then runs Flower's ``aggregate`` over all of them at close.
+    Returns (record, its CPU-seconds, bytes it holds at peak)."""
+    if costs.flower_per_update_s is None:
+        raise SimConfigError("the serverful baseline runs Flower's aggregate(): install lifl[sim] (flwr)")
+    ready = np.sort(open_t + row.ready_s[row.reports])
+    push = costs.push_s(nbytes)
+    t = open_t
+    for r in ready:
+        t = max(t, r) + push
+    agg = len(ready) * costs.flower_per_update_s
+    end = t + agg
+    rec = RoundRecord(round=row.round, selected=len(row.clients), reported=len(ready), available=row.available,
+                      round_s=end - open_t, post_arrival_s=agg, push_phase_s=t - open_t, start_s=open_t,
+                      total_weight=float(row.weights[row.reports].sum()))
+    return rec, len(ready) * costs.push_cpu_s(nbytes) + agg, len(ready) * nbytes
+
+
+def run_virtual(rows: Callable[[int, float], RoundPlan], rounds: int, variant: str, server: ServerConfig,
+                costs: Costs, nbytes: int, numel: int, *, nodes: int = 1, cores_per_node: float = 0.0,
+                tick_s: float = 0.05, on_round: Callable[[RoundRecord], None] | None = None) -> VariantRecord:
+    """Every round of one variant; ``rows(round, t_open)`` selects each round's clients at its start."""
+    rec = VariantRecord(mode="virtual", variant=variant, server=vars(server).copy(), update_bytes=nbytes)
+    t = 0.0
+    if variant == "serverful":
+        peak = 0
+        for r in range(1, rounds + 1):
+            rr, cpu, held = serverful_round(rows(r, t), t, costs, nbytes)
+            rec.rounds.append(rr)
+            rec.cpu["gateway"] += cpu
+            peak = max(peak, held)
+            t += rr.round_s
+            if on_round:
+                on_round(rr)
+        rec.peak_pss_bytes = peak
+        rec.bytes_between_processes = nbytes * sum(r.reported for r in rec.rounds)
+        return rec
+    sim = VirtualServer(server, costs, nbytes, numel, nodes=nodes, cores_per_node=cores_per_node, tick_s=tick_s)
+    for r in range(1, rounds + 1):
+        rr = sim.run_round(rows(r, t), t)
+        rec.rounds.append(rr)
+        t = sim.now
+        if on_round:
+            on_round(rr)
+    rec.cpu.update(sim.cpu)
+    rec.peak_pss_bytes = sim.memory_model_bytes()
+    rec.counters = {"cold_starts": sim.cold_starts, "warm_reuses": sim.warm_reuses, "replans": sim.replans,
+                    "scale_downs": sim.scale_downs}
+    rec.timeline = compact_timeline(sim.timeline_t, sim.timeline_alive, sim.arrival_times)
+    # client -> gateway once; the fold reads the slot in place (no copy between processes)
+    rec.bytes_between_processes = nbytes * sum(r.reported for r in rec.rounds)
+    rec.bytes_between_nodes = sim.cross_node_bytes
+    rec.notes.append("peak_pss_bytes is the modelled shared memory (slots + float64 sums + result)")
+    return rec

@@ -1,0 +1,76 @@
+"""Tiny real and virtual runs end to end through `lifl sim run` / `lifl sim report` (real server, real pool)."""
+from __future__ import annotations
+
+import json
+import uuid
+
+from lifl.cli import main
+from lifl.shm import list_segments
+
+
+def test_tiny_real_and_virtual_run_with_report(tmp_path, capsys):
+    prefix = f"liflsimtest{uuid.uuid4().hex[:6]}"
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(f"""
+[workload]
+clients_per_round = 24
+rounds = 2
+model = "dense:5000"
+dropout = 0.25
+[trace]
+kind = "uniform"
+window_s = 0.5
+[run]
+mode = "both"
+variants = ["lifl", "flat"]
+processes = 2
+threads = 2
+calibration_pushes = 16
+calibration_cache = "{tmp_path / 'cache'}"
+[server]
+shm_prefix = "{prefix}"
+""")
+    out = tmp_path / "out"
+    assert main(["sim", "run", "--config", str(cfg), "-o", str(out), "--no-progress"]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["config"]["workload"]["clients_per_round"] == 24 and rec["machine"]["cpus"] >= 1
+    by = {(v["mode"], v["variant"]): v for v in rec["variants"]}
+    assert set(by) == {("real", "lifl"), ("virtual", "lifl"), ("real", "flat"), ("virtual", "flat")}
+    for (mode, _), v in by.items():
+        assert len(v["rounds"]) == 2
+        for r in v["rounds"]:
+            # dropouts are decided from the seed: both modes see the same clients report
+            assert r["selected"] == 24 and 0 < r["reported"] < 24
+            if mode == "real":
+                assert r["max_rel_error"] is not None and r["max_rel_error"] <= 1e-6
+                assert r["refused"] == {}
+    for k in (1, 2):
+        reps = {v["rounds"][k - 1]["reported"] for v in rec["variants"]}
+        weights = {round(v["rounds"][k - 1]["total_weight"], 6) for v in rec["variants"]}
+        assert len(reps) == 1 and len(weights) == 1
+    assert len(rec["validation"]) == 4 and all(x["real_s"] > 0 and x["virtual_s"] > 0 for x in rec["validation"])
+    assert rec["calibration"]["source"]["ingest"] == "measured now"
+    md = (out / "report.md").read_text()
+    assert "| real | lifl | 24 | 2 |" in md and "Virtual against real" in md
+    assert (out / "aggregators_vs_arrivals.png").stat().st_size > 0 and (out / "round_time_and_cpu.png").exists()
+    # re-render elsewhere from the JSON alone
+    again = tmp_path / "again"
+    assert main(["sim", "report", str(out / "run.json"), "-o", str(again)]) == 0
+    assert (again / "report.md").read_text() == md.replace(str(out), str(again))
+    assert list_segments(prefix) == []
+    capsys.readouterr()
+
+
+def test_training_mode_in_virtual_time_learns(tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(f'[run]\ncalibration_pushes = 16\ncalibration_cache = "{tmp_path / "cache"}"\n')
+    assert main(["sim", "run", "--config", str(cfg), "--mode", "virtual", "--training", "--clients", "20",
+                 "--rounds", "4", "--trace", "straggler", "-o", str(out), "--no-progress"]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    acc = [r["accuracy"] for r in rec["variants"][0]["rounds"]]
+    assert len(acc) == 4 and acc[-1] > 0.3 and acc[-1] > acc[0] - 0.02  # better than chance (0.1)
+    clock = [r["start_s"] + r["round_s"] for r in rec["variants"][0]["rounds"]]
+    assert clock == sorted(clock) and clock[0] > 0.5  # stragglers take ~1 s of training before they upload
+    assert (out / "accuracy.png").exists()
+    capsys.readouterr()

@@ -1,0 +1,108 @@
+"""The discrete-event model on scenarios computed by hand (costs chosen to make the arithmetic exact)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lifl.config import ServerConfig
+from lifl.sim.calibrate import Costs
+from lifl.sim.virtual import VirtualServer, run_virtual
+from lifl.sim.workload import RoundPlan
+
+MiB = 2**20
+COSTS = Costs(push_overhead_s=1.0, ingest_Bps=float("inf"), update_s=0.1, fuse_speedup=1.0, partial_s=0.25,
+              finalize_s=0.05, cold_start_s=0.5, flower_per_update_s=0.2, gateway_cpu_push_s=0.5)
+
+
+def row(ready, rnd=1, reports=None):
+    n = len(ready)
+    return RoundPlan(rnd, np.arange(n), np.ones(n, bool) if reports is None else np.array(reports),
+                     np.array(ready, float), np.full(n, 10.0), n)
+
+
+def server(**kw):
+    kw = {"workers": 1, "leaves": 1, "planner": "static", "keep_alive_s": 30.0, **kw}
+    return ServerConfig(**kw)
+
+
+def test_one_leaf_all_at_once():
+    # pushes end at 1, 2, 3, 4 (1 s each, one gateway); the first needs a cold start (ready 1.5),
+    # folds 1.5-1.6, 2.0-2.1, 3.0-3.1, 4.0-4.1; the last arrival closes the round; finalize +0.05
+    sim = VirtualServer(server(), COSTS, update_bytes=1000, numel=250, cores_per_node=1)
+    rr = sim.run_round(row([0, 0, 0, 0]), 0.0)
+    assert rr.round_s == pytest.approx(4.15) and rr.post_arrival_s == pytest.approx(0.15)
+    assert (rr.reported, rr.cold_starts, rr.warm_reuses, rr.leaves) == (4, 1, 0, 1)
+    assert sim.cpu["gateway"] == pytest.approx(4 * 0.5)
+    # the next round reuses the warm function: no cold start
+    rr2 = sim.run_round(row([0, 0], rnd=2), sim.now)
+    assert (rr2.cold_starts, rr2.warm_reuses) == (0, 1) and rr2.round_s == pytest.approx(2.15)
+
+
+def test_a_full_slot_budget_holds_the_gateway_back():
+    # one update slot (1 MiB budget, 1 MiB updates): a push waits for the previous fold to free it
+    sim = VirtualServer(server(shm_budget_mb=1), COSTS, update_bytes=MiB, numel=MiB // 4, cores_per_node=1)
+    rr = sim.run_round(row([0, 0, 0]), 0.0)
+    # push 0-1, cold start to 1.5, fold to 1.6; push 1.6-2.6, fold to 2.7; push 2.7-3.7, fold 3.8; +0.05
+    assert rr.round_s == pytest.approx(3.85)
+
+
+def test_tree_waits_for_the_slowest_child_then_finalises():
+    # two leaves on two cores, fan-in 2: arrivals at 1 (leaf 0) and 2 (leaf 1); both functions cold
+    # (ready 1.5, 2.5), folds end 1.6 and 2.6; the parent folds one partial (0.25) then finalises (0.05)
+    sim = VirtualServer(server(workers=2, leaves=2, fan_in=2), COSTS, update_bytes=1000, numel=250,
+                        cores_per_node=2)
+    rr = sim.run_round(row([0, 0]), 0.0)
+    assert rr.leaves == 2 and rr.cold_starts == 2
+    assert rr.round_s == pytest.approx(2.6 + 0.25 + 0.05)
+
+
+def test_dropouts_close_the_round_at_the_last_report():
+    sim = VirtualServer(server(), COSTS, update_bytes=1000, numel=250, cores_per_node=1)
+    rr = sim.run_round(row([0, 0, 5], reports=[True, False, True]), 0.0)
+    # pushes end at 1 and 6: folds 1.5-1.6 and 6.0-6.1, finalize 6.15
+    assert rr.reported == 2 and rr.refused == {"dropped_out": 1} and rr.round_s == pytest.approx(6.15)
+
+
+def test_keep_alive_decides_cold_or_warm_in_the_next_round():
+    def second_round_cold(keep_alive):
+        sim = VirtualServer(server(keep_alive_s=keep_alive), COSTS, update_bytes=1000, numel=250, cores_per_node=1)
+        sim.run_round(row([0]), 0.0)
+        rr = sim.run_round(row([20.0], rnd=2), sim.now)  # the next client comes 20 s later
+        return rr.cold_starts, sim.scale_downs
+    assert second_round_cold(30.0) == (0, 0)
+    assert second_round_cold(2.0) == (1, 1)  # stopped by the autoscaler after the keep-alive, started again
+
+
+def test_more_functions_than_cores_wait_for_a_core():
+    # two leaves, one core: the second leaf's fold waits for the first
+    sim = VirtualServer(server(workers=2, leaves=2, fan_in=2), COSTS, update_bytes=1000, numel=250,
+                        cores_per_node=1)
+    rr = sim.run_round(row([0, 0]), 0.0)
+    # arrivals 1 and 2, cold until 1.5 / 2.5: folds 1.5-1.6 and 2.5-2.6 do not overlap: same as two cores
+    assert rr.round_s == pytest.approx(2.9)
+    sim2 = VirtualServer(server(workers=2, leaves=2, fan_in=2), Costs(**{**COSTS.__dict__, "update_s": 2.0}),
+                         update_bytes=1000, numel=250, cores_per_node=1)
+    rr2 = sim2.run_round(row([0, 0]), 0.0)
+    # folds: leaf0 1.5-3.5; leaf1 ready at 2.5 but the core is busy until 3.5: 3.5-5.5; tree + finalize
+    assert rr2.round_s == pytest.approx(5.5 + 0.25 + 0.05)
+
+
+def test_serverful_baseline_collects_then_aggregates():
+    rec = run_virtual(lambda r, t: row([0, 0, 0]), 1, "serverful", server(), COSTS, 1000, 250)
+    rr = rec.rounds[0]
+    # three 1 s pushes, then Flower's aggregate over all three (0.2 s each), holding all three updates
+    assert rr.round_s == pytest.approx(3.6) and rr.post_arrival_s == pytest.approx(0.6)
+    assert rec.peak_pss_bytes == 3000
+
+
+def test_elastic_planner_is_the_real_one():
+    # the elastic planner on 4 cores with a high arrival rate asks for several leaves
+    sim = VirtualServer(ServerConfig(workers=4, leaves=4, planner="elastic"), COSTS, update_bytes=10**8,
+                        numel=25 * 10**6, cores_per_node=4)
+    from lifl.control.planner import plan_elastic
+    from lifl.control.model import FoldCosts, Load, PlannerPolicy, Resources
+    est = 10**8 / 2e9
+    want = plan_elastic(Load(400, 400 / 10.0), FoldCosts(est, 2.0, 2 * est, est), sim.nodes, Resources(cores=1.0),
+                        PlannerPolicy(max_leaves=4))
+    rr = sim.run_round(row([0] * 400), 0.0)
+    assert rr.leaves == want.leaves
