@@ -28,6 +28,14 @@ if ! "${bh[@]}" inspect --type image "$base" >/dev/null 2>&1; then
     "${bh[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd python3 "$ctr"
     "${bh[@]}" commit --rm "$ctr" "$base"
 fi
-"${bh[@]}" build --isolation chroot --layers=false -f deploy/Dockerfile \
+# RUN steps trust what this machine trusts (a proxy's CA, say); nothing of it enters the image
+ca="${BUILD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+vols=()
+if [ -f "$ca" ]; then
+    pipconf="$(mktemp)"
+    printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > "$pipconf"
+    vols=(--volume "$ca:/etc/ssl/certs/ca-certificates.crt:ro" --volume "$pipconf:/etc/pip.conf:ro")
+fi
+"${bh[@]}" build --isolation chroot --layers=false "${vols[@]}" -f deploy/Dockerfile \
     --build-arg PYTHON_IMAGE="$base" --build-arg LIFL_EXTRAS="$arg" -t "localhost/lifl:$tag" .
 echo "built localhost/lifl:$tag"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from .render import OVERLAYS, PROFILES, Tools
+from .render import COMPOSED, OVERLAYS, PROFILES, Tools
 from .tools import ToolsUnavailable, ensure_tools
 
 
@@ -23,7 +23,7 @@ def helm_renders(tools) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="session")
 def kustomize_renders(tools) -> dict[str, list[dict]]:
-    return {p.name: tools.kustomize(p) for p in OVERLAYS}
+    return {p.name: tools.kustomize(p) for p in OVERLAYS + COMPOSED}
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ HERE = Path(__file__).parent
 PROFILES = {"default": [], **{p.stem: [p] for p in sorted((HERE / "values").glob("*.yaml"))}}
 BAD_VALUES = sorted((HERE / "bad").glob("*.yaml"))
 OVERLAYS = sorted(p for p in (KUSTOMIZE / "overlays").iterdir() if p.is_dir())
+# overlays as an operator composes them (overlay + deploy/kustomize/components/tls)
+COMPOSED = sorted(p for p in (HERE / "kustomize").iterdir() if p.is_dir())
 
 
 @dataclass

@@ -20,12 +20,14 @@ import yaml
 
 from lifl.config import ServerConfig, load_config
 
+from .image import final_stage
 from .render import (BAD_VALUES, CHART, HERE, OVERLAYS, PROFILES, ROOT, cpu_count, pod_templates,
                      quantity_bytes)
 
 K8S_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 CONFIG_FIELDS = {f.name for f in fields(ServerConfig)}
 HEAD_SCRIPT = ROOT / "deploy" / "ray-head.sh"
+IMAGE = final_stage(ROOT / "deploy" / "Dockerfile")
 MiB = 2**20
 
 
@@ -56,12 +58,18 @@ CRDS = {(f"{g}/v1", kind): _crd_schema(HERE / "data" / f) for g, kind, f in (
 
 
 def _config_of(objs: list[dict], tmp_path: Path) -> ServerConfig:
-    """The settings `lifl serve` reads from the rendered ConfigMap (load_config refuses unknown keys)."""
+    """The settings the serving container's `lifl serve` reads: the rendered ConfigMap's file, then
+    the image's and the container's LIFL_* variables (load_config refuses unknown keys)."""
     cms = [o for o in objs if o["kind"] == "ConfigMap" and "lifl.toml" in o.get("data", {})]
     assert len(cms) == 1, "exactly one ConfigMap with lifl.toml"
     path = tmp_path / "lifl.toml"
     path.write_text(cms[0]["data"]["lifl.toml"])
-    return load_config(path, env={})
+    env = {k: v for k, v in IMAGE.env.items() if k.startswith("LIFL_")}
+    serving = [c for o in objs for _, labels, spec in pod_templates(o)
+               if labels.get("app.kubernetes.io/component") == "gateway" for c in spec["containers"]]
+    assert len(serving) == 1, "exactly one serving container"
+    env.update((e["name"], e["value"]) for e in serving[0].get("env", []) if "value" in e)
+    return load_config(path, env=env)
 
 
 # -- the tools themselves -------------------------------------------------------------------
@@ -97,6 +105,7 @@ def test_every_profile_and_overlay_renders_what_it_should(helm_renders, kustomiz
     assert {"Deployment", "Service", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"} <= {
         o["kind"] for o in kustomize_renders["single-node"]}
     assert "RayCluster" in {o["kind"] for o in kustomize_renders["ray"]}
+    assert set(kustomize_renders) == {"single-node", "ray", "single-node-tls", "ray-tls"}
 
 
 def test_every_rendered_object_is_valid(all_renders, tools):
