@@ -116,8 +116,6 @@ class SimConfig:
         _check(bool(r.variants), "run.variants must name at least one variant")
         bad = [v for v in r.variants if v not in VARIANTS]
         _check(not bad, f"unknown variant(s) {bad}; known: {', '.join(VARIANTS)}")
-        _check(not ("serverful" in r.variants and r.mode != "virtual"),
-               "the serverful baseline runs in virtual time only: use run.mode = \"virtual\" for it")
         _check(all(isinstance(n, int) and 1 <= n <= 1_000_000 for n in r.sizes),
                f"run.sizes must be client counts between 1 and 1,000,000, got {list(r.sizes)}")
         _check(r.calibration_pushes >= 8, "run.calibration_pushes must be >= 8")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import sys
 import time
 from dataclasses import replace
 from typing import Callable
@@ -73,7 +74,10 @@ def run_real_variant(cfg: SimConfig, trace: Trace, variant: str,
     from .real import run_real
     server = server_settings(cfg, variant)
     server.setdefault("metrics_port", 0)
-    return run_real(cfg, trace, variant, server, on_round=on_round)
+    command = None
+    if variant == "serverful":  # the same pool and trace against Flower's collect-then-aggregate
+        command = [sys.executable, "-m", "lifl.sim.serverful", "--port", "0"]
+    return run_real(cfg, trace, variant, server, command=command, on_round=on_round)
 
 
 def validation_rows(real: VariantRecord, virt: VariantRecord) -> list[dict]:

@@ -471,7 +471,8 @@ def serverful_round(row: RoundPlan, open_t: float, costs: Costs, nbytes: int) ->
     end = t + agg
     rec = RoundRecord(round=row.round, selected=len(row.clients), reported=len(ready), available=row.available,
                       round_s=end - open_t, post_arrival_s=agg, push_phase_s=t - open_t, start_s=open_t,
-                      total_weight=float(row.weights[row.reports].sum()))
+                      total_weight=float(row.weights[row.reports].sum()),
+                      refused={} if len(ready) == len(row.clients) else {"dropped_out": len(row.clients) - len(ready)})
     return rec, len(ready) * costs.push_cpu_s(nbytes) + agg, len(ready) * nbytes
 
 
