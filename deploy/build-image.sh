@@ -33,6 +33,7 @@ ca="${BUILD_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 vols=()
 if [ -f "$ca" ]; then
     pipconf="$(mktemp)"
+    trap 'rm -f "$pipconf"' EXIT
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > "$pipconf"
     vols=(--volume "$ca:/etc/ssl/certs/ca-certificates.crt:ro" --volume "$pipconf:/etc/pip.conf:ro")
 fi
