@@ -23,7 +23,9 @@ JSON files and ``.npz`` arrays (no pickle).
 
 Outputs in ``--out``: ``results.json`` (config, every job's history and final
 per-device metrics, the summary and the goal check), ``table.md`` (mean +- std
-over seeds), ``per_device_ap.png`` and ``variance_over_rounds.png``.
+over seeds), ``per_device_ap.png``, ``variance_over_rounds.png``, and the
+Pareto report of accuracy/fairness against client cost (``pareto.md``,
+``pareto.json``, ``pareto_<cost>.png``; :mod:`heteroswitch.pareto`).
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def run_job(cfg: BenchConfig, dataset, seed: int, method: str, aggregator=None, 
     switches: dict[str, BiasSwitch] = {}
     ref = ServerReference(cfg.switch)
     server_ref: float | None = None
-    switch_log: list[list] = []  # [round, device, signal, level] per heteroswitch client-round
+    switch_log: list[list] = []  # [round, device, signal, level, colour signal, choice] per heteroswitch client-round
     history, totals = [], {"compute_units": 0.0, "train_seconds": 0.0, "isp_images": 0.0, "eval_samples": 0.0,
                            "train_samples": 0.0, "client_rounds": 0, "isp_on": 0, "swad_on": 0}
     levels: dict[str, int] = {}
@@ -188,13 +190,20 @@ def run_job(cfg: BenchConfig, dataset, seed: int, method: str, aggregator=None, 
                     lv = str(int(res.metrics["hs_level"]))
                     levels[lv] = levels.get(lv, 0) + 1
                     sig = res.metrics["hs_signal"]
+                    cs = res.metrics["hs_colour_signal"]
                     switch_log.append([rnd, c.device, None if not np.isfinite(sig) else round(float(sig), 4),
-                                       int(res.metrics["hs_level"])])
+                                       int(res.metrics["hs_level"]), None if not np.isfinite(cs) else round(float(cs), 4),
+                                       _choice(res.metrics)])
                 else:
                     res = train_local(model, c.images, c.labels, rcfg, mode=METHODS[method], seed=tseed)
                 agg.submit(res.state, res.num_examples, c.client_id)
                 for k in ("compute_units", "train_seconds", "isp_images", "eval_samples", "train_samples"):
                     totals[k] += res.metrics[k]
+                for k, v in res.metrics.items():
+                    if k.startswith(("flops_", "dev_s_")):
+                        totals[k] = totals.get(k, 0.0) + v
+                ch = _choice(res.metrics)
+                totals[f"choice_{ch}"] = totals.get(f"choice_{ch}", 0) + 1
                 totals["client_rounds"] += 1
                 totals["isp_on"] += int(res.metrics["mode_isp"])
                 totals["swad_on"] += int(res.metrics["mode_swad"])
@@ -221,15 +230,25 @@ def run_job(cfg: BenchConfig, dataset, seed: int, method: str, aggregator=None, 
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)}
 
 
+def _choice(metrics: dict) -> str:
+    """The remedy a client-round ran: none, isp, swad or isp+swad."""
+    return {(0, 0): "none", (1, 0): "isp", (0, 1): "swad", (1, 1): "isp+swad"}[
+        (int(metrics["mode_isp"]), int(metrics["mode_swad"]))]
+
+
 def _switch_by_device(log: list[list]) -> dict[str, dict]:
-    """Per device: client-rounds, share with ISP on (level >= 1), share at level 2, median signal."""
+    """Per device: client-rounds, share at level >= 1 and 2, share of each choice, median signals."""
     out: dict[str, dict] = {}
     for d in sorted({r[1] for r in log}):
         rows = [r for r in log if r[1] == d]
         sig = [r[2] for r in rows if r[2] is not None]
+        col = [r[4] for r in rows if len(r) > 4 and r[4] is not None]
         out[d] = {"n": len(rows), "level_ge1": float(np.mean([r[3] >= 1 for r in rows])),
                   "level2": float(np.mean([r[3] >= 2 for r in rows])),
-                  "median_signal": float(np.median(sig)) if sig else float("nan")}
+                  "median_signal": float(np.median(sig)) if sig else float("nan"),
+                  "median_colour_signal": float(np.median(col)) if col else float("nan"),
+                  **{f"choice_{c}": float(np.mean([len(r) > 5 and r[5] == c for r in rows]))
+                     for c in ("none", "isp", "swad", "isp+swad")}}
     return out
 
 
@@ -489,7 +508,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
 
 
 def _report(cfg: BenchConfig, results: list[dict], out: Path, wall: float, log=print, failed=(),
-            rebuilt: bool = False) -> dict:
+            rebuilt: bool = False, client_cost=None) -> dict:
     order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in cfg.seeds for m in cfg.methods)}
     results.sort(key=lambda j: order.get((j["seed"], j["method"]), 1 << 30))
     summary = summarize(results, cfg.data.unseen_device)
@@ -506,18 +525,25 @@ def _report(cfg: BenchConfig, results: list[dict], out: Path, wall: float, log=p
         table += "\nFailed jobs (not in the table): " + ", ".join(failed) + "\n"
     (out / "table.md").write_text(table)
     write_plots(results, summary, out)
+    from .pareto import write_pareto
+
+    if client_cost is None and (out / "client_cost.json").is_file():
+        client_cost = out / "client_cost.json"
+    write_pareto(results, summary, out, client_cost)
     log(table)
+    log((out / "pareto.md").read_text())
     return summary
 
 
-def report_from_jobs(out_dir: str | Path, log=print) -> dict:
-    """Rebuild results/table/plots from the ``job_*.json`` files of a (possibly interrupted) worker run."""
+def report_from_jobs(out_dir: str | Path, log=print, client_cost=None) -> dict:
+    """Rebuild results/table/plots/Pareto report from the ``job_*.json`` files of a (possibly
+    interrupted) worker run; ``client_cost``: a ``bench_heteroswitch_cost.py`` JSON for isolated costs."""
     out = Path(out_dir)
     cfg = config_from_dict(json.loads((out / "config.json").read_text()))
     results = [json.loads(p.read_text()) for p in sorted(out.glob("job_*.json"))]
     if not results:
         raise FileNotFoundError(f"no job_*.json files in {out}")
-    return _report(cfg, results, out, float("nan"), log, rebuilt=True)
+    return _report(cfg, results, out, float("nan"), log, rebuilt=True, client_cost=client_cost)
 
 
 def _lifl_job_agg(address: str, method: str, seed: int):

@@ -44,6 +44,19 @@ the median (the clearly under-served tail) also gets SWAD.  The first
 threshold is set below 0 because ISP transformation is cheap and the
 harm of missing a biased client is larger than the harm of augmenting an
 unbiased one; chosen on seen devices only (never on the unseen device).
+
+Per-client choice of the remedy (``colour_threshold``, off by default): a
+second, lazily measured signal says *which kind* of bias a flagged client
+has.  The colour signal is ``loss(model, ISP(x)) / loss(model, x) - 1`` on
+the same probe samples: how much the random ISP transformation hurts the
+received model on this client's data.  Large (> ``colour_threshold``): true
+colour carries signal the model uses here (a well-calibrated phone), so
+randomising white balance and gamma would destroy it -- the client gets SWAD
+instead of ISP.  Small or negative: the client's colours are already off the
+model's (a colour-cast phone) and ISP diversification is the remedy.  So a
+client ends at none, ISP, SWAD or ISP+SWAD.  The colour probe is measured
+only for clients at level >= 1 and costs one ISP pass and one forward pass
+on the probe samples (counted in :mod:`heteroswitch.cost`).
 """
 
 from __future__ import annotations
@@ -51,7 +64,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-__all__ = ["Mode", "SwitchConfig", "Decision", "BiasSwitch", "ServerReference", "relative_excess_loss", "level_for"]
+__all__ = ["Mode", "SwitchConfig", "Decision", "BiasSwitch", "ServerReference", "relative_excess_loss", "level_for",
+           "choose_mode"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class SwitchConfig:
     hysteresis: float = 0.05
     ref_statistic: str = "median"  # server reference over last round's losses: "median" | "mean"
     ref_decay: float = 0.5         # EMA of the server reference across rounds (0 = last round only)
+    colour_threshold: float | None = None  # per-client choice: ISP -> SWAD when ISP hurts the model this much
 
     def __post_init__(self) -> None:
         if list(self.thresholds) != sorted(self.thresholds):
@@ -90,6 +105,8 @@ class SwitchConfig:
             raise ValueError("ref_decay must be in [0, 1)")
         if self.hysteresis < 0:
             raise ValueError(f"hysteresis must be >= 0, got {self.hysteresis}")
+        if self.colour_threshold is not None and not self.colour_threshold > -1.0:
+            raise ValueError(f"colour_threshold must be > -1 (a relative loss change), got {self.colour_threshold}")
         if self.ref_statistic not in ("median", "mean"):
             raise ValueError(f"ref_statistic must be 'median' or 'mean', got {self.ref_statistic!r}")
 
@@ -102,6 +119,7 @@ class Decision:
     loss_global: float | None
     loss_ref: float | None
     reason: str
+    colour_signal: float | None = None
 
     def as_metrics(self, prefix: str = "hs_") -> dict[str, float]:
         """Flat numeric metrics, so the server can see who switched and why."""
@@ -114,6 +132,7 @@ class Decision:
             f"{prefix}loss_global": nan if self.loss_global is None else float(self.loss_global),
             f"{prefix}loss_ref": nan if self.loss_ref is None else float(self.loss_ref),
             f"{prefix}has_ref": float(self.loss_ref is not None),
+            f"{prefix}colour_signal": nan if self.colour_signal is None else float(self.colour_signal),
         }
 
 
@@ -125,6 +144,14 @@ def relative_excess_loss(loss_global: float, loss_ref: float) -> float:
 
 def level_for(signal: float, thresholds: tuple[float, ...]) -> int:
     return bisect.bisect_right(list(thresholds), signal)
+
+
+def choose_mode(mode: Mode, colour_signal: float | None, colour_threshold: float | None) -> Mode:
+    """The per-client choice: a level's mode with ISP swapped for SWAD when the
+    colour signal says ISP would destroy signal the model uses (pure)."""
+    if colour_threshold is None or colour_signal is None or not mode.isp or colour_signal <= colour_threshold:
+        return mode
+    return Mode(isp=False, swad=True)
 
 
 class ServerReference:
@@ -165,7 +192,10 @@ class BiasSwitch:
         self.ema = ema
         self.last_level: int | None = None
 
-    def decide(self, loss_global: float | None, server_ref: float | None = None) -> Decision:
+    def decide(self, loss_global: float | None, server_ref: float | None = None, colour_signal=None) -> Decision:
+        """Decide this round's mode.  ``colour_signal``: a float, or a zero-argument
+        callable measured only when needed (level >= 1 with ISP and
+        ``colour_threshold`` set)."""
         c = self.config
         ref, src = None, None
         if c.reference == "server" and server_ref is not None and server_ref > 0:
@@ -186,6 +216,14 @@ class BiasSwitch:
             if lvl > raw:
                 held = f" (held at previous level {lvl} by hysteresis {c.hysteresis})"
         self.last_level = lvl
+        mode, cs, kind = c.modes[lvl], None, ""
+        if c.colour_threshold is not None and mode.isp:
+            cs = float(colour_signal() if callable(colour_signal) else colour_signal) \
+                if colour_signal is not None else None
+            mode = choose_mode(mode, cs, c.colour_threshold)
+            if cs is not None:
+                kind = (f"; colour signal {cs:+.3f} {'>' if cs > c.colour_threshold else '<='} "
+                        f"{c.colour_threshold} -> {mode.name}")
         reason = (f"loss {loss_global:.4f} vs {src} {ref:.4f}: signal {s:+.3f}, thresholds {list(c.thresholds)} "
-                  f"-> level {lvl} ({c.modes[lvl].name}){held}")
-        return Decision(lvl, c.modes[lvl], s, loss_global, ref, reason)
+                  f"-> level {lvl} ({c.modes[lvl].name}){held}{kind}")
+        return Decision(lvl, mode, s, loss_global, ref, reason, cs)

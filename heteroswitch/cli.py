@@ -5,6 +5,16 @@ Presets fix a consistent size; individual flags override them:
 * ``tiny``  -- CI smoke size (seconds on a CPU): checks the pipeline end to end.
 * ``cpu``   -- a small but meaningful run on a laptop-class CPU (tens of minutes).
 * ``gpu``   -- the reported size: 64x64 images, ResNet-style model, 60 rounds.
+
+Benchmarks (``--benchmark``) fix what the data is, independent of its size:
+
+* ``rev2``     -- revision 2: vendor colour casts, colour a shortcut (not identity).
+* ``tradeoff`` -- the trade-off benchmark: four pairs of classes told apart by
+  true colour alone, and devices whose biases differ in kind (Samsung colour
+  cast, LG noise and JPEG, Google resolution and sharpening; strength by tier),
+  profiles in ``datasets/devices/tradeoff``.  Always-on ISP destroys signal on
+  well-calibrated phones here.
+* ``--flair FILE`` trains on a FLAIR HDF5 file instead (see :mod:`heteroswitch.flair_bench`).
 """
 
 from __future__ import annotations
@@ -33,12 +43,34 @@ PRESETS: dict[str, dict] = {
 }
 
 
+BENCHMARKS: dict[str, dict] = {
+    "rev2": {},
+    "tradeoff": dict(
+        scene=dict(colour_pairs=4, colour_correlation=0.6, hue_jitter=0.015, pair_hue_delta=0.07),
+        profile_set="tradeoff",
+        device_mix={"GalaxyS22": 0.28, "GalaxyS9": 0.12, "GalaxyS6": 0.08, "VELVET": 0.22, "G7": 0.08, "G4": 0.0,
+                    "Pixel5": 0.12, "Pixel2": 0.06, "Nexus5X": 0.04},
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="heteroswitch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="run the device-heterogeneity benchmark")
     b.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    b.add_argument("--benchmark", choices=list(BENCHMARKS), default="rev2",
+                   help="which synthetic data: rev2 (default) or tradeoff (colour-identity classes, kinds of bias)")
+    b.add_argument("--flair", default=None, metavar="HDF5",
+                   help="train on this FLAIR HDF5 file (FLAIR's layout, multi-label) instead of synthetic scenes")
+    b.add_argument("--device-map", default=None, metavar="JSON",
+                   help="FLAIR: {user_id: device} JSON (default: the data card's deterministic hash map)")
+    b.add_argument("--scene", default="", metavar="K=V,...",
+                   help="override SceneConfig fields, e.g. colour_pairs=6,pair_hue_delta=0.04,pair_saturation=0.4:0.95")
+    b.add_argument("--colour-threshold", type=float, default=None,
+                   help="per-client choice: a flagged client gets SWAD instead of ISP when ISP raises the "
+                        "received model's loss on its data by more than this (relative); default off")
     b.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {list(METHODS)}")
     b.add_argument("--seeds", default="0,1,2", help="comma list of integer seeds (>= 3 for the reported table)")
     b.add_argument("--rounds", type=int)
@@ -65,7 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="heteroswitch_bench", help="output directory")
     r = sub.add_parser("report", help="rebuild table and plots from the job_*.json files of a worker run")
     r.add_argument("out", help="the bench output directory")
+    r.add_argument("--client-cost", default=None, metavar="JSON",
+                   help="isolated per-remedy costs from benchmarks/bench_heteroswitch_cost.py (default: "
+                        "OUT/client_cost.json when present)")
     return ap
+
+
+def parse_scene_overrides(text: str) -> dict:
+    """``"k=v,k2=lo:hi"`` -> typed :class:`SceneConfig` overrides; unknown fields raise ``ValueError``."""
+    fields = {f.name: f for f in dataclasses.fields(SceneConfig)}
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or k not in fields:
+            raise ValueError(f"--scene: {item!r} is not FIELD=VALUE with FIELD one of {sorted(fields)}")
+        default = getattr(SceneConfig(), k)
+        try:
+            out[k] = tuple(float(x) for x in v.split(":")) if isinstance(default, tuple) else type(default)(v)
+        except ValueError:
+            raise ValueError(f"--scene: {k} needs a {type(default).__name__}, got {v!r}") from None
+    return out
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
@@ -77,21 +128,23 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
             p[k] = v
     if a.image_size is not None:
         p["base_size"] = 2 * a.image_size
+    bm = BENCHMARKS[a.benchmark]
     data = dataclasses.replace(
         FederatedConfig(), num_clients=p["num_clients"], samples_per_client=p["samples_per_client"], alpha=a.alpha,
         unseen_device=a.unseen_device, test_per_class=p["test_per_class"], image_size=p["image_size"],
-        scene=SceneConfig(base_size=p["base_size"]),
+        scene=SceneConfig(**{"base_size": p["base_size"], **bm.get("scene", {}), **parse_scene_overrides(a.scene)}),
+        **{k: v for k, v in bm.items() if k != "scene"},
     )
     if data.device_mix.get(a.unseen_device, 0) > 0:  # swap shares: the unseen device trains nobody, G4 takes its share
         mix = dict(data.device_mix)
         mix["G4"], mix[a.unseen_device] = mix[a.unseen_device], 0.0
         data = dataclasses.replace(data, device_mix=mix)
-    data.validate(list_devices())
+    data.validate(list_devices(data.profiles_directory()))
     train = TrainConfig(local_steps=p["local_steps"], batch_size=p["batch_size"], lr=a.lr,
                         bias_eval_samples=p["samples_per_client"],
                         swad=SWADConfig(eval_every=p["swad_eval_every"], eval_samples=p["swad_eval_samples"]))
-    sw = SwitchConfig() if a.thresholds is None else SwitchConfig(
-        thresholds=tuple(float(x) for x in a.thresholds.split(",")))
+    sw = SwitchConfig(colour_threshold=a.colour_threshold) if a.thresholds is None else SwitchConfig(
+        thresholds=tuple(float(x) for x in a.thresholds.split(",")), colour_threshold=a.colour_threshold)
     return BenchConfig(
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
         seeds=tuple(int(s) for s in a.seeds.split(",")),
@@ -116,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "report":
         from .bench import report_from_jobs
 
-        report_from_jobs(a.out)
+        report_from_jobs(a.out, client_cost=a.client_cost)
         return 0
     return 2
 

@@ -12,8 +12,12 @@ Rendering (:func:`render`): linear scene radiance -> sensor spectral mixing and
 exposure -> resolution (resample) -> Bayer mosaic -> shot + read noise ->
 bilinear demosaic -> white balance (ideal gains x the vendor's AWB bias) ->
 colour correction (inverse sensor mix x saturation "look") -> sRGB encoding
-with an extra power-law gamma -> tone curve -> JPEG-like quantisation -> resize
-to the output size.
+with an extra power-law gamma -> tone curve -> sharpening (unsharp mask) ->
+JPEG-like quantisation -> resize to the output size.
+
+Profile sets: ``datasets/devices/*.json`` is benchmark revision 2;
+``datasets/devices/tradeoff/*.json`` is the trade-off benchmark (each vendor a
+different *kind* of bias), chosen by ``FederatedConfig.profile_set``.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class ISPParams:
     """ISP model. ``awb_bias`` multiplies the ideal white-balance gains (the
     vendor's colour "look" / AWB error); ``saturation`` scales chroma in the
     CCM; ``gamma`` is an extra power law on top of sRGB (1 = plain sRGB);
-    ``tone`` the S-curve strength; ``jpeg_quality`` None disables JPEG;
+    ``tone`` the S-curve strength; ``sharpen`` the unsharp-mask amount (0 =
+    none; applied after the tone curve, before JPEG); ``jpeg_quality`` None disables JPEG;
     ``ccm_accuracy`` in [0, 1] is how much of the sensor's true cross-talk the
     CCM was calibrated to undo (cheaper phones: less)."""
 
@@ -75,6 +80,7 @@ class ISPParams:
     saturation: float = 1.0
     gamma: float = 1.0
     tone: float = 0.0
+    sharpen: float = 0.0
     jpeg_quality: int | None = None
     ccm_accuracy: float = 1.0
 
@@ -185,6 +191,8 @@ def render(
     out = isp.process(rgb, wb_gains=gains, ccm=ccm, gamma=None, tone=p.tone)
     if p.gamma != 1.0:
         out = isp.apply_gamma(out, p.gamma)
+    if p.sharpen:
+        out = isp.unsharp_mask(out, p.sharpen).clamp(0.0, 1.0)
     if p.jpeg_quality is not None:
         out = isp.jpeg_quantize(out, p.jpeg_quality)
     return isp.resize(out, out_size).clamp(0.0, 1.0)

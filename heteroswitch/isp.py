@@ -33,6 +33,7 @@ __all__ = [
     "apply_ccm",
     "apply_gamma",
     "apply_tone_curve",
+    "unsharp_mask",
     "mosaic",
     "demosaic_bilinear",
     "add_sensor_noise",
@@ -143,6 +144,20 @@ def apply_tone_curve(x: torch.Tensor, strength) -> torch.Tensor:
     s = _per_image(strength, x, (), "strength")[:, None, None, None]
     xc = x.clamp(0.0, 1.0)
     return (1.0 - s) * x + s * (xc * xc * (3.0 - 2.0 * xc))
+
+
+def unsharp_mask(x: torch.Tensor, amount: float) -> torch.Tensor:
+    """Sharpening as phone ISPs do it: ``x + amount * (x - blur(x))`` with a 3x3
+    binomial blur (replicate borders); not clipped.  ``amount == 0`` is the identity;
+    a constant image is unchanged for any amount."""
+    check_images(x, channels=None)
+    if amount == 0:
+        return x
+    k1 = torch.tensor([0.25, 0.5, 0.25], dtype=x.dtype, device=x.device)
+    k = (k1[:, None] * k1[None, :]).expand(x.shape[1], 1, 3, 3)
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), k,
+                                      groups=x.shape[1])
+    return x + amount * (x - blur)
 
 
 # --------------------------------------------------------------------------- Bayer

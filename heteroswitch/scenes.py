@@ -57,6 +57,11 @@ class SceneConfig:
     in revision 1 (fg/bg brightness ranges overlap, coloured backgrounds, 10 %
     texture noise), so that a naive model leans on colour -- which the device
     pipelines distort -- and FedAvg carries real device-induced bias.
+    ``colour_pairs > 0`` (the trade-off benchmark): the first and the last
+    ``colour_pairs`` classes form pairs of one shape whose identity lies in true
+    colour (hues ``pair_hue_delta`` apart, always that hue, saturated), so a
+    device's colour cast -- and random white balance and gamma -- can destroy
+    class signal.
     Revision 1 was ``SceneConfig(colour_correlation=0.8, hue_jitter=0.03,
     texture_noise=0.04, fg_value=(0.55, 0.95), bg_value=(0.15, 0.5),
     bg_saturation=0.15)`` (it saturated at ~98 % AP at 64x64)."""
@@ -68,6 +73,28 @@ class SceneConfig:
     fg_value: tuple[float, float] = (0.4, 0.9)        # foreground brightness range (HSV value)
     bg_value: tuple[float, float] = (0.2, 0.7)        # background brightness range (overlaps the foreground's)
     bg_saturation: float = 0.3                        # background saturation upper bound (hue random)
+    colour_pairs: int = 0           # trade-off benchmark: classes told apart by true colour alone
+    pair_hue_delta: float = 0.08    # hue difference between the two classes of a pair
+    pair_saturation: tuple[float, float] = (0.75, 0.95)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.colour_pairs <= NUM_CLASSES // 2:
+            raise ValueError(f"colour_pairs must be in [0, {NUM_CLASSES // 2}], got {self.colour_pairs}")
+
+    def shape_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """Shape index per label: the last ``colour_pairs`` classes reuse the shapes of
+        the first ``colour_pairs`` (same shape, different true colour)."""
+        k = self.colour_pairs
+        return torch.where(labels >= NUM_CLASSES - k, labels - (NUM_CLASSES - k), labels)
+
+    def identity_hue(self, labels: torch.Tensor) -> torch.Tensor:
+        """Identity hue of a colour-pair class (undefined for other classes): pair ``j``
+        has hue ``(j + 0.5) / colour_pairs`` for the first class and ``+ pair_hue_delta``
+        for its twin."""
+        k = max(1, self.colour_pairs)
+        j = self.shape_of(labels).float()
+        twin = (labels >= NUM_CLASSES - self.colour_pairs).float()
+        return ((j + 0.5) / k + twin * self.pair_hue_delta) % 1.0
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -133,12 +160,20 @@ def render_scenes(
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     n, size = labels.shape[0], config.base_size
     r = lambda *s: torch.rand(*s, generator=generator, device=generator.device).to(device)  # noqa: E731
-    mask = _shape_masks(labels, size, generator, device)
+    mask = _shape_masks(config.shape_of(labels), size, generator, device)
     corr = r(n) < config.colour_correlation
-    class_hue = labels.float() / NUM_CLASSES + (r(n) - 0.5) * 2 * config.hue_jitter
+    jitter = (r(n) - 0.5) * 2 * config.hue_jitter
+    class_hue = labels.float() / NUM_CLASSES + jitter
     hue = torch.where(corr, class_hue, r(n)) % 1.0
+    sat = 0.55 + 0.4 * r(n)
+    if config.colour_pairs:
+        k = config.colour_pairs
+        pair = (labels < k) | (labels >= NUM_CLASSES - k)
+        hue = torch.where(pair, (config.identity_hue(labels) + jitter) % 1.0, hue)
+        ps = config.pair_saturation
+        sat = torch.where(pair, ps[0] + (ps[1] - ps[0]) * r(n), sat)
     fv, bv = config.fg_value, config.bg_value
-    fg = _hsv_to_rgb(hue, 0.55 + 0.4 * r(n), fv[0] + (fv[1] - fv[0]) * r(n))
+    fg = _hsv_to_rgb(hue, sat, fv[0] + (fv[1] - fv[0]) * r(n))
     bg = _hsv_to_rgb(r(n), config.bg_saturation * r(n), bv[0] + (bv[1] - bv[0]) * r(n))
     img = mask[:, None] * fg[:, :, None, None] + (1 - mask[:, None]) * bg[:, :, None, None]
     noise = torch.randn(n, 1, size, size, generator=generator, device=generator.device).to(device)
@@ -169,6 +204,10 @@ class FederatedConfig:
     test_per_class: int = 20
     image_size: int = 32
     scene: SceneConfig = SceneConfig()
+    profile_set: str = ""   # sub-folder of the profiles folder ("" = revision 2; "tradeoff")
+
+    def profiles_directory(self) -> Path:
+        return _devices.profiles_dir() / self.profile_set if self.profile_set else _devices.profiles_dir()
 
     def validate(self, known: list[str]) -> None:
         for d in list(self.device_mix) + [self.unseen_device]:
@@ -234,6 +273,7 @@ def make_federated_dataset(cfg: FederatedConfig, seed: int = 0, device="cpu",
     client; scenes drawn fresh per client.  Test: ``test_per_class`` scenes per
     class, the *same* scenes rendered through every device (unseen included).
     """
+    profiles_directory = profiles_directory or cfg.profiles_directory()
     known = _devices.list_devices(profiles_directory)
     cfg.validate(known)
     names = [d for d in _devices.DEVICE_NAMES if d in known] + [d for d in known if d not in _devices.DEVICE_NAMES]

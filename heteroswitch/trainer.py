@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .bias import BiasSwitch, Decision, Mode
 from .isp import RandomISP, RandomISPConfig
 from .metrics import accuracy, average_precision, softmax
+from .cost import CostModel, PhaseTimer, round_flops
 from .swad import SWAD, SWADConfig, recompute_bn
 
 __all__ = [
@@ -124,14 +125,46 @@ def predict(model: torch.nn.Module, images, device, batch_size: int = 512) -> np
     return torch.cat(out).numpy()
 
 
+def _is_multilabel(labels) -> bool:
+    return np.asarray(labels).ndim == 2
+
+
+def _targets(labels, device) -> torch.Tensor:
+    """Class indices ``(N,)`` -> long; multi-hot ``(N, L)`` (FLAIR) -> float for BCE."""
+    a = np.asarray(labels)
+    if a.ndim == 2:
+        return torch.as_tensor(a.astype(np.float32), device=device)
+    if a.ndim != 1:
+        raise ValueError(f"labels must be (N,) class indices or (N, L) multi-hot, got shape {a.shape}")
+    return torch.as_tensor(a, dtype=torch.long, device=device)
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class indices, binary cross-entropy for multi-hot targets."""
+    if y.dim() == 2:
+        return F.binary_cross_entropy_with_logits(logits, y)
+    return F.cross_entropy(logits, y)
+
+
 @torch.no_grad()
 def measure_loss(model: torch.nn.Module, images, labels, device, max_samples: int | None = None) -> tuple[float, int]:
-    """Mean cross-entropy of ``model`` on (up to ``max_samples`` of) the data; returns (loss, n_used)."""
+    """Mean loss of ``model`` on (up to ``max_samples`` of) the data; returns (loss, n_used)."""
     _check_data(images, labels)
     n = len(labels) if max_samples is None else min(len(labels), max_samples)
     logits = torch.as_tensor(predict(model, images[:n], device))
-    y = torch.as_tensor(np.asarray(labels[:n]), dtype=torch.long)
-    return float(F.cross_entropy(logits, y)), n
+    return float(_loss(logits, _targets(labels[:n], "cpu"))), n
+
+
+@torch.no_grad()
+def _eval_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    was = model.training
+    model.eval()
+    v = float(_loss(model(x).float(), y))
+    model.train(was)
+    return v
+
+
+_COSTS = CostModel()
 
 
 def _sync(device: torch.device) -> None:
@@ -153,22 +186,48 @@ def train_local(
 
     Either pass a fixed ``mode`` (baselines: FedAvg, always-ISP, always-SWAD)
     or a ``switch``: then the received model's loss on local data is measured
-    first and the switch decides the mode (HeteroSwitch).
+    first and the switch decides the mode (HeteroSwitch); with the switch's
+    ``colour_threshold`` set, a flagged client also measures the colour signal
+    (the received model's loss on ISP-transformed probe samples) and may get
+    SWAD instead of ISP.  ``labels``: class indices ``(N,)`` (cross-entropy)
+    or multi-hot ``(N, L)`` (binary cross-entropy, FLAIR).
+
+    The metrics carry the client's cost: counts per phase, FLOPs per phase
+    (``flops_<phase>``, ``flops_total``) and device-seconds per phase
+    (``dev_s_<phase>``, ``dev_s_total``); see :mod:`heteroswitch.cost`.
     """
     _check_data(images, labels)
     dev = resolve_device(config.device)
     model.to(dev)
     t0 = time.perf_counter()
+    timer = PhaseTimer(dev)
     n = len(labels)
     x_all = as_float_images(images, dev)
-    y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=dev)
+    y_all = _targets(labels, dev)
     metrics: dict[str, float] = {}
-    eval_samples = 0
+    counts = {"train_steps": 0.0, "probe_samples": 0.0, "probe_isp_images": 0.0, "isp_images": 0.0,
+              "swad_eval_samples": 0.0, "swad_accumulates": 0.0}
+    isp_gen = torch.Generator(device=dev).manual_seed(seed + 1) if dev.type == "cuda" else \
+        torch.Generator(device="cpu").manual_seed(seed + 1)
+    probe_isp = RandomISP(config.isp)
 
     if switch is not None:
-        loss0, used = measure_loss(model, x_all, labels, dev, config.bias_eval_samples)
-        eval_samples += used
-        decision = switch.decide(loss0, server_ref)
+        m_probe = min(n, config.bias_eval_samples)
+        x_probe, y_probe = x_all[:m_probe], y_all[:m_probe]
+        with timer.phase("probe"):
+            loss0 = _eval_loss(model, x_probe, y_probe)
+        counts["probe_samples"] += m_probe
+
+        def colour_signal() -> float:
+            # a separate generator: the colour probe must not shift the training ISP's random stream
+            g = torch.Generator(device=isp_gen.device).manual_seed(seed + 2)
+            with timer.phase("probe"):
+                v = _eval_loss(model, probe_isp(x_probe, g), y_probe)
+            counts["probe_samples"] += m_probe
+            counts["probe_isp_images"] += m_probe
+            return v / max(loss0, 1e-12) - 1.0
+
+        decision = switch.decide(loss0, server_ref, colour_signal)
         metrics.update(decision.as_metrics())
         mode = decision.mode
     elif mode is None:
@@ -176,8 +235,6 @@ def train_local(
     metrics.update({"mode_isp": float(mode.isp), "mode_swad": float(mode.swad)})
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    isp_gen = torch.Generator(device=dev).manual_seed(seed + 1) if dev.type == "cuda" else \
-        torch.Generator(device="cpu").manual_seed(seed + 1)
     isp = RandomISP(config.isp) if mode.isp else None
     swad = SWAD(config.swad) if mode.swad else None
     if swad is not None:
@@ -188,7 +245,7 @@ def train_local(
                           weight_decay=config.weight_decay)
     model.train()
     perm = torch.randperm(n, generator=gen)
-    pos, isp_images, losses = 0, 0, []
+    pos, losses = 0, []
     for step in range(config.local_steps):
         if pos + config.batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
@@ -196,35 +253,52 @@ def train_local(
         pos += config.batch_size
         xb, yb = x_all[idx], y_all[idx]
         if isp is not None:
-            xb = isp(xb, isp_gen)
-            isp_images += xb.shape[0]
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
+            with timer.phase("isp"):
+                xb = isp(xb, isp_gen)
+            counts["isp_images"] += xb.shape[0]
+        with timer.phase("sgd"):
+            loss = _loss(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        counts["train_steps"] += 1
         if swad is not None:
-            swad.on_step(model)
+            with timer.phase("swad_avg"):
+                swad.on_step(model)
+            counts["swad_accumulates"] += 1
             if (step + 1) % config.swad.eval_every == 0 or step + 1 == config.local_steps:
-                with torch.no_grad():
-                    model.eval()
-                    vl = float(F.cross_entropy(model(x_eval), y_eval))
-                    model.train()
-                eval_samples += m_eval
-                swad.on_checkpoint(vl)
+                with timer.phase("swad_eval"):
+                    vl = _eval_loss(model, x_eval, y_eval)
+                counts["swad_eval_samples"] += m_eval
+                with timer.phase("swad_avg"):
+                    swad.on_checkpoint(vl)
     if swad is not None:
-        metrics.update(swad.finalize(model))
+        with timer.phase("swad_avg"):
+            rep = swad.finalize(model)
+        # merges of included segments + the final mean: about one accumulate each
+        counts["swad_accumulates"] += rep["swad_segments_averaged"] + 1
+        metrics.update(rep)
         if config.swad.bn_policy == "recompute":
             recompute_bn(model, [x_all[i:i + config.batch_size] for i in range(0, n, config.batch_size)])
+    secs = timer.seconds()
     _sync(dev)
+    wall = time.perf_counter() - t0
     train_samples = config.local_steps * min(config.batch_size, n)
+    eval_samples = counts["probe_samples"] + counts["swad_eval_samples"]
+    units = _COSTS.units(model, (min(config.batch_size, n), *x_all.shape[1:]), config.lr, config.momentum,
+                         config.weight_decay, probe_isp, multilabel=y_all.dim() == 2)
+    flops = round_flops(units, counts)
     metrics.update({
         "train_loss": float(torch.stack(losses).mean()),
         "train_samples": float(train_samples),
         "eval_samples": float(eval_samples),
-        "isp_images": float(isp_images),
+        "isp_images": counts["isp_images"] + counts["probe_isp_images"],
         "compute_units": float(3 * train_samples + eval_samples),
-        "train_seconds": time.perf_counter() - t0,
+        "train_seconds": wall,
+        **{f"count_{k}": v for k, v in counts.items()},
+        **{f"flops_{k}": v for k, v in flops.items()},
+        **{f"dev_s_{k}": v for k, v in secs.items()},
     })
     return TrainResult(state_to_numpy(model), n, metrics)
 
