@@ -281,3 +281,14 @@ def test_prometheus_rules_in_deploy_are_the_charts(helm_renders, tools):
     assert _matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
     dash = next(o for o in helm_renders["metrics-on"] if o["kind"] == "ConfigMap" and "lifl.json" in o["data"])
     assert json.loads(dash["data"]["lifl.json"]) == json.loads((ROOT / "deploy/grafana/lifl-dashboard.json").read_text())
+
+
+@pytest.mark.parametrize("profile", ["default", "tls-auth", "ray"])
+def test_notes_name_the_rendered_service_and_warn_without_tokens(tools, helm_renders, profile):
+    args = [a for v in PROFILES[profile] for a in ("-f", v)]
+    out = tools.run(tools.helm, "install", "lifl", CHART, "--namespace", "fl", "--dry-run=client", *args).stdout
+    notes = out[out.index("NOTES:"):]
+    svc = next(o for o in helm_renders[profile] if o["kind"] == "Service" and o["spec"]["ports"][0]["name"] == "grpc")
+    assert f"{svc['metadata']['name']}.fl.svc:{svc['spec']['ports'][0]['port']}" in notes
+    assert ("WARNING: no tokens" in notes) == (not any(o["kind"] == "Secret" for o in helm_renders[profile]))
+    assert ("raycluster" in notes) == (profile == "ray")
