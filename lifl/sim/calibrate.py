@@ -24,7 +24,7 @@ import numpy as np
 from ..layout import Layout
 
 log = logging.getLogger("lifl.sim.calibrate")
-_VERSION = 2
+_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -107,9 +107,8 @@ def plots(rec: RunRecord, out: Path) -> list[str]:
         fig, axes = plt.subplots(len(with_tl), 1, figsize=(8, 2.4 * len(with_tl)), squeeze=False)
         for ax, v in zip(axes[:, 0], with_tl):
             tl = v.timeline
-            for role, ys in tl["alive"].items():
-                if any(ys):
-                    ax.step(tl["t"], ys, where="post", label=f"{role} functions")
+            drawn = [ax.step(tl["t"], ys, where="post", label=f"{role} functions")
+                     for role, ys in tl["alive"].items() if any(ys)]
             ax.set_ylabel("alive")
             ax2 = ax.twinx()
             if tl.get("arrivals"):
@@ -118,7 +117,8 @@ def plots(rec: RunRecord, out: Path) -> list[str]:
                         color="grey", align="edge", label="arrivals/s")
                 ax2.set_ylabel("arrivals/s")
             ax.set_title(f"{v.mode}/{v.variant}, {max((r.selected for r in v.rounds), default=0)} clients")
-            ax.legend(loc="upper left", fontsize=7)
+            if drawn:
+                ax.legend(loc="upper left", fontsize=7)
         axes[-1, 0].set_xlabel("time (s)")
         fig.tight_layout()
         paths.append(_save(fig, out / "aggregators_vs_arrivals.png"))

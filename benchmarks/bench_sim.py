@@ -1,0 +1,151 @@
+"""lifl sim's goal figures, each with the command that reproduces it.
+
+    python -m benchmarks.bench_sim scale      # real mode: 1k, 3k, 10k clients x 100 k params, server memory
+    python -m benchmarks.bench_sim virtual    # virtual time: 100k clients x ResNet-18 x 10 rounds, diurnal trace
+    python -m benchmarks.bench_sim validate   # virtual against real round time at sizes both can run
+    python -m benchmarks.bench_sim baseline   # LIFL against the serverful Flower baseline, interleaved, median of 5
+
+Each prints a table, writes JSON under benchmarks/results/sim-*.json and keeps
+the full run records (report.md and plots) under bench-out/sim-*/. Ratios are
+against a peer measured in the same run (serverful baseline, or the smallest size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from lifl.sim import config, report, runner
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "bench-out"
+
+
+def _run(overrides: dict, out: str):
+    cfg = config.load(None, {"run.progress": False, **overrides})
+    t = time.monotonic()
+    rec = runner.run(cfg)
+    wall = time.monotonic() - t
+    report.write(rec, OUT / out)
+    return rec, wall
+
+
+def _save(name: str, data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data["machine"] = runner.RunRecord(config={}).machine
+    (RESULTS / f"sim-{name}.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {RESULTS / f'sim-{name}.json'}")
+
+
+def scale(a) -> None:
+    rows = []
+    for n in a.sizes:
+        rec, wall = _run({"run.mode": "real", "workload.clients_per_round": n, "workload.model": "mlp100k",
+                          "run.processes": a.processes, "run.threads": a.threads}, f"sim-scale-{n}")
+        v = rec.variants[0]
+        r = v.rounds[0]
+        rows.append({"clients": n, "round_s": r.round_s, "command_wall_s": wall, "post_arrival_s": r.post_arrival_s,
+                     "server_peak_pss_mib": v.peak_pss_bytes / 2**20, "cpu": v.cpu, "max_rel_error": r.max_rel_error})
+    base = rows[0]["server_peak_pss_mib"]
+    print(f"{'clients':>8} {'round s':>8} {'run wall s':>10} {'server PSS MiB':>15} {'PSS / smallest':>15} "
+          f"{'gateway CPU-s':>13} {'fn CPU-s':>9} {'client CPU-s':>12} {'max rel err':>11}")
+    for r in rows:
+        print(f"{r['clients']:8} {r['round_s']:8.2f} {r['command_wall_s']:10.2f} {r['server_peak_pss_mib']:15.1f} "
+              f"{r['server_peak_pss_mib'] / base:15.2f} {r['cpu']['gateway']:13.2f} {r['cpu']['functions']:9.2f} "
+              f"{r['cpu']['clients']:12.2f} {r['max_rel_error']:11.2e}")
+    _save("scale", {"command": "python -m benchmarks.bench_sim scale", "rows": rows})
+
+
+def virtual(a) -> None:
+    rec, wall = _run({"run.mode": "virtual", "workload.clients_per_round": a.clients,
+                      "workload.population": int(a.clients * 2.5), "workload.rounds": a.rounds,
+                      "workload.model": a.model, "trace.kind": "diurnal", "trace.window_s": 600.0,
+                      "run.tick_s": a.tick}, "sim-virtual")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    v = rec.variants[0]
+    print(f"{a.clients} clients/round x {a.model} x {a.rounds} rounds (diurnal, population {int(a.clients * 2.5)}): "
+          f"{wall:.1f} s wall (goal < 300), peak RSS {rss / 2**30:.2f} GiB (goal < 2), "
+          f"virtual round time median {statistics.median(r.round_s for r in v.rounds):.0f} s")
+    _save("virtual", {"command": "python -m benchmarks.bench_sim virtual", "wall_s": wall, "peak_rss_bytes": rss,
+                      "rounds": [vars(r) for r in v.rounds], "calibration": rec.calibration})
+
+
+def validate(a) -> None:
+    rows = []
+    for n in a.sizes:
+        for kind in ("all_at_once", "uniform"):
+            rec, _ = _run({"run.mode": "both", "workload.clients_per_round": n, "workload.model": "mlp100k",
+                           "workload.rounds": a.rounds, "trace.kind": kind, "trace.window_s": 5.0,
+                           "run.processes": a.processes, "run.threads": a.threads}, f"sim-validate-{kind}-{n}")
+            for x in rec.validation:
+                rows.append({"trace": kind, **x})
+    print(f"{'trace':12} {'clients':>8} {'round':>5} {'real s':>8} {'virtual s':>9} {'error %':>8}")
+    for r in rows:
+        print(f"{r['trace']:12} {r['clients']:8} {r['round']:5} {r['real_s']:8.3f} {r['virtual_s']:9.3f} "
+              f"{100 * r['error']:+8.1f}")
+    errs = [abs(r["error"]) for r in rows]
+    print(f"median |error| {100 * statistics.median(errs):.1f} %, worst {100 * max(errs):.1f} % (goal: all within 15 %)")
+    _save("validate", {"command": "python -m benchmarks.bench_sim validate", "rows": rows})
+
+
+def baseline(a) -> None:
+    """LIFL and the serverful baseline in real mode, interleaved A B A B, median of the repetitions."""
+    rows = []
+    for n in a.sizes:
+        got: dict[str, list] = {"lifl": [], "serverful": []}
+        for rep in range(a.reps):
+            for variant in ("lifl", "serverful"):
+                rec, _ = _run({"run.mode": "real", "run.variants": variant, "workload.clients_per_round": n,
+                               "workload.model": a.model, "workload.seed": rep, "run.processes": a.processes,
+                               "run.threads": a.threads}, f"sim-baseline-{variant}-{n}")
+                v = rec.variants[0]
+                got[variant].append({"cpu": v.cpu_total, "post": v.rounds[0].post_arrival_s,
+                                     "round": v.rounds[0].round_s, "pss": v.peak_pss_bytes})
+            print(f"  .. {n} clients: rep {rep + 1}/{a.reps}", file=sys.stderr, flush=True)
+        med = {k: {m: statistics.median(x[m] for x in xs) for m in ("cpu", "post", "round", "pss")}
+               for k, xs in got.items()}
+        ratio = {m: statistics.median(l[m] / s[m] for l, s in zip(got["lifl"], got["serverful"]))
+                 for m in ("cpu", "post", "round", "pss")}
+        rows.append({"clients": n, "median": med, "ratio_lifl_over_serverful": ratio, "raw": got})
+    print(f"{'clients':>8} {'metric':>22} {'lifl':>10} {'serverful':>10} {'lifl/serverful':>15}")
+    names = {"cpu": "platform CPU-s", "post": "post-arrival s", "round": "round s", "pss": "server peak PSS MiB"}
+    for r in rows:
+        for m, label in names.items():
+            scale_ = 2**20 if m == "pss" else 1
+            print(f"{r['clients']:8} {label:>22} {r['median']['lifl'][m] / scale_:10.3f} "
+                  f"{r['median']['serverful'][m] / scale_:10.3f} {r['ratio_lifl_over_serverful'][m]:15.3f}")
+    _save("baseline", {"command": "python -m benchmarks.bench_sim baseline", "model": a.model, "rows": rows})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("scale")
+    s.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000])
+    v = sub.add_parser("virtual")
+    v.add_argument("--clients", type=int, default=100_000)
+    v.add_argument("--rounds", type=int, default=10)
+    v.add_argument("--model", default="resnet18")
+    v.add_argument("--tick", type=float, default=1.0, help="virtual tick (s); 0.05 is the dispatcher's")
+    va = sub.add_parser("validate")
+    va.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
+    va.add_argument("--rounds", type=int, default=2)
+    b = sub.add_parser("baseline")
+    b.add_argument("--sizes", type=int, nargs="+", default=[300, 1000])
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--model", default="mlp100k")
+    for sp in (s, va, b):
+        sp.add_argument("--processes", type=int, default=2)
+        sp.add_argument("--threads", type=int, default=4)
+    a = p.parse_args(argv)
+    {"scale": scale, "virtual": virtual, "validate": validate, "baseline": baseline}[a.what](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
