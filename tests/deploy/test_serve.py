@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import promql_parser
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -84,9 +85,13 @@ def served(tools, tmp_path_factory):
     yield {"proc": proc, "address": m.group(1), "metrics": f"http://127.0.0.1:{m.group(2)}/metrics",
            "tokens": secret["stringData"]["LIFL_TOKENS"].split(","), "admin": secret["stringData"]["LIFL_ADMIN_TOKEN"],
            "prefix": prefix, "log": log, "lines": lines}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    if proc.poll() is None:  # a test failed before SIGTERM: stop it the same way
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
     assert list_segments(prefix) == [], "shared-memory segments left behind"
 
 
@@ -134,10 +139,29 @@ def _scrape(url: str) -> dict:
 def _exprs() -> list[str]:
     dash = json.loads((ROOT / "deploy" / "grafana" / "lifl-dashboard.json").read_text())
     out = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    out += [v["query"]["query"] for v in dash["templating"]["list"] if isinstance(v.get("query"), dict)]
+    for v in dash["templating"]["list"]:  # Grafana's label_values(<selector>, <label>)
+        if isinstance(v.get("query"), dict):
+            m = re.fullmatch(r"label_values\((.*), *(\w+)\)", v["query"]["query"])
+            out.append(f"count by ({m.group(2)}) ({m.group(1)})")
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheusrule.yaml").read_text())
     out += [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]]
     return out
+
+
+def _selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric, labels it matches on or aggregates by) for each selector, by Prometheus' grammar
+    (promql-parser); a syntax error in a query fails here."""
+    tree = promql_parser.parse(expr.replace("$__rate_interval", "5m"))
+    out, by = [], set()
+
+    def visit(node):
+        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            by.update(node.modifier.labels)
+        if isinstance(node, promql_parser.VectorSelector):
+            out.append((node.name, {m.name for m in node.matchers.matchers}))
+
+    promql_parser.walk(tree, visit)
+    return [(name, used | by) for name, used in out]
 
 
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
@@ -165,15 +189,13 @@ def test_every_metric_the_dashboard_and_alerts_name_is_exported(served):
     exposed = {f"{n}{sfx}": f for n, f in fams.items() for sfx in _SUFFIXES.get(f.type, ("",))}
     named = set()
     for expr in _exprs():
-        for metric, sel in re.findall(r"\b(lifl_[a-z_]+)\b(\{[^}]*\})?", expr):
+        for metric, labels_used in _selectors(expr):
             named.add(metric)
             assert metric in exposed, f"{metric} (in {expr!r}) is not exported by lifl serve"
             fam = exposed[metric]
-            labels = {k for s in fam.samples for k in s.labels}
-            used = set(re.findall(r"(\w+)\s*=~?", sel)) | {
-                l.strip() for grp in re.findall(r"by \(([^)]*)\)", expr) for l in grp.split(",")}
             if fam.samples:
-                assert used - SCRAPE_LABELS <= labels, f"{metric}: labels {used - SCRAPE_LABELS - labels} unknown"
+                labels = {k for s in fam.samples for k in s.labels}
+                assert labels_used - SCRAPE_LABELS <= labels, f"{metric}: labels {labels_used - labels} unknown"
     assert len(named) >= 15, named
     # label values the alerts match: as the server writes them
     assert {s.labels["outcome"] for s in fams["lifl_rounds"].samples} >= {"done"}
