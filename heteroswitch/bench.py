@@ -45,6 +45,7 @@ import torch
 
 from .aggregate import make_aggregator
 from .bias import BiasSwitch, Mode, ServerReference, SwitchConfig
+from .flair_bench import FlairConfig, load_flair_dataset
 from .metrics import device_summary
 from .models import make_model
 from .scenes import FederatedConfig, SceneConfig, load_dataset, make_federated_dataset, save_dataset
@@ -81,6 +82,11 @@ class BenchConfig:
     workers: int = 1
     device: str = "auto"
     out_dir: str = "heteroswitch_bench"
+    flair: FlairConfig | None = None  # train on a FLAIR HDF5 file instead of the synthetic scenes
+
+    @property
+    def unseen_device(self) -> str:
+        return self.flair.unseen_device if self.flair is not None else self.data.unseen_device
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -437,7 +443,9 @@ def _prepare_data(cfg: BenchConfig, out: Path, log) -> None:
         p = _data_path(out, s)
         if not p.exists():
             t = time.perf_counter()
-            save_dataset(make_federated_dataset(cfg.data, seed=s, device=dev), p)
+            ds = load_flair_dataset(cfg.flair, seed=s, device=dev) if cfg.flair is not None else \
+                make_federated_dataset(cfg.data, seed=s, device=dev)
+            save_dataset(ds, p)
             log(f"rendered dataset seed={s} -> {p} ({time.perf_counter() - t:.1f}s)")
 
 
@@ -511,7 +519,7 @@ def _report(cfg: BenchConfig, results: list[dict], out: Path, wall: float, log=p
             rebuilt: bool = False, client_cost=None) -> dict:
     order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in cfg.seeds for m in cfg.methods)}
     results.sort(key=lambda j: order.get((j["seed"], j["method"]), 1 << 30))
-    summary = summarize(results, cfg.data.unseen_device)
+    summary = summarize(results, cfg.unseen_device)
     # where the jobs ran: from the job files when they say (a report may be rebuilt on another machine)
     torch_v = sorted({j["torch"] for j in results if "torch" in j}) or ([None] if rebuilt else [torch.__version__])
     names = sorted({j["device_name"] for j in results if "device_name" in j})

@@ -23,7 +23,10 @@ import argparse
 import dataclasses
 import sys
 
+from pathlib import Path
+
 from .bench import METHODS, BenchConfig, run_bench
+from .flair_bench import FlairConfig
 from .bias import SwitchConfig
 from .devices import list_devices
 from .scenes import FederatedConfig, SceneConfig
@@ -66,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on this FLAIR HDF5 file (FLAIR's layout, multi-label) instead of synthetic scenes")
     b.add_argument("--device-map", default=None, metavar="JSON",
                    help="FLAIR: {user_id: device} JSON (default: the data card's deterministic hash map)")
+    b.add_argument("--flair-test-images", type=int, default=1000,
+                   help="FLAIR: test images pooled from the test partition (shot through every device)")
+    b.add_argument("--flair-no-render", action="store_true",
+                   help="FLAIR: keep the photos as they are (per-device test = that device's users' photos)")
     b.add_argument("--scene", default="", metavar="K=V,...",
                    help="override SceneConfig fields, e.g. colour_pairs=6,pair_hue_delta=0.04,pair_saturation=0.4:0.95")
     b.add_argument("--colour-threshold", type=float, default=None,
@@ -140,6 +147,16 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         mix["G4"], mix[a.unseen_device] = mix[a.unseen_device], 0.0
         data = dataclasses.replace(data, device_mix=mix)
     data.validate(list_devices(data.profiles_directory()))
+    flair = None
+    if a.flair is not None:
+        if not Path(a.flair).is_file():
+            raise FileNotFoundError(f"FLAIR HDF5 file not found: {a.flair}")
+        if a.device_map is not None and not Path(a.device_map).is_file():
+            raise FileNotFoundError(f"device map not found: {a.device_map}")
+        flair = FlairConfig(path=str(a.flair), device_map=a.device_map, image_size=p["image_size"],
+                            max_train_users=p["num_clients"], test_images=a.flair_test_images,
+                            render=not a.flair_no_render, unseen_device=a.unseen_device,
+                            profile_set=data.profile_set, device_mix=dict(data.device_mix))
     train = TrainConfig(local_steps=p["local_steps"], batch_size=p["batch_size"], lr=a.lr,
                         bias_eval_samples=p["samples_per_client"],
                         swad=SWADConfig(eval_every=p["swad_eval_every"], eval_samples=p["swad_eval_samples"]))
@@ -151,7 +168,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         rounds=p["rounds"], clients_per_round=p["clients_per_round"], eval_every=p["eval_every"],
         model_width=p["width"], model_blocks=tuple(p["blocks"]), data=data, train=train,
         switch=sw, aggregator=a.aggregator, workers=a.workers, device=a.device,
-        out_dir=a.out, lr_schedule=a.lr_schedule, tail_rounds=a.tail_rounds,
+        out_dir=a.out, lr_schedule=a.lr_schedule, tail_rounds=a.tail_rounds, flair=flair,
     )
 
 
@@ -160,10 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "bench":
         try:
             cfg = config_from_args(a)
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, FileNotFoundError) as e:
             print(f"heteroswitch bench: {e}", file=sys.stderr)
             return 2
-        summary = run_bench(cfg)
+        try:
+            summary = run_bench(cfg)
+        except (ValueError, KeyError, FileNotFoundError) as e:  # bad data (e.g. a FLAIR file not in FLAIR's layout)
+            print(f"heteroswitch bench: {e}", file=sys.stderr)
+            return 2
         print(f"results written to {cfg.out_dir}/ (results.json, table.md, per_device_ap.png, variance_over_rounds.png)")
         return 0 if summary else 1
     if a.command == "report":

@@ -51,7 +51,7 @@ _FREE = {
     _aten.empty, _aten.zeros, _aten.ones, _aten.full, _aten.new_empty, _aten.new_zeros, _aten.new_ones,
     _aten.fill_, _aten.zero_, _aten.detach, _aten.lift_fresh, _aten.alias, _aten.index, _aten.index_select,
     _aten.cat, _aten.stack, _aten.empty_strided, _aten.scalar_tensor, _aten._local_scalar_dense, _aten.arange,
-    _aten.where, _aten.masked_fill, _aten.lift_fresh_copy,
+    _aten.where, _aten.masked_fill, _aten.lift_fresh_copy, _aten._unsafe_view, _aten.view, _aten.expand,
 }
 
 

@@ -10,7 +10,10 @@ Layout (as written by FLAIR's ``prepare_dataset.py``)::
 Partitions are ``train``, ``val`` and ``test``.  Label vocabularies: passed in,
 or read from ``/metadata/label_mapping`` / ``/metadata/fine_grained_label_mapping``
 when present (a JSON object ``{label: index}`` stored as a string dataset or
-attribute), otherwise the sorted union of labels found in the file (one scan).
+attribute), else from ``/metadata/label_counter`` /
+``/metadata/fine_grained_label_counter`` (the JSON ``{label: count}`` that
+FLAIR's ``prepare_dataset.py`` writes; index = sorted order), otherwise the
+sorted union of labels found in the file (one scan).
 
 FLAIR's public metadata has no device field; HeteroSwitch-style per-device
 evaluation needs an optional ``user -> device`` map (a dict or a JSON file).
@@ -77,16 +80,20 @@ class FlairReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"FLAIR HDF5 file not found: {self.path}")
-        self._f = h5py.File(self.path, "r")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ValueError(f"{self.path} is not a readable HDF5 file: {e}") from None
         if isinstance(device_map, (str, Path)):
             with open(device_map, encoding="utf-8") as fh:
                 device_map = json.load(fh)
         self.device_map: dict[str, str] = dict(device_map or {})
-        self.label_vocab = self._vocab(label_names, "label_mapping", "labels")
-        self.fine_label_vocab = self._vocab(fine_label_names, "fine_grained_label_mapping", "fine_grained_labels")
+        self.label_vocab = self._vocab(label_names, "label_mapping", "labels", "label_counter")
+        self.fine_label_vocab = self._vocab(fine_label_names, "fine_grained_label_mapping", "fine_grained_labels",
+                                            "fine_grained_label_counter")
 
     # -- vocabularies -----------------------------------------------------------------
-    def _vocab(self, names, meta_key: str, field: str) -> dict[str, int]:
+    def _vocab(self, names, meta_key: str, field: str, counter_key: str) -> dict[str, int]:
         if names is not None:
             return {n: i for i, n in enumerate(names)}
         meta = self._f.get("metadata")
@@ -95,6 +102,8 @@ class FlairReader:
             if raw is not None:
                 m = json.loads(_to_str(raw))
                 return dict(m) if isinstance(m, dict) else {n: i for i, n in enumerate(m)}
+            if counter_key in meta:  # what FLAIR's prepare_dataset.py writes: {label: count}; index = sorted order
+                return {n: i for i, n in enumerate(sorted(json.loads(_to_str(meta[counter_key][()]))))}
         found: set[str] = set()
         for part in self.partitions():
             for uid in self._f[part]:

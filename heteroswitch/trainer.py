@@ -304,18 +304,29 @@ def train_local(
 
 
 def evaluate_devices(model: torch.nn.Module, test: dict, device="auto", num_thresholds: int = 200) -> dict[str, dict[str, float]]:
-    """Per-device ``ap_macro``, ``ap_micro``, ``accuracy`` and ``loss`` on ``{device: (images, labels)}``."""
+    """Per-device ``ap_macro``, ``ap_micro``, ``accuracy`` and ``loss`` on ``{device: (images, labels)}``.
+
+    Multi-hot labels ``(N, L)`` (FLAIR): sigmoid scores, FLAIR's AP over the labels, binary
+    cross-entropy; ``accuracy`` is NaN (not defined for multi-label).
+    """
     dev = resolve_device(device) if isinstance(device, str) else device
     model.to(dev)
     out = {}
     for name, (x, y) in test.items():
         logits = predict(model, x, dev)
-        p = softmax(logits)
         yl = np.asarray(y)
+        if yl.ndim == 2:
+            p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+            q = np.clip(np.where(yl.astype(bool), p, 1.0 - p), 1e-12, None)
+            acc, loss = float("nan"), float(-np.mean(np.log(q)))
+        else:
+            p = softmax(logits)
+            acc = accuracy(logits, yl)
+            loss = float(-np.mean(np.log(np.clip(p[np.arange(len(yl)), yl], 1e-12, None))))
         out[name] = {
             "ap_macro": average_precision(p, yl, "macro", num_thresholds),
             "ap_micro": average_precision(p, yl, "micro", num_thresholds),
-            "accuracy": accuracy(logits, yl),
-            "loss": float(-np.mean(np.log(np.clip(p[np.arange(len(yl)), yl], 1e-12, None)))),
+            "accuracy": acc,
+            "loss": loss,
         }
     return out
