@@ -116,7 +116,6 @@ def measure_ingest(processes: int, threads: int, pushes: int = 400) -> dict:
     from .config import RunSpec, SimConfig, Workload
     from .real import run_real
     from .traces import generate
-    from .config import TraceSpec
     points = []
     for model, n in (("dense:256", pushes), ("dense:2000000", max(4, pushes // 8))):
         cfg = SimConfig(Workload(rounds=1, clients_per_round=n, model=model),

@@ -1,7 +1,6 @@
 """``lifl sim run`` and ``lifl sim report``: the command-line face of :mod:`lifl.sim`."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

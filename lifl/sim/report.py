@@ -26,7 +26,8 @@ def summary(v: VariantRecord) -> dict:
             "peak_mib": v.peak_pss_bytes / 2**20,
             "cold": v.counters.get("cold_starts", v.counters.get("lifl_cold_starts_total", 0)),
             "warm": v.counters.get("warm_reuses", v.counters.get("lifl_warm_reuses_total", 0)),
-            "max_rel_error": max(errs) if errs else None, "refused": refused, "wall_s": v.wall_s}
+            "max_rel_error": max(errs) if errs else None, "refused": refused, "wall_s": v.wall_s,
+            "mb_processes": v.bytes_between_processes / 1e6, "mb_nodes": v.bytes_between_nodes / 1e6}
 
 
 def _f(x, fmt=".3g") -> str:
@@ -47,13 +48,15 @@ def markdown(rec: RunRecord, plots: list[str] = ()) -> str:
              f"Machine: {m.get('cpus')} CPUs, {m.get('memory_bytes', 0) / 2**30:.1f} GiB, Python {m.get('python')}.", "",
              "## Variants", "",
              "| mode | variant | clients | rounds | round s (median) | post-arrival s | CPU-s gateway | "
-             "CPU-s functions | CPU-s clients | peak MiB | cold starts | warm reuses | max rel err | refused/lost | sim wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "CPU-s functions | CPU-s clients | peak MiB | cold starts | warm reuses | MB between processes | "
+             "MB between nodes | max rel err | refused/lost | sim wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sums = [summary(v) for v in rec.variants]
     for s in sums:
         lines.append(f"| {s['mode']} | {s['variant']} | {s['clients']} | {s['rounds']} | {_f(s['round_s'])} | "
                      f"{_f(s['post_arrival_s'])} | {_f(s['cpu_gateway'])} | {_f(s['cpu_functions'])} | "
                      f"{_f(s['cpu_clients'])} | {_f(s['peak_mib'], '.1f')} | {s['cold']:g} | {s['warm']:g} | "
+                     f"{_f(s['mb_processes'], '.1f')} | {_f(s['mb_nodes'], '.1f')} | "
                      f"{_f(s['max_rel_error'])} | {s['refused'] or '-'} | {_f(s['wall_s'], '.1f')} |")
     base = {(s["mode"], s["clients"]): s for s in sums if s["variant"] == "lifl"}
     others = [s for s in sums if s["variant"] != "lifl" and (s["mode"], s["clients"]) in base]

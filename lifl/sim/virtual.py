@@ -26,7 +26,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -435,6 +434,8 @@ class VirtualServer:
                 raise RuntimeError("virtual time stalled: no event left and the round is not done")
             self._step()
         end = self.now
+        log.info("virtual round %d: %d updates, %d leaves, %.3f s (post-arrival %.4f s)", row.round, run.accepted,
+                 len(run.leaves), end - open_t, end - run.last_accept_t)
         return RoundRecord(round=row.round, selected=expected, reported=run.accepted, available=row.available,
                            round_s=end - open_t, post_arrival_s=end - run.last_accept_t,
                            push_phase_s=run.last_accept_t - open_t, start_s=open_t, total_weight=run.weight,

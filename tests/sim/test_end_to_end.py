@@ -52,7 +52,7 @@ shm_prefix = "{prefix}"
     assert len(rec["validation"]) == 4 and all(x["real_s"] > 0 and x["virtual_s"] > 0 for x in rec["validation"])
     assert rec["calibration"]["source"]["ingest"] == "measured now"
     md = (out / "report.md").read_text()
-    assert "| real | lifl | 24 | 2 |" in md and "Virtual against real" in md
+    assert "| real | lifl | 24 | 2 |" in md and "Virtual against real" in md and "MB between processes" in md
     assert (out / "aggregators_vs_arrivals.png").stat().st_size > 0 and (out / "round_time_and_cpu.png").exists()
     # re-render elsewhere from the JSON alone
     again = tmp_path / "again"
@@ -74,4 +74,19 @@ def test_training_mode_in_virtual_time_learns(tmp_path, capsys):
     clock = [r["start_s"] + r["round_s"] for r in rec["variants"][0]["rounds"]]
     assert clock == sorted(clock) and clock[0] > 0.5  # stragglers take ~1 s of training before they upload
     assert (out / "accuracy.png").exists()
+    capsys.readouterr()
+
+
+def test_real_mode_on_the_ray_runtime(tmp_path, capsys):
+    prefix = f"liflsimray{uuid.uuid4().hex[:6]}"
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(f'[workload]\nclients_per_round = 40\nmodel = "dense:20000"\n[run]\nmode = "real"\n'
+                   f'[server]\nruntime = "ray"\nshm_prefix = "{prefix}"\n')
+    out = tmp_path / "out"
+    assert main(["sim", "run", "--config", str(cfg), "-o", str(out), "--no-progress"]) == 0
+    v = json.loads((out / "run.json").read_text())["variants"][0]
+    r = v["rounds"][0]
+    assert v["server"]["runtime"] == "ray" and r["reported"] == 40 and r["max_rel_error"] <= 1e-6
+    assert v["cpu"]["functions"] > 0  # the Ray actors folded, as the server's descendants
+    assert list_segments(prefix) == []
     capsys.readouterr()

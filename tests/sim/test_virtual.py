@@ -106,3 +106,22 @@ def test_elastic_planner_is_the_real_one():
                         PlannerPolicy(max_leaves=4))
     rr = sim.run_round(row([0] * 400), 0.0)
     assert rr.leaves == want.leaves
+
+
+def test_two_nodes_split_arrivals_and_use_the_real_plan_and_placement():
+    from lifl.control.model import FoldCosts, Load, PlannerPolicy, Resources
+    from lifl.control.placement import place
+    from lifl.control.planner import plan_elastic
+    sim = VirtualServer(ServerConfig(workers=4, leaves=2, planner="elastic"), COSTS, update_bytes=10**6,
+                        numel=250_000, nodes=2, cores_per_node=2)
+    est = 10**6 / 2e9
+    plan = plan_elastic(Load(200, 200 / 10.0), FoldCosts(est, 2.0, 2 * est, est), sim.nodes, Resources(cores=1.0),
+                        PlannerPolicy(max_leaves=4))
+    want = place(plan.hierarchy, plan.leaf_home, sim.nodes, Resources(cores=1.0),
+                 leaf_update_bytes=10**6 * round(200 / plan.leaves), partial_bytes=250_000 * 8)
+    rr = sim.run_round(row([0] * 200), 0.0)
+    assert rr.leaves == plan.leaves and {"node0", "node1"} <= set(plan.leaf_home)
+    assert sim.cross_node_bytes == want.cross_node_bytes
+    # the two gateways take 100 pushes of 1 s each in parallel: the last lands at t = 100
+    assert sim.gw["node0"].pos == sim.gw["node1"].pos == 100
+    assert 100.0 < rr.round_s < 101.0 and rr.post_arrival_s < 1.0
