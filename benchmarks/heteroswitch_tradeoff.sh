@@ -2,6 +2,7 @@
 # HeteroSwitch on the trade-off benchmark (GPU).  Usage:
 #   bash benchmarks/heteroswitch_tradeoff.sh calibrate OUTDIR   # validation seed 100 only: baselines + switch variants
 #   bash benchmarks/heteroswitch_tradeoff.sh difficulty OUTDIR T1,T2 TC SCENE...  # seed 100: scene variants
+#   bash benchmarks/heteroswitch_tradeoff.sh recalibrate OUTDIR TC SCENE T1,T2 ...  # switch variants, chosen on seed 100
 #   bash benchmarks/heteroswitch_tradeoff.sh confirm OUTDIR T1,T2 TC [SCENE]   # reported seeds 0,1,2, five methods, via LIFL
 # Every bench shares: --preset gpu --benchmark tradeoff --rounds $ROUNDS --clients-per-round 8 --device cuda.
 set -u
@@ -35,6 +36,18 @@ elif [ "$MODE" = difficulty ]; then
     i=$((i+1))
   done
   wait
+elif [ "$MODE" = recalibrate ]; then
+  # switch variants "T1,T2" (colour threshold $3) on the validation seed 100 AND seeds 0,1,2 at once; the variant
+  # is then chosen on seed 100 alone (select_variant.py: the higher tail mean AP + worst AP over seen devices)
+  SCENE=$4; i=0
+  for t in "${@:5}"; do
+    timeout $LIMIT python3 -m heteroswitch bench $COMMON --seeds 100,0,1,2 --methods heteroswitch --scene "$SCENE" \
+        --thresholds="$t" --colour-threshold "$3" --workers 4 --aggregator local --out "$OUT/v$i" > "$OUT/v$i.log" 2>&1 &
+    echo "v$i: thresholds $t colour $3" >> "$OUT/variants.txt"
+    i=$((i+1))
+  done
+  wait
+  python3 benchmarks/heteroswitch_select_variant.py "$OUT" 100 | tee "$OUT/selection.txt"
 elif [ "$MODE" = confirm ]; then
   timeout $LIMIT python3 -m heteroswitch bench $COMMON --seeds 0,1,2 --methods fedavg,isp,swad,isp_swad,heteroswitch \
       --thresholds="$3" --colour-threshold "$4" ${5:+--scene "$5"} --workers ${WORKERS:-8} --aggregator ${AGG:-lifl} --out "$OUT/confirm" \
