@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # HeteroSwitch on the trade-off benchmark (GPU).  Usage:
-#   bash benchmarks/heteroswitch_tradeoff.sh calibrate OUTDIR   # validation seed 100 only: baselines + switch variants
+#   bash benchmarks/heteroswitch_tradeoff.sh calibrate OUTDIR   # seed 100 only, tradeoff-easy: baselines + switch variants
 #   bash benchmarks/heteroswitch_tradeoff.sh difficulty OUTDIR T1,T2 TC SCENE...  # seed 100: scene variants
 #   bash benchmarks/heteroswitch_tradeoff.sh recalibrate OUTDIR TC SCENE T1,T2 ...  # switch variants, chosen on seed 100
 #   bash benchmarks/heteroswitch_tradeoff.sh confirm OUTDIR T1,T2 TC [SCENE]   # reported seeds 0,1,2, five methods, via LIFL
@@ -13,12 +13,13 @@ mkdir -p "$OUT"
 if [ "$MODE" = calibrate ]; then
   # the declared switch variants: "T1,T2 TC" (TC "-" = no per-client choice: the revision-2 switch)
   VARIANTS=("-0.15,0.5 -" "-0.15,0.5 0.3" "-0.15,0.5 0.1" "0.0,0.5 0.2" "-0.3,0.5 0.2" "0.0,0.3 0.1")
+  COMMON="${COMMON/--benchmark tradeoff/--benchmark tradeoff-easy}"  # the first calibration ran on the 4-pair variant
   timeout $LIMIT python3 -m heteroswitch bench $COMMON --seeds 100 --methods fedavg,isp,swad,isp_swad \
       --workers 4 --aggregator local --out "$OUT/base" > "$OUT/base.log" 2>&1 &
   i=0
   for v in "${VARIANTS[@]}"; do
     set -- $v
-    extra=""; [ "$2" != "-" ] && extra="--colour-threshold $2"
+    extra="--colour-threshold off"; [ "$2" != "-" ] && extra="--colour-threshold $2"
     timeout $LIMIT python3 -m heteroswitch bench $COMMON --seeds 100 --methods heteroswitch --thresholds="$1" $extra \
         --workers 1 --aggregator local --out "$OUT/hs$i" > "$OUT/hs$i.log" 2>&1 &
     echo "hs$i: thresholds $1 colour $2" >> "$OUT/variants.txt"
@@ -27,6 +28,7 @@ if [ "$MODE" = calibrate ]; then
   wait
 elif [ "$MODE" = difficulty ]; then
   # validation seed 100: all five methods (switch at the thresholds calibrated by "calibrate") per scene variant
+  COMMON="${COMMON/--benchmark tradeoff/--benchmark tradeoff-easy}"  # scene variants were written on that base
   i=0
   for sc in "${@:5}"; do
     timeout $LIMIT python3 -m heteroswitch bench $COMMON --seeds 100 --methods fedavg,isp,swad,isp_swad,heteroswitch \

@@ -81,14 +81,21 @@ def test_tradeoff_profiles_have_different_kinds_of_bias():
 
 
 def test_tradeoff_benchmark_and_scene_overrides_from_the_cli(tmp_path):
-    a = build_parser().parse_args(["bench", "--preset", "tiny", "--benchmark", "tradeoff", "--colour-threshold", "0.2",
-                                   "--scene", "colour_pairs=6,pair_saturation=0.4:0.9", "--out", str(tmp_path)])
+    a = build_parser().parse_args(["bench", "--preset", "tiny", "--benchmark", "tradeoff",
+                                   "--scene", "colour_pairs=5,pair_saturation=0.4:0.9", "--out", str(tmp_path)])
     cfg = config_from_args(a)
     assert cfg.data.profile_set == "tradeoff" and cfg.switch.colour_threshold == 0.2
-    assert cfg.data.scene.colour_pairs == 6 and cfg.data.scene.pair_saturation == (0.4, 0.9)
+    assert cfg.data.scene.colour_pairs == 5 and cfg.data.scene.pair_saturation == (0.4, 0.9)
     assert cfg.data.scene.pair_hue_delta == BENCHMARKS["tradeoff"]["scene"]["pair_hue_delta"]
     ds = make_federated_dataset(cfg.data, seed=0)
     assert {c.device for c in ds.clients} <= set(cfg.data.device_mix) and "G4" not in {c.device for c in ds.clients}
+    # the benchmark's calibrated switch is the default; flags override it
+    assert cfg.switch.thresholds == BENCHMARKS["tradeoff"]["switch"]["thresholds"]
+    a = build_parser().parse_args(["bench", "--benchmark", "tradeoff", "--thresholds=-0.1,0.4", "--colour-threshold", "0.5"])
+    assert config_from_args(a).switch.thresholds == (-0.1, 0.4) and config_from_args(a).switch.colour_threshold == 0.5
+    assert config_from_args(build_parser().parse_args(["bench"])).switch.colour_threshold is None  # rev2: choice off
+    off = build_parser().parse_args(["bench", "--benchmark", "tradeoff", "--colour-threshold", "off"])
+    assert config_from_args(off).switch.colour_threshold is None
     for bad in ("colour_pairs", "nonsense=1", "colour_pairs=many"):
         with pytest.raises(ValueError, match="--scene"):
             parse_scene_overrides(bad)
