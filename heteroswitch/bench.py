@@ -174,6 +174,7 @@ def run_job(cfg: BenchConfig, dataset, seed: int, method: str, aggregator=None, 
     ref = ServerReference(cfg.switch)
     server_ref: float | None = None
     switch_log: list[list] = []  # [round, device, signal, level, colour signal, choice] per heteroswitch client-round
+    cost_log: list[list] = []  # [round, client, choice, FLOPs, device-seconds] per client-round (every method)
     history, totals = [], {"compute_units": 0.0, "train_seconds": 0.0, "isp_images": 0.0, "eval_samples": 0.0,
                            "train_samples": 0.0, "client_rounds": 0, "isp_on": 0, "swad_on": 0}
     levels: dict[str, int] = {}
@@ -210,6 +211,8 @@ def run_job(cfg: BenchConfig, dataset, seed: int, method: str, aggregator=None, 
                         totals[k] = totals.get(k, 0.0) + v
                 ch = _choice(res.metrics)
                 totals[f"choice_{ch}"] = totals.get(f"choice_{ch}", 0) + 1
+                cost_log.append([rnd, c.client_id, ch, res.metrics["flops_total"],
+                                 round(res.metrics["dev_s_total"], 5)])
                 totals["client_rounds"] += 1
                 totals["isp_on"] += int(res.metrics["mode_isp"])
                 totals["swad_on"] += int(res.metrics["mode_swad"])
@@ -230,7 +233,7 @@ def run_job(cfg: BenchConfig, dataset, seed: int, method: str, aggregator=None, 
     load_numpy_state(model, global_state)
     final = _evaluate(model, dataset.test, dataset.unseen_device, dev)
     return {"seed": seed, "method": method, "aggregator": agg.name, "final": final, "history": history,
-            "compute": totals, "switch_levels": levels, "switch_log": switch_log,
+            "compute": totals, "switch_levels": levels, "switch_log": switch_log, "cost_log": cost_log,
             "switch_by_device": _switch_by_device(switch_log), "tail_rounds": cfg.tail_rounds,
             "wall_seconds": time.perf_counter() - t0, "torch": torch.__version__,
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)}

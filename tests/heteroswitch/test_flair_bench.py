@@ -108,6 +108,9 @@ def test_bench_runs_end_to_end_on_a_flair_file(flair_file, tmp_path):
     for d, m in job["final"]["per_device"].items():
         assert 0.0 < m["ap_macro"] <= 1.0 and np.isnan(m["accuracy"]), d  # multi-label: AP, no accuracy
     assert job["compute"]["flops_total"] > 0 and len(job["switch_log"]) == 2 * 3
+    # the cost of every client-round, and the job's totals are their sums
+    assert len(job["cost_log"]) == 2 * 3
+    assert sum(r[3] for r in job["cost_log"]) == pytest.approx(job["compute"]["flops_total"])
     assert (tmp_path / "pareto.md").is_file() and (tmp_path / "pareto_gflop.png").stat().st_size > 0
 
 
