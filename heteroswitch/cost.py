@@ -41,6 +41,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from .swad import WeightAverager
+
 __all__ = ["PHASES", "FlopCounter", "count_flops", "UnitCosts", "CostModel", "PhaseTimer", "round_flops"]
 
 PHASES: tuple[str, ...] = ("sgd", "probe", "isp", "swad_avg", "swad_eval")
@@ -162,8 +164,6 @@ class CostModel:
         if isp is not None:
             g = torch.Generator().manual_seed(0)
             isp_image, _ = count_flops(isp, torch.rand(1, *batch_shape[1:]), g)
-        from .swad import WeightAverager
-
         avg = WeightAverager()
         avg.add_model(m)
         acc, _ = count_flops(avg.add_model, m)

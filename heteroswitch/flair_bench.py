@@ -22,6 +22,7 @@ images.  Users mapped to the unseen device never train.  Images are resized to
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -83,8 +84,6 @@ def load_flair_dataset(cfg: FlairConfig, seed: int = 0, device="cpu") -> Federat
     """Read the FLAIR file into a :class:`~heteroswitch.scenes.FederatedDataset` with multi-hot labels."""
     mapping = None
     if cfg.device_map:
-        import json
-
         with open(cfg.device_map, encoding="utf-8") as f:
             mapping = json.load(f)
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
