@@ -68,14 +68,22 @@ def virtual(a) -> None:
     rec, wall = _run({"run.mode": "virtual", "workload.clients_per_round": a.clients,
                       "workload.population": int(a.clients * 2.5), "workload.rounds": a.rounds,
                       "workload.model": a.model, "trace.kind": "diurnal", "trace.window_s": 600.0,
-                      "run.tick_s": a.tick}, "sim-virtual")
+                      "run.tick_s": a.tick, "run.variants": "lifl,serverful"}, "sim-virtual")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    v = rec.variants[0]
+    v, sf = rec.variants
     print(f"{a.clients} clients/round x {a.model} x {a.rounds} rounds (diurnal, population {int(a.clients * 2.5)}): "
           f"{wall:.1f} s wall (goal < 300), peak RSS {rss / 2**30:.2f} GiB (goal < 2), "
           f"virtual round time median {statistics.median(r.round_s for r in v.rounds):.0f} s")
+    post = [statistics.median(r.post_arrival_s for r in x.rounds) for x in (v, sf)]
+    print(f"against the serverful baseline (same trace, virtual): platform CPU-s {v.cpu_total / sf.cpu_total:.3f}, "
+          f"post-arrival {post[0] / post[1]:.4f} ({post[0]:.3f} s vs {post[1]:.0f} s), modelled memory "
+          f"{v.peak_pss_bytes / sf.peak_pss_bytes:.2e} ({v.peak_pss_bytes / 2**20:.0f} MiB vs "
+          f"{sf.peak_pss_bytes / 2**30:.0f} GiB)")
     _save("virtual", {"command": "python -m benchmarks.bench_sim virtual", "wall_s": wall, "peak_rss_bytes": rss,
-                      "rounds": [vars(r) for r in v.rounds], "calibration": rec.calibration})
+                      "rounds": [vars(r) for r in v.rounds], "serverful_rounds": [vars(r) for r in sf.rounds],
+                      "cpu": {"lifl": v.cpu, "serverful": sf.cpu},
+                      "memory_bytes": {"lifl": v.peak_pss_bytes, "serverful": sf.peak_pss_bytes},
+                      "calibration": rec.calibration})
 
 
 def validate(a) -> None:
@@ -92,8 +100,16 @@ def validate(a) -> None:
         print(f"{r['trace']:12} {r['clients']:8} {r['round']:5} {r['real_s']:8.3f} {r['virtual_s']:9.3f} "
               f"{100 * r['error']:+8.1f}")
     errs = [abs(r["error"]) for r in rows]
-    print(f"median |error| {100 * statistics.median(errs):.1f} %, worst {100 * max(errs):.1f} % (goal: all within 15 %)")
-    _save("validate", {"command": "python -m benchmarks.bench_sim validate", "rows": rows})
+    print(f"per round: median |error| {100 * statistics.median(errs):.1f} %, worst {100 * max(errs):.1f} %")
+    summary = []
+    print(f"{'trace':12} {'clients':>8} {'real s (median)':>16} {'virtual s (median)':>19} {'error %':>8}")
+    for kind in ("all_at_once", "uniform"):
+        for n in a.sizes:
+            sel = [r for r in rows if r["trace"] == kind and r["clients"] == n]  # no dropout here
+            re_, vi = statistics.median(r["real_s"] for r in sel), statistics.median(r["virtual_s"] for r in sel)
+            summary.append({"trace": kind, "clients": n, "real_s": re_, "virtual_s": vi, "error": vi / re_ - 1})
+            print(f"{kind:12} {n:8} {re_:16.3f} {vi:19.3f} {100 * (vi / re_ - 1):+8.1f}")
+    _save("validate", {"command": "python -m benchmarks.bench_sim validate", "rows": rows, "summary": summary})
 
 
 def baseline(a) -> None:
@@ -137,7 +153,7 @@ def main(argv=None) -> int:
     v.add_argument("--tick", type=float, default=1.0, help="virtual tick (s); 0.05 is the dispatcher's")
     va = sub.add_parser("validate")
     va.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
-    va.add_argument("--rounds", type=int, default=2)
+    va.add_argument("--rounds", type=int, default=5)
     b = sub.add_parser("baseline")
     b.add_argument("--sizes", type=int, nargs="+", default=[300, 1000])
     b.add_argument("--reps", type=int, default=5)

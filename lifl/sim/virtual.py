@@ -15,7 +15,9 @@ time, with durations measured on this machine (``calibrate.Costs``):
 * a fold of k updates takes ``batch_seconds(update_s, k, fuse_speedup)`` on one
   of the node's fold cores (more functions than cores wait for a core);
 * a cold start takes ``cold_start_s``; partial folds run after the round closes,
-  a parent after its slowest child, then the top finalises.
+  a parent after its slowest child, then the top finalises;
+* a round's own cost (opening it, handing the clients their work, pulling the
+  result) is ``round_overhead_s``, paid before the first upload can land.
 
 The planner sees what the dispatcher would (its estimate of the fold time, the
 arrival-rate average), not the true costs. Clients are rows of a trace: a
@@ -419,7 +421,7 @@ class VirtualServer:
         run = _Round(row, open_t, to_report, hier, plan, leaves)
         self.round = run
         self.finished = None
-        ready = open_t + row.ready_s[row.reports]
+        ready = open_t + self.costs.round_overhead_s + row.ready_s[row.reports]
         wts = row.weights[row.reports]
         order = np.argsort(ready, kind="stable")
         for j, n in enumerate(self.names):  # clients reach the gateways round-robin
@@ -463,7 +465,7 @@ def serverful_round(row: RoundPlan, open_t: float, costs: Costs, nbytes: int) ->
     Returns (record, its CPU-seconds, bytes it holds at peak)."""
     if costs.flower_per_update_s is None:
         raise SimConfigError("the serverful baseline runs Flower's aggregate(): install lifl[sim] (flwr)")
-    ready = np.sort(open_t + row.ready_s[row.reports])
+    ready = np.sort(open_t + costs.round_overhead_s + row.ready_s[row.reports])
     push = costs.push_s(nbytes)
     t = open_t
     for r in ready:
