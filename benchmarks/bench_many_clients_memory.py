@@ -37,10 +37,10 @@ print(json.dumps(errs[:3]))
 """.replace("MIB", str(MiB))
 
 
-def rep(n: int, procs: int, budget_mb: int, limit: int) -> dict:
+def rep(n: int, procs: int, budget_mb: int, limit: int, bdp: bool = True) -> dict:
     prefix = f"liflmem{uuid.uuid4().hex[:6]}"
     with ServerProc("lifl", shm_prefix=prefix, shm_budget_mb=budget_mb, max_concurrent_rpcs=limit,
-                    grpc_bdp_probe=True, admission_timeout_s=300) as srv:
+                    grpc_bdp_probe=bdp, admission_timeout_s=300) as srv:
         from lifl.client import Client
         import numpy as np
         with Client(srv.address) as c:
@@ -67,13 +67,15 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=1024)
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--budget-mb", type=int, default=20)
-    p.add_argument("--limit", type=int, default=256, help="max_concurrent_rpcs of the bounded server")
+    p.add_argument("--limit", type=int, default=64, help="max_concurrent_rpcs of the bounded server")
+    p.add_argument("--bdp", choices=("on", "off"), default="on", help="grpc_bdp_probe of the bounded server")
     a = p.parse_args()
     n, reps = (256, 2) if a.quick else (a.clients, a.reps or 5)
-    out = interleave([("bounded", lambda: rep(n, a.procs, a.budget_mb, a.limit)),
+    out = interleave([("bounded", lambda: rep(n, a.procs, a.budget_mb, a.limit, a.bdp == "on")),
                       ("unbounded", lambda: rep(n, a.procs, a.budget_mb, 1_000_000))], reps, warmup=0)
     r = Report("many_clients_memory", f"{n} clients pushing 1 MiB at once, slot budget {a.budget_mb} MiB",
-               {"clients": n, "client_procs": a.procs, "budget_mb": a.budget_mb, "limit": a.limit, "reps": reps})
+               {"clients": n, "client_procs": a.procs, "budget_mb": a.budget_mb, "limit": a.limit,
+                "bounded side's grpc_bdp_probe": a.bdp, "peer": "no call limit, grpc_bdp_probe on", "reps": reps})
     b, u = out["bounded"], out["unbounded"]
     r.add("peak", "server Σ RSS", [x["peak_rss"] for x in b], [x["peak_rss"] for x in u], "MiB", scale=1 / MiB,
           ours_label=f"limit {a.limit}", peer_label="no limit", goal="< 1", better="lower", threshold=1.0)

@@ -50,8 +50,13 @@ class Metrics:
         self._http = None
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Start /metrics on ``port`` (0 picks one); return the bound port."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        """Start /metrics on ``port`` (0 picks one); return the bound port. A bind error names the
+        address (a second server on one machine needs its own ``metrics_port``, or -1 for none)."""
+        try:
+            server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot serve /metrics on {addr}:{port}: {e.strerror}; "
+                                   "set metrics_port (--metrics-port) to a free port, 0 for any, -1 for none") from None
         self._http = server
         return server.server_port
 

@@ -53,7 +53,8 @@ class Round:
     expected: int
     quorum: int
     deadline_s: float = 0.0
-    opened: float = field(default_factory=time.time)
+    opened: float = field(default_factory=time.time)   # wall-clock seconds (reported)
+    opened_mono: float = 0.0         # the engine clock's monotonic reading at opening (deadlines)
     state: State = State.OPEN
     accepted: dict[str, float] = field(default_factory=dict)   # client -> weight
     in_flight: set[str] = field(default_factory=set)
@@ -125,19 +126,19 @@ class Round:
     def complete(self) -> bool:
         return len(self.accepted) >= self.expected
 
-    def decide_close(self, now_unix: float, forced: bool = False) -> State | None:
-        """What the round should become now (None: stay open)."""
+    def decide_close(self, now: float, forced: bool = False) -> State | None:
+        """What the round should become at monotonic time ``now`` (None: stay open)."""
         if self.state != State.OPEN:
             return None
         if self.complete():
             return State.AGGREGATING
-        if forced or (self.deadline_s and now_unix >= self.deadline_unix):
+        if forced or (self.deadline_s and now >= self.opened_mono + self.deadline_s):
             return State.AGGREGATING if len(self.accepted) >= self.quorum else State.FAILED
         return None
 
-    def close(self, to: State, detail: str) -> None:
+    def close(self, to: State, detail: str, now_unix: float | None = None) -> None:
         self.state, self.detail = to, detail
-        self.closed = time.time()
+        self.closed = time.time() if now_unix is None else now_unix
         if to == State.FAILED:
             self.in_flight.clear()
 

@@ -37,9 +37,13 @@ HEALTH_SERVICES = ("", "lifl.v1.Aggregation", "lifl.v1.Admin")
 class EmbeddedServer:
     """Start with ``with EmbeddedServer(ServerConfig(port=0)) as srv: ...``; ``srv.address`` is host:port."""
 
-    def __init__(self, config: ServerConfig | None = None, runtime=None):
+    def __init__(self, config: ServerConfig | None = None, runtime=None, clock=None):
         """``runtime``: a :class:`lifl.runtime.base.Runtime` to run functions on instead of the
-        one ``config.runtime`` names (a custom runtime; the server closes it when it stops)."""
+        one ``config.runtime`` names (a custom runtime; the server closes it when it stops).
+        ``clock``: an :mod:`lifl.engine.clock` clock for deadlines and keep-alives; with one
+        given there is no control-loop thread and the caller runs :meth:`tick` after moving time
+        (tests and simulations that must not race the real clock)."""
+        self._clock = clock
         self.config = (config or ServerConfig()).validate()
         self.metrics = Metrics()
         self.arena: Arena | None = None
@@ -66,7 +70,8 @@ class EmbeddedServer:
         try:
             self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=cfg.shm_prefix)
             self.runtime = self._given_runtime or _make_runtime(cfg, self.arena, self.metrics)
-            self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics)
+            self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics, clock=self._clock,
+                                         ticker=self._clock is None)
             gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics)
             handlers = gateway.handlers()
             head = None
@@ -123,6 +128,10 @@ class EmbeddedServer:
             self.metrics.aggregators_active.clear()
             for w in self.dispatcher.workers():
                 self.metrics.aggregators_active.labels(w.role, w.node).inc()
+
+    def tick(self) -> None:
+        """Run one control-loop step now: deadlines, re-planning, autoscaling (see ``clock``)."""
+        self.dispatcher.tick()
 
     def gateways(self) -> dict[str, str]:
         """Push addresses by node: this server's, plus each other node's gateway (ray runtime)."""

@@ -33,7 +33,8 @@ def make_server(shm_prefix):
         kw.setdefault("leaves", 2)
         kw.setdefault("fan_in", 2)
         kw.setdefault("planner", "static")  # tests name their tree shapes; the elastic planner has its own tests
-        srv = EmbeddedServer(ServerConfig(shm_prefix=shm_prefix, **kw)).start()
+        clock = kw.pop("clock", None)
+        srv = EmbeddedServer(ServerConfig(shm_prefix=shm_prefix, **kw), clock=clock).start()
         servers.append(srv)
         return srv
 
@@ -45,6 +46,18 @@ def make_server(shm_prefix):
 @pytest.fixture
 def server(make_server):
     return make_server()
+
+
+@pytest.fixture
+def clocked(make_server):
+    """A real server whose engine reads a manual clock: deadlines and keep-alives pass only when
+    the test advances it and ticks (``srv.tick()``), never by racing the machine's clock."""
+    from lifl.engine.clock import ManualClock
+
+    def make(**kw):
+        clock = ManualClock()
+        return make_server(clock=clock, **kw), clock
+    return make
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -101,3 +101,9 @@ def test_config_file_env_and_flags(tmp_path):
         load_config(f, env={})
     with pytest.raises(ValueError, match="fan_in"):
         load_config(None, env={"LIFL_FAN_IN": "1", "LIFL_LEAVES": "3"})
+
+
+def test_a_taken_metrics_port_names_the_address(make_server):
+    first = make_server(metrics_port=0)
+    with pytest.raises(OSError, match=f"127.0.0.1:{first.metrics_port}.*metrics_port"):
+        make_server(metrics_port=first.metrics_port)

@@ -16,15 +16,20 @@ from lifl.wire import encode_chunk
 BASE = small_model()
 
 
-def test_deadline_with_quorum_aggregates_what_arrived(server):
+def test_deadline_with_quorum_aggregates_what_arrived(clocked):
+    server, clock = clocked()
     ups = [perturb(BASE, i) for i in range(3)]
     with Client(server.address) as c:
         rid = c.open_round(BASE, expected=5, quorum=3, deadline_s=0.6)
         for i, u in enumerate(ups):
             c.push(rid, u, i + 1, f"c{i}")
+        clock.advance(0.5)
+        server.tick()
         with pytest.raises(RpcFailure) as ei:
             c.pull(rid, wait_s=0)
         assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no result yet" in ei.value.message
+        clock.advance(0.2)                        # past the deadline
+        server.tick()
         got = c.pull(rid, wait_s=10)
         info = c.round_info(rid)
         with pytest.raises(RpcFailure) as ei:
@@ -34,10 +39,13 @@ def test_deadline_with_quorum_aggregates_what_arrived(server):
     assert_matches(got, fedavg64(ups, [1, 2, 3]))
 
 
-def test_deadline_below_quorum_fails_cleanly(server):
+def test_deadline_below_quorum_fails_cleanly(clocked):
+    server, clock = clocked()
     with Client(server.address) as c:
         rid = c.open_round(BASE, expected=4, quorum=3, deadline_s=0.4)
         c.push(rid, BASE, 1, "a")
+        clock.advance(0.4)
+        server.tick()
         with pytest.raises(RpcFailure) as ei:
             c.pull(rid, wait_s=10)
         assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -61,11 +69,13 @@ def test_operator_close_and_abort(server):
         assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_stream_in_flight_at_deadline_is_told_why(server):
+def test_stream_in_flight_at_deadline_is_told_why(clocked):
+    server, clock = clocked()
     base = {"w": np.ones(1_000_000, np.float32)}
     lay = Layout.from_arrays(base)
     buf = bytearray(lay.total_size)
     lay.pack_into(base, buf)
+    go, out = threading.Event(), {}
     with Client(server.address) as c:
         rid = c.open_round(base, expected=2, quorum=1, deadline_s=0.5)
         c.push(rid, base, 1, "fast")
@@ -75,12 +85,26 @@ def test_stream_in_flight_at_deadline_is_told_why(server):
             lay.to_proto(h.tensors)
             yield pb.PushRequest(header=h).SerializeToString()
             yield encode_chunk(bytes(buf[:1 << 20]))
-            time.sleep(1.0)
+            go.wait(30)                            # the deadline passes while this stream is open
             yield encode_chunk(bytes(buf[1 << 20:]))
 
-        with pytest.raises(RpcFailure) as ei:
-            c.push_raw(slow())
-        assert ei.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "closed while" in ei.value.message
+        def push():
+            try:
+                c.push_raw(slow())
+            except RpcFailure as e:
+                out["error"] = e
+        t = threading.Thread(target=push)
+        t.start()
+        end = time.monotonic() + 20                # a real stream: wait (bounded) until it is in flight
+        while c.round_info(rid).in_flight == 0 and time.monotonic() < end:
+            time.sleep(0.02)
+        clock.advance(0.6)
+        server.tick()
+        assert c.round_info(rid).state in ("aggregating", "done")
+        go.set()
+        t.join(30)
+        e = out["error"]
+        assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED and "closed while" in e.message
         got = c.pull(rid, wait_s=10)
     assert np.array_equal(got["w"], base["w"])
 
@@ -107,8 +131,8 @@ def test_state_machine_rules():
     r.abandon("a")
     r.begin("a")
     r.accept("a", 1.0, 0.0)
-    assert r.decide_close(r.opened + 1) is None
-    assert r.decide_close(r.opened + 11) == State.AGGREGATING
+    assert r.decide_close(r.opened_mono + 1) is None
+    assert r.decide_close(r.opened_mono + 11) == State.AGGREGATING
     r.begin("b")
     with pytest.raises(Exception, match="all 2 expected"):
         r.begin("c")

@@ -22,8 +22,8 @@ def wait_for(pred, timeout=10.0):
     return False
 
 
-def test_no_function_runs_until_an_update_needs_one_then_scales_to_zero(make_server):
-    srv = make_server(workers=2, leaves=2, keep_alive_s=0.5)
+def test_no_function_runs_until_an_update_needs_one_then_scales_to_zero(clocked):
+    srv, clock = clocked(workers=2, leaves=2, keep_alive_s=0.5)
     assert srv.dispatcher.workers() == []          # nothing runs without work
     ups = [perturb(BASE, i) for i in range(4)]
     with Client(srv.address) as c:
@@ -38,8 +38,13 @@ def test_no_function_runs_until_an_update_needs_one_then_scales_to_zero(make_ser
         got = c.pull(rid, wait_s=20)
         assert_matches(got, fedavg64(ups, [1, 2, 3, 4]))
         # idle past the keep-alive: every function is stopped
-        assert wait_for(lambda: srv.dispatcher.workers() == [], 10)
-        assert sample(srv, "lifl_scale_downs_total") >= 1
+        assert wait_for(lambda: {w.state for w in c.status().workers} == {"idle"}, 10)  # real replies
+        srv.tick()
+        assert len(c.status().workers) == 2        # not before the keep-alive
+        clock.advance(0.6)
+        srv.tick()
+        assert c.status().workers == []
+        assert sample(srv, "lifl_scale_downs_total") == 2
         # and the next round starts from zero again, still exact
         r2 = c.open_round(BASE, expected=1)
         c.push(r2, ups[3], 2, "a")
@@ -70,11 +75,13 @@ def test_warm_functions_serve_the_next_round_and_change_roles(make_server):
         assert {w.state for w in st.workers} <= {"idle", "warm", "busy"} and len(st.workers) == 2
 
 
-def test_min_workers_are_prestarted_and_kept(make_server):
-    srv = make_server(workers=3, min_workers=2, keep_alive_s=0.2)
+def test_min_workers_are_prestarted_and_kept(clocked):
+    srv, clock = clocked(workers=3, min_workers=2, keep_alive_s=0.2)
     assert len(srv.dispatcher.workers()) == 2
-    time.sleep(1.0)
-    assert len(srv.dispatcher.workers()) == 2      # the floor holds while idle
+    for _ in range(5):
+        clock.advance(1.0)
+        srv.tick()
+    assert len(srv.dispatcher.workers()) == 2      # the floor holds while idle, long past the keep-alive
 
 
 def test_elastic_planner_result_is_exact(make_server):

@@ -160,9 +160,9 @@ def test_function_killed_mid_fold_is_rerun_exactly_once(make_server, monkeypatch
         for i, (u, w) in enumerate(zip(ups, ws)):
             c.push(rid, u, w, f"c{i}")
             time.sleep(rnd.uniform(0.0, 0.1))
-            busy = [x for x in srv.dispatcher.workers() if x.current is not None and x.current.cmd["op"] == "fold"]
+            busy = [x for x in c.status().workers if x.state == "busy"]   # folding (or about to)
             if busy and killed < 3:
-                os.kill(busy[0].handle.pid, signal.SIGKILL)
+                os.kill(busy[0].pid, signal.SIGKILL)
                 killed += 1
         got = c.pull(rid, wait_s=60)
         assert c.round_info(rid).state == "done"

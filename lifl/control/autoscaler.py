@@ -26,10 +26,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from dataclasses import dataclass
+
 from .model import (AutoscalerState, Instance, InstanceState, Observation, RoleAssignment, RoleRequest,
                     ScaleDecision, ScalePolicy)
 
-__all__ = ["target_instances", "decide", "assign_roles"]
+__all__ = ["target_instances", "decide", "assign_roles", "choose_function", "BindChoice"]
 
 
 def _ceil(x: float) -> int:
@@ -106,3 +108,25 @@ def assign_roles(instances: Sequence[Instance], needed: Sequence[RoleRequest], *
                 reuse[r.key] = inst.id
                 taken.add(inst.id)
     return RoleAssignment(reuse, tuple(r for r in needed if r.key not in reuse))
+
+
+@dataclass(frozen=True)
+class BindChoice:
+    how: str                  # "warm" (reuse an idle instance), "cold" (start one), "shared" (queue on a busy one)
+    instance: str | None = None
+
+
+def choose_function(instances: Sequence[Instance], node: str, role: str, can_start: bool,
+                    load: dict[str, int] | None = None) -> BindChoice:
+    """Which function takes a role on ``node``: a warm idle one there (``assign_roles``: same role
+    first, most recently used), else a cold start when the pool may grow, else the least loaded
+    instance there (``load``: id -> bindings and queued commands). A node with none at all
+    always gets a cold start."""
+    here = [i for i in instances if i.node == node]
+    got = assign_roles(here, [RoleRequest("x", role, node)])
+    if got.reuse:
+        return BindChoice("warm", got.reuse["x"])
+    if can_start or not here:
+        return BindChoice("cold")
+    load = load or {}
+    return BindChoice("shared", min(here, key=lambda i: (load.get(i.id, 0), i.id)).id)

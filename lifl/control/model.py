@@ -104,6 +104,28 @@ class Hierarchy:
 
 
 # -- planner inputs and output -----------------------------------------------------------
+#: Most client updates one fold command carries: one fused pass over the accumulator (the C
+#: kernel takes up to 64 inputs; 16 keeps a batch's inputs in the slot budget of small servers).
+MAX_BATCH = 16
+
+#: Cores of a machine kept for its gateway's gRPC threads when the planner fills it with leaves.
+GATEWAY_CORES = 1
+
+
+@dataclass(frozen=True)
+class CostPriors:
+    """Fold costs assumed before any fold was measured (the planner needs numbers for the first round)."""
+
+    update_bytes_per_s: float = 2e9   # one update folded alone: ~2 GB/s of update bytes on one core
+    fuse_speedup: float = 2.0         # F of ``FoldCosts``: a batch of many costs ~half per update
+    partial_factor: float = 2.0       # a float64 partial is twice an fp32 update's bytes
+    finalize_factor: float = 1.0
+
+    def costs(self, update_s: float) -> "FoldCosts":
+        return FoldCosts(update_s=update_s, fuse_speedup=self.fuse_speedup,
+                         partial_s=self.partial_factor * update_s, finalize_s=self.finalize_factor * update_s)
+
+
 @dataclass(frozen=True)
 class FoldCosts:
     """Measured fold costs (the dispatcher's fold-seconds histogram feeds these).
@@ -117,7 +139,7 @@ class FoldCosts:
     fuse_speedup: float = 1.0
     partial_s: float | None = None  # one child's float64 partial folded alone; None = update_s
     finalize_s: float = 0.0         # divide by total weight, cast, write the result
-    max_batch: int = 16             # most updates per fold command (dispatcher.MAX_BATCH)
+    max_batch: int = MAX_BATCH      # most updates per fold command
 
     def __post_init__(self):
         if not self.update_s > 0:

@@ -178,3 +178,18 @@ def test_reuse_is_maximal_local_first_and_deterministic(case, allow_remote):
         assert len(got.reuse) == local
     else:
         assert len(got.reuse) == min(len(need), sum(idle_on.values()))
+
+
+def test_choose_function_prefers_warm_then_cold_then_the_least_loaded():
+    from lifl.control.autoscaler import choose_function
+    I, S = Instance, InstanceState
+    insts = [I("a", "n1", S.IDLE, "top", 5.0), I("b", "n1", S.IDLE, "leaf", 3.0), I("c", "n1", S.BUSY, "leaf", 9.0),
+             I("d", "n2", S.WARM, "leaf", 1.0)]
+    assert choose_function(insts, "n1", "leaf", can_start=True).instance == "b"      # same role first
+    assert choose_function(insts, "n1", "middle", can_start=True).instance == "a"    # then most recent
+    busy = [i for i in insts if i.state is not S.IDLE]
+    assert choose_function(busy, "n1", "leaf", can_start=True).how == "cold"
+    got = choose_function(busy + [I("e", "n2", S.BUSY, "leaf", 0.0)], "n2", "leaf", can_start=False,
+                          load={"d": 3, "e": 1})
+    assert (got.how, got.instance) == ("shared", "e")
+    assert choose_function(busy, "n3", "leaf", can_start=False).how == "cold"       # a node with none

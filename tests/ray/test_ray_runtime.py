@@ -123,7 +123,7 @@ def test_three_nodes_exact_placed_and_only_partials_cross(ray_server, cluster):
     assert [leaf.node for leaf in run.leaves] == [leaf.home for leaf in run.leaves]
     assert sorted({leaf.node for leaf in run.leaves}) == sorted(srv.gateways())
     for leaf in run.leaves:
-        assert leaf.worker is None or _actor_node(leaf.worker.handle) == leaf.node
+        assert leaf.index not in run.workers or _actor_node(run.workers[leaf.index].handle) == leaf.node
     for w in srv.dispatcher.workers():
         assert _actor_node(w.handle) == w.node
     # bytes between nodes: partial sums only, exactly what the placement predicted

@@ -1,0 +1,156 @@
+"""The function pool: starts aggregator functions, binds them to roles, and feeds each its commands
+one at a time from its own queue.
+
+Serverless: nothing runs until a role needs a function. Which function takes a role is
+``control.autoscaler.choose_function``'s decision (a warm idle one, a cold start, or sharing a
+busy one); this module only executes it. A function that dies while it starts is retried
+(``START_ATTEMPTS`` in all) before anything fails. The pool is not thread-safe: the engine calls
+it under its lock.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from typing import Any, Callable
+
+from ..control.autoscaler import choose_function
+from ..control.model import Instance, InstanceState
+from ..errors import LiflError
+from .clock import Clock
+
+START_ATTEMPTS = 3
+
+log = logging.getLogger("lifl.engine")
+
+
+class PooledFunction:
+    """A function plus what the engine knows about it."""
+
+    def __init__(self, handle, now: float):
+        self.handle = handle
+        self.queue: collections.deque = collections.deque()   # tasks waiting for it
+        self.current = None                                   # the task it is running
+        self.layouts: set[int] = set()                        # rounds whose layout it was sent
+        self.folds = 0
+        self.updates_folded = 0
+        self.role = "idle"
+        self.dead = False
+        self.bindings = 0                                     # leaves of unfinished rounds it carries
+        self.idle_since = now
+        self.node = getattr(handle, "node", "local")
+
+    def state(self) -> InstanceState:
+        if self.current is not None or self.queue:
+            return InstanceState.BUSY
+        return InstanceState.WARM if self.bindings else InstanceState.IDLE
+
+    def instance(self) -> Instance:
+        return Instance(self.handle.id, self.node, self.state(), self.role, self.idle_since)
+
+
+class FunctionPool:
+    """``wire(task)``: the command a function reads for a task; ``next_work(fn)``: a task for an idle
+    function that has nothing queued (its leaves' pending updates), or None."""
+
+    def __init__(self, runtime, metrics, clock: Clock, *, max_functions: int, node_cap: Callable[[str], int],
+                 pin_node: bool, on_message: Callable, wire: Callable[[Any], dict],
+                 next_work: Callable[[PooledFunction], Any]):
+        self.runtime, self.metrics, self.clock = runtime, metrics, clock
+        self.max_functions, self.node_cap, self.pin_node = max_functions, node_cap, pin_node
+        self._on_message, self._wire, self._next_work = on_message, wire, next_work
+        self.functions: list[PooledFunction] = []
+        self._seq = itertools.count(1)
+
+    # -- starting and binding ----------------------------------------------------------------
+    def start(self, node: str | None = None) -> PooledFunction:
+        """Start a function (on ``node`` for a multi-node runtime), retrying one that dies while it
+        starts; when none can start, UNAVAILABLE with the last reason (nothing was changed)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                handle = self.runtime.start_worker(self._on_message, node=node if self.pin_node else None)
+                break
+            except Exception as e:
+                self.metrics.function_failures.inc()
+                log.warning("aggregator function start %d/%d failed: %s", attempt, START_ATTEMPTS, e)
+                if attempt == START_ATTEMPTS:
+                    raise LiflError("UNAVAILABLE", f"no aggregator function could start ({START_ATTEMPTS} "
+                                                   f"attempts; last: {e}); retry later") from e
+        fn = PooledFunction(handle, self.clock.monotonic())
+        self.functions.append(fn)
+        self.metrics.cold_starts.inc()
+        if not getattr(handle, "async_start", False):  # a Ray actor reports it once it is up
+            self.metrics.cold_start_seconds.observe(getattr(handle, "start_seconds", 0.0))
+        return fn
+
+    def bind(self, node: str, role: str) -> tuple[PooledFunction, str]:
+        """A function for a role on ``node``; returns it and how it was had (warm, cold, shared)."""
+        here = [f for f in self.functions if f.node == node]
+        can_start = len(self.functions) < self.max_functions and len(here) < self.node_cap(node)
+        choice = choose_function([f.instance() for f in here], node, role, can_start,
+                                 {f.handle.id: f.bindings + len(f.queue) for f in here})
+        if choice.how == "cold":
+            fn = self.start(node)
+        else:
+            fn = next(f for f in here if f.handle.id == choice.instance)
+            self.metrics.warm_reuses.inc()
+        fn.bindings += 1
+        fn.role = role
+        return fn, choice.how
+
+    def unbind(self, fn: PooledFunction) -> None:
+        fn.bindings -= 1
+        if fn.bindings == 0:
+            fn.idle_since = self.clock.monotonic()
+
+    def find(self, handle) -> PooledFunction | None:
+        return next((f for f in self.functions if f.handle is handle), None)
+
+    # -- commands -------------------------------------------------------------------------------
+    def enqueue(self, fn: PooledFunction, task) -> None:
+        fn.queue.append(task)
+        self.pump(fn)
+
+    def pump(self, fn: PooledFunction) -> None:
+        """Send ``fn`` its next command if it is idle: queued tasks first, then its leaves' updates."""
+        if fn.current is not None or fn.dead:
+            return
+        task = fn.queue.popleft() if fn.queue else self._next_work(fn)
+        if task is None:
+            fn.role = "idle"
+            return
+        cmd = self._wire(task)
+        cmd["seq"] = next(self._seq)
+        lid = cmd.get("layout")
+        if lid is not None and lid not in fn.layouts and task.run is not None:
+            cmd["specs"] = [[s.name, s.dtype, list(s.shape)] for s in task.run.round.layout.specs]
+            fn.layouts.add(lid)
+        fn.current = task
+        try:
+            fn.handle.send(cmd)
+        except OSError:
+            pass  # its death is reported by the reader thread
+
+    def finished(self, fn: PooledFunction):
+        """The function replied: its current task, now off it."""
+        task, fn.current = fn.current, None
+        return task
+
+    def remove(self, fn: PooledFunction) -> list:
+        """Take a dead function out of the pool; returns its unfinished tasks (running first)."""
+        fn.dead = True
+        if fn in self.functions:
+            self.functions.remove(fn)
+        tasks = ([fn.current] if fn.current is not None else []) + list(fn.queue)
+        fn.current, fn.queue = None, collections.deque()
+        return tasks
+
+    def stop(self, fn: PooledFunction) -> None:
+        """Stop an idle function (scale down), off the engine's lock: stopping waits for the process."""
+        self.functions.remove(fn)
+        self.metrics.scale_downs.inc()
+        threading.Thread(target=self.runtime.stop_worker, args=(fn.handle,), daemon=True).start()
+
+    def instances(self) -> tuple[Instance, ...]:
+        return tuple(f.instance() for f in self.functions)
