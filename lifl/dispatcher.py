@@ -71,7 +71,7 @@ class Dispatcher:
         self.shaper = TreeShaper(config, self._nodes, self.multi_node)
         self.pool = FunctionPool(runtime, metrics, self.clock, max_functions=config.workers, node_cap=self._node_cap,
                                  pin_node=self.multi_node, on_message=self._on_message, wire=Task.wire,
-                                 next_work=self._next_update_fold)
+                                 next_work=self._next_update_fold, fold_delay_s=config.fault_fold_delay_s)
         if self.multi_node:
             runtime.on_node_lost = self.node_lost
         if hasattr(runtime, "prepare"):

@@ -29,10 +29,6 @@ from .layout import Layout, TensorSpec
 from .shm import Segment
 
 
-#: Test-only fault injection: seconds to sleep after each fold, before replying.
-_FAULT_DELAY = float(os.environ.get("LIFL_FAULT_FOLD_DELAY_S", "0") or 0)
-
-
 def _die_with_parent() -> None:
     """Linux: get SIGKILL when the server dies, so no orphan keeps mappings alive."""
     try:
@@ -57,13 +53,12 @@ class Function:
     """``local_prefixes``: where segments may be attached from (the Ray runtime passes its
     node's arenas, so a segment of another node is an error, never a silent remote read)."""
 
-    def __init__(self, local_prefixes: tuple[str, ...] | None = None, fault_delay_s: float = _FAULT_DELAY):
+    def __init__(self, local_prefixes: tuple[str, ...] | None = None):
         self.layouts: dict[int, Layout] = {}
         self.segments: dict[str, Segment] = {}
         self.views: dict[tuple[str, int], fold.UpdateViews] = {}
         self.given: dict[str, np.ndarray] = {}
         self.local_prefixes = local_prefixes
-        self.fault_delay_s = fault_delay_s
 
     def seg(self, name: str) -> "Segment | _Given":
         if name in self.given:
@@ -105,8 +100,8 @@ class Function:
                 add = fold.add_partials([self.acc(n, layout) for n in cmd.get("partials", [])])
             fold.fold_in_place(self.acc(cmd["acc"], layout), self.journal(cmd["journal"], layout),
                                cmd["gen"], cmd.get("from"), add)
-            if self.fault_delay_s:
-                time.sleep(self.fault_delay_s)  # fault injection: a window to be killed after writing, before replying
+            if cmd.get("delay_s"):  # fault injection (fault_fold_delay_s): a window to be killed mid-command
+                time.sleep(float(cmd["delay_s"]))
             return {"seconds": time.perf_counter() - t0}
         if op == "finalize":
             layout = self.layouts[cmd["layout"]]

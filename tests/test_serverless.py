@@ -100,8 +100,7 @@ def test_elastic_planner_result_is_exact(make_server):
 def test_plan_grows_mid_round_when_arrivals_outpace_one_leaf(make_server, monkeypatch):
     """Functions made slow (50 ms per fold) and a burst of arrivals: the planner adds leaves
     while the round is open, and the result is still exact."""
-    monkeypatch.setenv("LIFL_FAULT_FOLD_DELAY_S", "0.05")
-    srv = make_server(workers=3, leaves=3, fan_in=2, planner="elastic", fold_cores=3)
+    srv = make_server(workers=3, leaves=3, fan_in=2, planner="elastic", fold_cores=3, fault_fold_delay_s=0.05)
     import threading
     model = {"w": np.zeros(200_000, np.float32)}
     ups = [{"w": np.full(200_000, i, np.float32)} for i in range(60)]

@@ -148,8 +148,7 @@ def test_function_killed_mid_fold_is_rerun_exactly_once(make_server, monkeypatch
     import random
 
     from support import assert_matches, fedavg64, perturb
-    monkeypatch.setenv("LIFL_FAULT_FOLD_DELAY_S", "0.15")
-    srv = make_server(workers=2, leaves=2, fan_in=2)
+    srv = make_server(workers=2, leaves=2, fan_in=2, fault_fold_delay_s=0.15)
     base = small_model(trial)
     ups = [perturb(base, 100 * trial + i) for i in range(8)]
     ws = [float(i + 1) for i in range(8)]

@@ -56,8 +56,9 @@ class FunctionPool:
 
     def __init__(self, runtime, metrics, clock: Clock, *, max_functions: int, node_cap: Callable[[str], int],
                  pin_node: bool, on_message: Callable, wire: Callable[[Any], dict],
-                 next_work: Callable[[PooledFunction], Any]):
+                 next_work: Callable[[PooledFunction], Any], fold_delay_s: float = 0.0):
         self.runtime, self.metrics, self.clock = runtime, metrics, clock
+        self.fold_delay_s = fold_delay_s   # fault injection: a window to kill a function mid-command
         self.max_functions, self.node_cap, self.pin_node = max_functions, node_cap, pin_node
         self._on_message, self._wire, self._next_work = on_message, wire, next_work
         self.functions: list[PooledFunction] = []
@@ -122,6 +123,8 @@ class FunctionPool:
             return
         cmd = self._wire(task)
         cmd["seq"] = next(self._seq)
+        if self.fold_delay_s and cmd["op"] == "fold":
+            cmd["delay_s"] = self.fold_delay_s
         lid = cmd.get("layout")
         if lid is not None and lid not in fn.layouts and task.run is not None:
             cmd["specs"] = [[s.name, s.dtype, list(s.shape)] for s in task.run.round.layout.specs]

@@ -324,7 +324,7 @@ class RayRuntime:
             raise RuntimeError(f"node {n.name} is lost; no function can start there")
         t0 = time.perf_counter()
         actor = FunctionActor.options(scheduling_strategy=_affinity(n.ray_id),
-                                      num_cpus=self.config.function_cpus).remote([n.prefix], _fault_delay())
+                                      num_cpus=self.config.function_cpus).remote([n.prefix])
         w = RayWorker(self, actor, n, on_message, t0)
         with self._lock:
             self._workers.append(w)
@@ -392,10 +392,6 @@ class RayRuntime:
         if self._own_ray:
             ray.shutdown()
 
-
-def _fault_delay() -> float:
-    import os
-    return float(os.environ.get("LIFL_FAULT_FOLD_DELAY_S", "0") or 0)
 
 
 def _inputs(cmd: dict):

@@ -85,8 +85,8 @@ class NodeAgent:
 
 @ray.remote(max_restarts=0)
 class FunctionActor:
-    def __init__(self, local_prefixes: list[str], fault_delay_s: float = 0.0):
-        self.fn = Function(tuple(p + "-" for p in local_prefixes), fault_delay_s)
+    def __init__(self, local_prefixes: list[str]):
+        self.fn = Function(tuple(p + "-" for p in local_prefixes))
 
     def ready(self) -> str:
         return json.dumps({"pid": os.getpid(), "ray_node": _node_id()})

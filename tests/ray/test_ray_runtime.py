@@ -179,8 +179,7 @@ def test_scale_to_zero_then_cold_start_again(ray_server):
 
 
 def test_killed_actor_mid_fold_is_replaced_and_result_exact(ray_server, monkeypatch):
-    monkeypatch.setenv("LIFL_FAULT_FOLD_DELAY_S", "0.4")
-    srv = ray_server()
+    srv = ray_server(fault_fold_delay_s=0.4)
     base = small_model(4)
     updates = [perturb(base, 200 + s) for s in range(6)]
     weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
@@ -265,10 +264,9 @@ def test_node_lost_while_aggregating_closes_on_quorum(ray_server, cluster, monke
     """Every update is in, folds are slow; the node goes down mid-aggregation: what it alone
     held is dropped, the rest is re-reduced from the surviving partial sums, and the result is
     exactly the mean of the surviving updates (quorum allows it)."""
-    monkeypatch.setenv("LIFL_FAULT_FOLD_DELAY_S", "1.0")
     extra = cluster.add_node(num_cpus=2, resources={"lifl_extra2": 1})
     cluster.wait_for_nodes()
-    srv = ray_server()
+    srv = ray_server(fault_fold_delay_s=1.0)
     doomed = next(n.name for n in srv.runtime.nodes.values() if n.ray_id == extra.node_id)
     base = small_model(7)
     updates = [perturb(base, 400 + s) for s in range(8)]
