@@ -1,7 +1,6 @@
 """Run a simulation: every mode and variant of a config on one trace, into one :class:`RunRecord`."""
 from __future__ import annotations
 
-import logging
 import resource
 import sys
 import time
@@ -18,7 +17,6 @@ from .records import RoundRecord, RunRecord, VariantRecord
 from .traces import Trace, build
 from .workload import examples, model_specs, plan_round, update_bytes
 
-log = logging.getLogger("lifl.sim")
 
 
 def server_settings(cfg: SimConfig, variant: str) -> dict:

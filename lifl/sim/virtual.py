@@ -139,6 +139,7 @@ class VirtualServer:
         self.fold_s_est = 0.0            # the dispatcher's EWMA of one update's fold
         self.last_round_rate = 0.0
         self.round: _Round | None = None
+        self.finished: _Round | None = None   # set when the current round's result exists
         # metrics
         self.cold_starts = self.warm_reuses = 0
         self.cpu = {"gateway": 0.0, "functions": 0.0}
@@ -184,7 +185,7 @@ class VirtualServer:
         g.pos += 1
         g.busy = True
         g.slots_free -= 1
-        self.peak_slots = max(self.peak_slots, self.slots_total - min(x.slots_free for x in self.gw.values()))
+        self.peak_slots = max(self.peak_slots, sum(self.slots_total - x.slots_free for x in self.gw.values()))
         d = self.costs.push_s(self.nbytes)
         self.cpu["gateway"] += self.costs.push_cpu_s(self.nbytes)
         self._at(self.now + d, self._ingested, node, weight)

@@ -90,3 +90,19 @@ def test_real_mode_on_the_ray_runtime(tmp_path, capsys):
     assert v["cpu"]["functions"] > 0  # the Ray actors folded, as the server's descendants
     assert list_segments(prefix) == []
     capsys.readouterr()
+
+
+def test_training_mode_for_real_pulls_trains_and_pushes(tmp_path, capsys):
+    prefix = f"liflsimtrain{uuid.uuid4().hex[:6]}"
+    out = tmp_path / "out"
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(f'[server]\nshm_prefix = "{prefix}"\n')
+    assert main(["sim", "run", "--config", str(cfg), "--mode", "real", "--training", "--clients", "16",
+                 "--rounds", "3", "-o", str(out), "--no-progress"]) == 0
+    rounds = json.loads((out / "run.json").read_text())["variants"][0]["rounds"]
+    # each round's model is the exact FedAvg of what the clients trained from the previous one
+    assert all(r["max_rel_error"] <= 1e-6 and r["reported"] == 16 for r in rounds)
+    acc = [r["accuracy"] for r in rounds]
+    assert acc[-1] > 0.3 and acc[-1] >= acc[0] - 0.02
+    assert list_segments(prefix) == []
+    capsys.readouterr()
