@@ -24,6 +24,7 @@ from .workload import base_model, client_update
 
 def _round(client: Client, init: dict, cmd: dict, base: dict) -> dict:
     seed, training_mode = init["seed"], init["training"]
+    task = training.load_task(init["task"]) if training_mode else None
     rid, sim_round, t0 = cmd["round"], cmd["sim_round"], cmd["t0"]
     ref = None if not init["check"] else {k: np.zeros(v.shape, np.float64) for k, v in base.items()}
     lock = threading.Lock()
@@ -37,7 +38,7 @@ def _round(client: Client, init: dict, cmd: dict, base: dict) -> dict:
         if wait > 0:
             time.sleep(wait)
         if training_mode:
-            up = training.local_train(model, seed, int(idx), int(weight), lr=init["lr"], epochs=init["epochs"])
+            up = task.local_train(model, seed, int(idx), int(weight), lr=init["lr"], epochs=init["epochs"])
         else:
             up = client_update(base, seed, sim_round, int(idx))
         t = time.monotonic()

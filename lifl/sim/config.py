@@ -70,7 +70,8 @@ class RunSpec:
     sizes: tuple[int, ...] = ()       # a sweep: clients_per_round values (default: the workload's)
     processes: int = 2                # real mode: client processes
     threads: int = 4                  # real mode: pushes in flight per client process
-    training: bool = False            # clients train a small numpy model; accuracy per round
+    training: bool = False            # clients train a model (run.task); accuracy per round
+    task: str = "lifl.sim.training"   # training mode: module with SPECS, initial_model, local_train, accuracy
     learning_rate: float = 0.05
     local_epochs: int = 1
     check_exact: bool = True          # real mode: compare each result with float64 FedAvg
@@ -123,6 +124,9 @@ class SimConfig:
         _check(r.local_epochs >= 1 and r.learning_rate > 0, "run.local_epochs >= 1 and run.learning_rate > 0")
         _check(r.tick_s > 0 and r.nodes >= 1 and r.cores_per_node >= 0,
                "run.tick_s > 0, run.nodes >= 1 and run.cores_per_node >= 0 are required")
+        if r.training:
+            from .training import load_task
+            load_task(r.task)
         from ..config import ServerConfig  # the server table is checked by the server's own rules
         known = {f.name for f in fields(ServerConfig)}
         unknown = sorted(set(self.server) - known)

@@ -80,7 +80,7 @@ class ClientPool:
     """``processes`` client processes with ``threads`` pushes in flight each (JSON over pipes)."""
 
     def __init__(self, address: str, processes: int, threads: int, specs, seed: int, *, training_mode: bool,
-                 lr: float, epochs: int, check: bool):
+                 lr: float, epochs: int, check: bool, task: str = "lifl.sim.training"):
         self.tmp = tempfile.TemporaryDirectory(prefix="lifl-sim-ref-")
         self.procs: list[subprocess.Popen] = []
         try:
@@ -90,6 +90,7 @@ class ClientPool:
                 self.procs.append(p)
                 init = {"address": address, "specs": [[n, list(s), d] for n, s, d in specs], "seed": seed,
                         "threads": threads, "tmpdir": self.tmp.name, "index": i, "training": training_mode,
+                        "task": task,
                         "lr": lr, "epochs": epochs, "check": check}
                 p.stdin.write(json.dumps(init) + "\n")
                 p.stdin.flush()
@@ -223,17 +224,18 @@ def run_real(cfg: SimConfig, trace: Trace, variant: str, server: dict, *,
              ) -> VariantRecord:
     """Run every round of ``cfg`` against a real server; ``command`` replaces ``lifl serve`` (baselines)."""
     w, r = cfg.workload, cfg.run
-    specs = training.SPECS if r.training else model_specs(w.model)
+    task = training.load_task(r.task) if r.training else None
+    specs = task.SPECS if task else model_specs(w.model)
     nbytes = update_bytes(specs)
     weights = examples(trace, w)
     rec = VariantRecord(mode="real", variant=variant, server=dict(server))
-    global_model = training.initial_model(w.seed) if r.training else None
+    global_model = task.initial_model(w.seed) if task else None
     t_run = time.monotonic()
     with serve(server, command) as info:
         addr = info["address"]
         with TreeSampler(info["pid"]) as sampler, \
                 ClientPool(addr, r.processes, r.threads, specs, w.seed, training_mode=r.training,
-                           lr=r.learning_rate, epochs=r.local_epochs, check=r.check_exact) as pool, \
+                           lr=r.learning_rate, epochs=r.local_epochs, check=r.check_exact, task=r.task) as pool, \
                 Client(addr) as admin:
             base = base_model(specs, w.seed)
             rec.notes.append(f"real mode: server and client pool started in {time.monotonic() - t_run:.1f}s "
@@ -305,7 +307,7 @@ def _rounds(cfg: SimConfig, trace: Trace, rec: VariantRecord, pool: ClientPool, 
         acc = None
         if r.training:
             global_model = {k: np.array(v) for k, v in result.items()}
-            acc = training.accuracy(global_model, w.seed)
+            acc = training.load_task(r.task).accuracy(global_model, w.seed)
         rr = RoundRecord(round=rnd, selected=len(plan.clients), reported=pushed, available=plan.available,
                          round_s=t_done - t_open, post_arrival_s=float(st.post_arrival_seconds),
                          push_phase_s=t_pushed - t0, start_s=t_open - t_run, refused=refused,

@@ -31,7 +31,7 @@ def server_settings(cfg: SimConfig, variant: str) -> dict:
 
 
 def _specs(cfg: SimConfig):
-    return training.SPECS if cfg.run.training else model_specs(cfg.workload.model)
+    return training.load_task(cfg.run.task).SPECS if cfg.run.training else model_specs(cfg.workload.model)
 
 
 def run_virtual_variant(cfg: SimConfig, trace: Trace, variant: str, costs,
@@ -52,19 +52,21 @@ def run_virtual_variant(cfg: SimConfig, trace: Trace, variant: str, costs,
 
 
 def _virtual_training(cfg: SimConfig, trace: Trace, rec: VariantRecord, weights, nbytes) -> None:
-    """Training mode in virtual time: the clients each round selected really train; float64 FedAvg."""
+    """Training mode in virtual time: the clients each round selected really train; float64 FedAvg.
+    (The average is cast back to each tensor's dtype as LIFL's result is.)"""
     w, r = cfg.workload, cfg.run
-    model = training.initial_model(w.seed)
+    task = training.load_task(r.task)
+    model = task.initial_model(w.seed)
     for rr in rec.rounds:
         row = plan_round(trace, w, rr.round, rr.start_s, nbytes, weights)
         acc = {k: np.zeros(v.shape, np.float64) for k, v in model.items()}
         for c, x in zip(row.reporting, row.weights[row.reports]):
-            up = training.local_train(model, w.seed, int(c), int(x), lr=r.learning_rate, epochs=r.local_epochs)
+            up = task.local_train(model, w.seed, int(c), int(x), lr=r.learning_rate, epochs=r.local_epochs)
             for k in acc:
                 acc[k] += x * up[k]
         total = float(row.weights[row.reports].sum())
-        model = {k: (v / total).astype(np.float32) for k, v in acc.items()}
-        rr.accuracy = training.accuracy(model, w.seed)
+        model = {k: (v / total).astype(model[k].dtype) for k, v in acc.items()}
+        rr.accuracy = task.accuracy(model, w.seed)
 
 
 def run_real_variant(cfg: SimConfig, trace: Trace, variant: str,

@@ -1,4 +1,10 @@
-"""Training mode: a small numpy model on a synthetic, non-IID task.
+"""Training mode: a small numpy model on a synthetic, non-IID task — and the contract for your own.
+
+A *task* is a module (``run.task = "package.module"``, default this one) with
+``SPECS`` (tensor name, shape, dtype), ``initial_model(seed)``,
+``local_train(model, seed, client, num_examples, *, lr, epochs)`` returning the
+trained arrays, and ``accuracy(model, seed)``. Real-mode client processes
+import it by name, so it must be importable there too.
 
 Softmax regression (10 classes, 32 features) on Gaussian class clusters;
 each client's labels follow its own Dirichlet(0.5) class mix, so FedAvg has
@@ -7,6 +13,9 @@ report the trained weights and FedAvg averages them. Any other callable with
 the signature of :func:`local_train` can replace it from Python.
 """
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 import numpy as np
 
@@ -66,3 +75,19 @@ def local_train(model: dict[str, np.ndarray], seed: int, client: int, num_exampl
 def accuracy(model: dict[str, np.ndarray], seed: int) -> float:
     x, y = test_data(seed)
     return float(np.mean(np.argmax(x @ model["w"].T + model["b"], axis=1) == y))
+
+
+_CONTRACT = ("SPECS", "initial_model", "local_train", "accuracy")
+
+
+def load_task(name: str) -> ModuleType:
+    """Import a task module and check that it has the contract (module docstring)."""
+    from .config import SimConfigError
+    try:
+        mod = importlib.import_module(name)
+    except Exception as e:  # whatever the user's import raised: name it
+        raise SimConfigError(f"run.task: cannot import {name!r}: {type(e).__name__}: {e}") from None
+    missing = [a for a in _CONTRACT if not hasattr(mod, a)]
+    if missing:
+        raise SimConfigError(f"run.task: {name!r} lacks {', '.join(missing)} (a task needs {', '.join(_CONTRACT)})")
+    return mod

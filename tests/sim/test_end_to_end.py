@@ -4,11 +4,20 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
+
 from lifl.cli import main
+from lifl.sim.config import SimConfigError, load
 from lifl.shm import list_segments
 
 
-def test_tiny_real_and_virtual_run_with_report(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    """One calibration cache for this module's runs: measured once (same pool settings), then reused."""
+    return tmp_path_factory.mktemp("calibration")
+
+
+def test_tiny_real_and_virtual_run_with_report(tmp_path, capsys, calib):
     prefix = f"liflsimtest{uuid.uuid4().hex[:6]}"
     cfg = tmp_path / "sim.toml"
     cfg.write_text(f"""
@@ -23,10 +32,8 @@ window_s = 0.5
 [run]
 mode = "both"
 variants = ["lifl", "serverful"]
-processes = 2
-threads = 2
 calibration_pushes = 16
-calibration_cache = "{tmp_path / 'cache'}"
+calibration_cache = "{calib}"
 [server]
 shm_prefix = "{prefix}"
 """)
@@ -50,7 +57,7 @@ shm_prefix = "{prefix}"
         weights = {round(v["rounds"][k - 1]["total_weight"], 6) for v in rec["variants"]}
         assert len(reps) == 1 and len(weights) == 1
     assert len(rec["validation"]) == 4 and all(x["real_s"] > 0 and x["virtual_s"] > 0 for x in rec["validation"])
-    assert rec["calibration"]["source"]["ingest"] == "measured now"
+    assert rec["calibration"]["costs"]["ingest_Bps"] > 0 and rec["calibration"]["costs"]["cold_start_s"] > 0
     md = (out / "report.md").read_text()
     assert "| real | lifl | 24 | 2 |" in md and "Virtual against real" in md and "MB between processes" in md
     assert (out / "aggregators_vs_arrivals.png").stat().st_size > 0 and (out / "round_time_and_cpu.png").exists()
@@ -62,10 +69,10 @@ shm_prefix = "{prefix}"
     capsys.readouterr()
 
 
-def test_training_mode_in_virtual_time_learns(tmp_path, capsys):
+def test_training_mode_in_virtual_time_learns(tmp_path, capsys, calib):
     out = tmp_path / "out"
     cfg = tmp_path / "sim.toml"
-    cfg.write_text(f'[run]\ncalibration_pushes = 16\ncalibration_cache = "{tmp_path / "cache"}"\n')
+    cfg.write_text(f'[run]\ncalibration_pushes = 16\ncalibration_cache = "{calib}"\n')
     assert main(["sim", "run", "--config", str(cfg), "--mode", "virtual", "--training", "--clients", "20",
                  "--rounds", "4", "--trace", "straggler", "-o", str(out), "--no-progress"]) == 0
     rec = json.loads((out / "run.json").read_text())
@@ -106,3 +113,36 @@ def test_training_mode_for_real_pulls_trains_and_pushes(tmp_path, capsys):
     assert acc[-1] > 0.3 and acc[-1] >= acc[0] - 0.02
     assert list_segments(prefix) == []
     capsys.readouterr()
+
+
+TASK = '''
+import numpy as np
+SPECS = [("w", (3,), "float32")]
+def initial_model(seed):
+    return {"w": np.zeros(3, np.float32)}
+def local_train(model, seed, client, num_examples, *, lr, epochs):
+    return {"w": model["w"] + np.float32(1.0)}   # every client moves every weight by one
+def accuracy(model, seed):
+    return float(model["w"][0])
+'''
+
+
+def test_a_users_training_task_runs_in_both_modes(tmp_path, monkeypatch, capsys, calib):
+    (tmp_path / "mytask.py").write_text(TASK)
+    (tmp_path / "halftask.py").write_text("SPECS = []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the client processes import it too
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(f'[run]\ntask = "mytask"\ncalibration_pushes = 16\ncalibration_cache = "{calib}"\n'
+                   f'[server]\nshm_prefix = "liflsimtask{uuid.uuid4().hex[:6]}"\n')
+    out = tmp_path / "out"
+    assert main(["sim", "run", "--config", str(cfg), "--mode", "both", "--training", "--clients", "6",
+                 "--rounds", "2", "-o", str(out), "--no-progress"]) == 0
+    for v in json.loads((out / "run.json").read_text())["variants"]:
+        # FedAvg of "previous + 1" from every client is previous + 1, whatever the weights
+        assert [r["accuracy"] for r in v["rounds"]] == [1.0, 2.0], v["mode"]
+    capsys.readouterr()
+    with pytest.raises(SimConfigError, match="lacks initial_model, local_train, accuracy"):
+        load(None, {"run.training": True, "run.task": "halftask"})
+    with pytest.raises(SimConfigError, match="cannot import 'no_such_task'"):
+        load(None, {"run.training": True, "run.task": "no_such_task"})
