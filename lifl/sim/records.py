@@ -93,6 +93,7 @@ def compact_timeline(t: list[float], alive: dict[str, list[int]], arrivals: list
     arrivals as counts per bin on the same grid: a 100,000-client run stays a small JSON file."""
     import numpy as np
     n = len(t)
+    alive = {"total": [sum(v[i] for v in alive.values()) for i in range(n)], **alive}
     step = max(1, -(-n // max_points))
     tt = [t[i] for i in range(0, n, step)]
     out_alive = {k: [max(v[i:i + step]) for i in range(0, n, step)] for k, v in alive.items()}

@@ -110,7 +110,8 @@ def plots(rec: RunRecord, out: Path) -> list[str]:
         fig, axes = plt.subplots(len(with_tl), 1, figsize=(8, 2.4 * len(with_tl)), squeeze=False)
         for ax, v in zip(axes[:, 0], with_tl):
             tl = v.timeline
-            drawn = [ax.step(tl["t"], ys, where="post", label=f"{role} functions")
+            drawn = [ax.step(tl["t"], ys, where="post", label=f"{role} functions",
+                             linewidth=2.0 if role == "total" else 0.8, alpha=1.0 if role == "total" else 0.7)
                      for role, ys in tl["alive"].items() if any(ys)]
             ax.set_ylabel("alive")
             ax2 = ax.twinx()
