@@ -36,7 +36,7 @@ class ServerConfig:
     release_idle_shm: bool = True     # no round running: unlink cached update slots and accumulators
     grpc_threads: int = 32
     max_model_mb: int = 1024          # largest model a round may have (also capped by shm_budget_mb)
-    max_concurrent_rpcs: int = 256    # calls in progress at once (more get RESOURCE_EXHAUSTED): bounds gRPC's buffers
+    max_concurrent_rpcs: int = 256    # calls in progress at once (more get RESOURCE_EXHAUSTED): bounds calls and threads
     fault_fold_delay_s: float = 0.0   # fault injection for tests: functions pause this long after a fold, before replying
     log_level: str = "info"           # lifl serve's log level: debug, info, warning, error
     grpc_bdp_probe: bool = True       # gRPC grows stream windows by probing bandwidth: off saves memory (server.py)

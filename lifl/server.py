@@ -84,8 +84,8 @@ class EmbeddedServer:
             self.grpc = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads, thread_name_prefix="lifl-grpc"),
                 handlers=handlers,
-                # every call in progress (running or queued for a thread) keeps its stream's window of
-                # bytes in gRPC's buffers: bounding the calls bounds that memory (README, "Memory")
+                # calls in progress (running or queued for a thread); memory per client is set by
+                # grpc_bdp_probe, not by this (README, "Memory under many clients")
                 maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
                 options=[("grpc.max_receive_message_length", limit),
                          ("grpc.max_send_message_length", 16 * MiB),

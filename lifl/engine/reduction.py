@@ -24,11 +24,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from ..control.model import Hierarchy
+from ..control.model import MAX_BATCH, Hierarchy
 from ..control.planner import build_tree, route_leaf
-
-#: Most client updates one fold command carries (one fused pass over the accumulator).
-MAX_BATCH = 16
 
 
 @dataclass(frozen=True)
