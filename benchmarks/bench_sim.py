@@ -4,6 +4,7 @@
     python -m benchmarks.bench_sim virtual    # virtual time: 100k clients x ResNet-18 x 10 rounds, diurnal trace
     python -m benchmarks.bench_sim validate   # virtual against real round time at sizes both can run
     python -m benchmarks.bench_sim baseline   # LIFL against the serverful Flower baseline, interleaved, median of 5
+    python -m benchmarks.bench_sim ablations  # every variant in both modes on one trace (ratios to full LIFL)
 
 Each prints a table, writes JSON under benchmarks/results/sim-*.json and keeps
 the full run records (report.md and plots) under bench-out/sim-*/. Ratios are
@@ -141,6 +142,26 @@ def baseline(a) -> None:
     _save("baseline", {"command": "python -m benchmarks.bench_sim baseline", "model": a.model, "rows": rows})
 
 
+def ablations(a) -> None:
+    """Every variant on one trace with gaps between rounds longer than a tick, in both modes."""
+    rec, wall = _run({"run.mode": "both", "run.variants": "lifl,flat,always_on,no_keep_alive,serverful",
+                      "workload.clients_per_round": a.clients, "workload.rounds": a.rounds,
+                      "workload.model": "mlp100k", "trace.kind": "uniform", "trace.window_s": a.window,
+                      "run.processes": a.processes, "run.threads": a.threads}, "sim-ablations")
+    sums = [report.summary(v) for v in rec.variants]
+    base = {s["mode"]: s for s in sums if s["variant"] == "lifl"}
+    print(f"{'mode':8} {'variant':14} {'round s':>8} {'post-arrival s':>14} {'platform CPU-s':>14} {'peak MiB':>9} "
+          f"{'cold':>5} {'warm':>5} {'CPU / lifl':>10} {'post / lifl':>11}")
+    for s in sums:
+        b = base[s["mode"]]
+        print(f"{s['mode']:8} {s['variant']:14} {s['round_s']:8.3f} {s['post_arrival_s']:14.4f} "
+              f"{s['cpu_platform']:14.2f} {s['peak_mib']:9.1f} {s['cold']:5g} {s['warm']:5g} "
+              f"{s['cpu_platform'] / b['cpu_platform']:10.2f} {s['post_arrival_s'] / b['post_arrival_s']:11.2f}")
+    print(f"{wall:.0f} s; report in bench-out/sim-ablations/report.md")
+    _save("ablations", {"command": "python -m benchmarks.bench_sim ablations", "rows": sums,
+                        "validation": rec.validation})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -158,11 +179,16 @@ def main(argv=None) -> int:
     b.add_argument("--sizes", type=int, nargs="+", default=[300, 1000])
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--model", default="mlp100k")
-    for sp in (s, va, b):
+    ab = sub.add_parser("ablations")
+    ab.add_argument("--clients", type=int, default=500)
+    ab.add_argument("--rounds", type=int, default=3)
+    ab.add_argument("--window", type=float, default=2.0)
+    for sp in (s, va, b, ab):
         sp.add_argument("--processes", type=int, default=2)
         sp.add_argument("--threads", type=int, default=4)
     a = p.parse_args(argv)
-    {"scale": scale, "virtual": virtual, "validate": validate, "baseline": baseline}[a.what](a)
+    {"scale": scale, "virtual": virtual, "validate": validate, "baseline": baseline,
+     "ablations": ablations}[a.what](a)
     return 0
 
 

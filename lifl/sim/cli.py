@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     r.add_argument("--trace-file", help="our JSONL/CSV trace, or FedScale's client_behave_trace pickle")
     r.add_argument("--capacity-file", help="FedScale's client_device_capacity pickle")
     r.add_argument("--window", type=float, help="seconds over which arrivals spread")
-    r.add_argument("--variants", help="comma-separated: lifl, flat, always_on, serverful")
+    r.add_argument("--variants", help="comma-separated: lifl, flat, always_on, no_keep_alive, serverful")
     r.add_argument("--sizes", help="comma-separated clients-per-round sweep")
     r.add_argument("--processes", type=int, help="real mode: client processes")
     r.add_argument("--threads", type=int, help="real mode: pushes in flight per client process")

@@ -16,11 +16,12 @@ from typing import Any, Mapping
 TRACE_KINDS = ("all_at_once", "uniform", "bursty", "diurnal", "straggler", "file", "fedscale")
 MODES = ("virtual", "real", "both")
 #: What each variant means (docs/sim.md). Ablations that need engine settings LIFL does not have yet
-#: (no shared memory, lazy fold, no reuse) are not offered rather than faked.
+#: (no shared memory, lazy fold, no reuse at all) are not offered rather than faked.
 VARIANTS = {
     "lifl": "LIFL as configured (elastic planner, scale to zero)",
     "flat": "one aggregator: static planner with leaves=1",
     "always_on": "functions kept running: min_workers=workers, keep_alive_s=1e9",
+    "no_keep_alive": "idle functions stopped at the next tick: keep_alive_s=0 (rounds cold-start again)",
     "serverful": "collect every update, then Flower's FedAvg aggregate() in one process",
 }
 

@@ -27,6 +27,8 @@ def server_settings(cfg: SimConfig, variant: str) -> dict:
     elif variant == "always_on":
         s["min_workers"] = s.get("workers", ServerConfig().workers)
         s["keep_alive_s"] = 1e9
+    elif variant == "no_keep_alive":
+        s.update(keep_alive_s=0.0, min_workers=0)
     return s
 
 
