@@ -35,6 +35,7 @@ class ServerConfig:
     keep_rounds: int = 8              # results kept for Pull
     release_idle_shm: bool = True     # no round running: unlink cached update slots and accumulators
     grpc_threads: int = 32
+    switch_interval_ms: float = 0.5   # the interpreter's GIL switch interval while serving (0: leave it); restored on stop
     max_model_mb: int = 1024          # largest model a round may have (also capped by shm_budget_mb)
     max_concurrent_rpcs: int = 256    # calls in progress at once (more get RESOURCE_EXHAUSTED): bounds calls and threads
     fault_fold_delay_s: float = 0.0   # fault injection for tests: functions pause this long after a fold, before replying

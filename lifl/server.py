@@ -44,6 +44,7 @@ class EmbeddedServer:
         given there is no control-loop thread and the caller runs :meth:`tick` after moving time
         (tests and simulations that must not race the real clock)."""
         self._clock = clock
+        self._switch_interval: float | None = None   # the interpreter's, to restore on stop
         self.config = (config or ServerConfig()).validate()
         self.metrics = Metrics()
         self.arena: Arena | None = None
@@ -65,8 +66,10 @@ class EmbeddedServer:
     def start(self) -> "EmbeddedServer":
         cfg = self.config
         # gRPC threads copying chunks hold the GIL in 5 ms slices by default; a descriptor
-        # event waiting behind them would see that as dispatch latency
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        # event waiting behind them would see that as dispatch latency (switch_interval_ms)
+        if cfg.switch_interval_ms > 0 and self._switch_interval is None:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, cfg.switch_interval_ms / 1000))
         try:
             self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=cfg.shm_prefix)
             self.runtime = self._given_runtime or _make_runtime(cfg, self.arena, self.metrics)
@@ -148,7 +151,8 @@ class EmbeddedServer:
         self.health.enter_graceful_shutdown()  # probes and load balancers see NOT_SERVING first
         errors = []
         steps = (("gRPC", lambda: self._stop_grpc(grace)), ("engine", self._stop_engine),
-                 ("metrics", self.metrics.close), ("shared memory", self._close_arena))
+                 ("metrics", self.metrics.close), ("shared memory", self._close_arena),
+                 ("switch interval", self._restore_switch_interval))
         for what, step in steps:
             try:
                 step()
@@ -169,6 +173,11 @@ class EmbeddedServer:
             dispatcher.close()
         elif runtime is not None:
             runtime.close()
+
+    def _restore_switch_interval(self) -> None:
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
 
     def _close_arena(self) -> None:
         if self.arena is not None:

@@ -107,3 +107,11 @@ def test_a_taken_metrics_port_names_the_address(make_server):
     first = make_server(metrics_port=0)
     with pytest.raises(OSError, match=f"127.0.0.1:{first.metrics_port}.*metrics_port"):
         make_server(metrics_port=first.metrics_port)
+
+
+def test_the_switch_interval_is_set_while_serving_and_restored(make_server):
+    before = sys.getswitchinterval()
+    srv = make_server(switch_interval_ms=0.25)
+    assert sys.getswitchinterval() == pytest.approx(min(before, 0.00025))
+    srv.stop()
+    assert sys.getswitchinterval() == before

@@ -116,8 +116,9 @@ class LiflStrategy(Strategy):
         return getattr(self.inner, name)
 
     def summary(self) -> None:
-        log.info("LIFL aggregation at %s (job %r, quorum %s, deadline %ss, pull_model %s)",
-                 self.address, self.job, self.quorum or "all", self.deadline_s or "none", self.pull_model)
+        deadline = f"{self.deadline_s} s" if self.deadline_s else "none"
+        log.info("LIFL aggregation at %s (job %r, quorum %s, deadline %s, pull_model %s)",
+                 self.address, self.job, self.quorum or "all", deadline, self.pull_model)
         self.inner.summary()
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -156,6 +157,9 @@ class LiflStrategy(Strategy):
                                               quorum=self._quorum_for(len(messages)),
                                               deadline_s=self.deadline_s, job=self.job)
         except RpcFailure as e:
+            if e.code == grpc.StatusCode.UNAVAILABLE:
+                raise RuntimeError(f"LIFL at {self.address} could not be reached to open the round for server "
+                                   f"round {server_round} (is `lifl serve` running there?): {e.message}") from None
             raise RuntimeError(f"LIFL at {self.address} refused to open round for server round {server_round}: "
                                f"{e.code.name}: {e.message}") from None
         del model

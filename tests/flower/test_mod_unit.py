@@ -395,3 +395,19 @@ def test_mod_over_tls_with_a_token_and_the_refusals(tmp_path):
     want = {k: (3.0 * model(1)[k].astype(np.float64) + model(2)[k]) / 4.0 for k in model()}
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+
+
+def test_strategy_says_when_lifl_cannot_be_reached(task_identity, caplog):
+    import socket
+    with socket.socket() as sock:              # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    s = LiflStrategy(FedAvg(min_available_nodes=1, min_train_nodes=1), address=f"127.0.0.1:{port}",
+                     )
+    with pytest.raises(RuntimeError, match="could not be reached.*lifl serve"):
+        list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in model().items()}), ConfigRecord(),
+                               FakeGrid([1])))
+    with caplog.at_level("INFO", logger="flwr.lifl"):
+        s.summary()
+    assert "deadline none," in caplog.text and "nones" not in caplog.text
+    s.close()
