@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import ServerConfig
+from ..layout import Layout, TensorSpec
 from . import training
 from .calibrate import costs_for
 from .config import SimConfig
@@ -45,9 +46,10 @@ def run_virtual_variant(cfg: SimConfig, trace: Trace, variant: str, costs,
     weights = examples(trace, cfg.workload)
     server = ServerConfig(**server_settings(cfg, variant)).validate()
     r = cfg.run
+    layout = Layout.from_specs([TensorSpec(n, d, tuple(sh)) for n, sh, d in specs])
     rec = run_virtual(lambda rnd, t: plan_round(trace, cfg.workload, rnd, t, nbytes, weights), cfg.workload.rounds,
                       variant, server, costs, nbytes, numel, nodes=r.nodes, cores_per_node=r.cores_per_node,
-                      tick_s=r.tick_s, on_round=on_round)
+                      tick_s=r.tick_s, on_round=on_round, layout=layout)
     if r.training:
         _virtual_training(cfg, trace, rec, weights, nbytes)
     return rec

@@ -1,12 +1,12 @@
 """Virtual time: a discrete-event model of one LIFL server driven by the REAL control plane.
 
-The policies are not re-implemented here: each round's tree comes from
-``control.planner.plan_elastic``/``plan_static`` (and ``replan`` on ticks),
-leaves are placed with ``control.placement.place`` on several nodes, updates
-are routed with ``planner.route_leaf``, functions are bound with
-``autoscaler.assign_roles`` and started/stopped by ``autoscaler.decide`` on
-the dispatcher's tick (50 ms while a round is open, 0.5 s while functions
-wait out their keep-alive). What this module adds is the mechanism in virtual
+The policies are not re-implemented here: each round's tree comes from the
+engine's own ``TreeShaper`` (``control.planner.plan_elastic``/``plan_static``,
+``replan`` on ticks, ``control.placement.place`` on several nodes) fed by the
+engine's ``LoadEstimator``; updates are routed with ``planner.route_leaf``,
+functions are bound with ``autoscaler.choose_function`` and started/stopped by
+``autoscaler.decide`` on the dispatcher's tick (50 ms while a round is open,
+0.5 s while functions wait out their keep-alive). What this module adds is the mechanism in virtual
 time, with durations measured on this machine (``calibrate.Costs``):
 
 * each node's gateway is one FIFO server taking ``push_s(bytes)`` per update,
@@ -28,18 +28,18 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from ..config import ServerConfig
-from ..control.autoscaler import assign_roles, decide
-from ..control.model import (AutoscalerState, FoldCosts, Instance, InstanceState, Load, Node, Observation,
-                             PlannerPolicy, Resources, RoleRequest, ScalePolicy)
-from ..control.placement import place
-from ..control.planner import batch_seconds, plan_elastic, plan_static, replan, route_leaf
+from ..control.autoscaler import choose_function, decide
+from ..control.model import AutoscalerState, Instance, InstanceState, Node, Observation, ScalePolicy
+from ..control.planner import batch_seconds, route_leaf
+from ..engine.load import LoadEstimator
+from ..engine.shaping import Shape, TreeShaper, local_node
+from ..layout import Layout, TensorSpec
 from .calibrate import Costs
 from .config import SimConfigError
 from .records import RoundRecord, VariantRecord, compact_timeline
@@ -94,8 +94,7 @@ class _Round:
     plan_row: RoundPlan
     open_t: float
     to_report: int
-    hier: object
-    plan: object
+    shape: Shape
     leaves: list[_Leaf]
     accepted: int = 0
     weight: float = 0.0
@@ -111,12 +110,16 @@ class VirtualServer:
     """One variant's server in virtual time; ``run_round`` per round, in order."""
 
     def __init__(self, server: ServerConfig, costs: Costs, update_bytes: int, numel: int, *, nodes: int = 1,
-                 cores_per_node: float = 0.0, tick_s: float = 0.05):
+                 cores_per_node: float = 0.0, tick_s: float = 0.05, layout: Layout | None = None):
         self.cfg, self.costs, self.nbytes, self.numel = server, costs, update_bytes, numel
+        self.layout = layout or Layout.from_specs([TensorSpec("w", "float32", (numel,))])
         self.tick_s = tick_s
-        cores = cores_per_node or float(min(server.workers, server.fold_cores or max(1, (os.cpu_count() or 2) - 1)))
-        self.nodes = [Node(f"node{i}" if nodes > 1 else "local", cores, 0, server.shm_budget_mb * 2**20)
-                      for i in range(nodes)]
+        budget = server.shm_budget_mb * 2**20
+        if nodes == 1 and not cores_per_node:
+            self.nodes = [local_node(server, budget)]
+        else:
+            cores = cores_per_node or local_node(server, budget).cores
+            self.nodes = [Node(f"node{i}" if nodes > 1 else "local", cores, 0, budget) for i in range(nodes)]
         self.names = [n.name for n in self.nodes]
         self.cores = {n.name: max(1, int(n.cores)) for n in self.nodes}
         self.busy_cores = {n: 0 for n in self.names}
@@ -132,12 +135,9 @@ class VirtualServer:
         self.now = 0.0
         self.events: list = []
         self._seq = itertools.count()
-        self.arrivals_ewma = 0.0
-        self.accepted_since_tick = 0
-        self.last_tick = 0.0
+        self.load = LoadEstimator()      # what the engine feeds the planner and the autoscaler
+        self.shaper = TreeShaper(server, lambda: self.nodes, multi_node=nodes > 1)
         self.tick_pending = False
-        self.fold_s_est = 0.0            # the dispatcher's EWMA of one update's fold
-        self.last_round_rate = 0.0
         self.round: _Round | None = None
         self.finished: _Round | None = None   # set when the current round's result exists
         # metrics
@@ -201,16 +201,14 @@ class VirtualServer:
 
     def _bind(self, run: _Round, leaf: _Leaf, role: str) -> None:
         same = [i for i in self.insts if i.node == leaf.node]
-        a = assign_roles(self._instances(), [RoleRequest("leaf", role, leaf.node)])
-        if a.reuse:
-            inst = next(i for i in self.insts if i.id == a.reuse["leaf"])
-            self.warm_reuses += 1
-            run.warm += 1
-        elif not same or (len(self.insts) < self.cfg.workers and len(same) < self._cap(leaf.node)):
+        can_start = len(self.insts) < self.cfg.workers and len(same) < self._cap(leaf.node)
+        got = choose_function(self._instances(), leaf.node, role, can_start,
+                              {i.id: i.bindings + i.busy for i in same})
+        if got.how == "cold":
             inst = self._spawn(leaf.node, self.now)
             run.cold += 1
         else:
-            inst = min(same, key=lambda i: (i.bindings, i.busy))
+            inst = next(i for i in self.insts if i.id == got.instance)
             self.warm_reuses += 1
             run.warm += 1
         leaf.inst = inst
@@ -225,7 +223,7 @@ class VirtualServer:
         run.accepted += 1
         run.weight += weight
         run.last_accept_t = self.now
-        self.accepted_since_tick += 1
+        self.load.arrived(node)
         self.arrival_times.append(self.now)
         cands = [lf for lf in run.leaves if lf.home == node] or run.leaves
         i = route_leaf([lf.pending for lf in cands], [lf.folding > 0 for lf in cands], run.cursor % len(cands))
@@ -277,8 +275,7 @@ class VirtualServer:
         leaf.folding = 0
         leaf.folded += k
         leaf.done_t = self.now
-        per = d / k
-        self.fold_s_est = per if not self.fold_s_est else 0.8 * self.fold_s_est + 0.2 * per
+        self.load.folded(d, k)
         self.gw[leaf.home].slots_free += k
         self._gw_try(leaf.home)
         self._pump(inst)
@@ -288,7 +285,7 @@ class VirtualServer:
         """Once closed and every leaf is idle: partial folds up the tree, then the top finalises."""
         if run.closed_t is None or run.done or any(lf.pending or lf.folding for lf in run.leaves):
             return
-        c, hier = self.costs, run.hier
+        c, hier = self.costs, run.shape.hier
         done = [max(lf.done_t, run.closed_t) for lf in run.leaves]
         fresh = [lf.folded == 0 for lf in run.leaves]
         tree_cpu = 0.0
@@ -315,9 +312,7 @@ class VirtualServer:
 
     def _round_done(self, run: _Round) -> None:
         self.finished = run
-        span = self.now - run.open_t
-        if span > 0:
-            self.last_round_rate = run.accepted / span
+        self.load.round_finished(run.accepted, self.now - run.open_t)
         for lf in run.leaves:
             if lf.inst is not None:
                 lf.inst.bindings -= 1
@@ -325,64 +320,34 @@ class VirtualServer:
                     lf.inst.last_used = self.now
                     lf.inst.role = "idle"
 
-    # -- planning ------------------------------------------------------------------------------------
-    def _plan_inputs(self, expected: int):
-        """What the dispatcher feeds the planner (``Dispatcher._plan_inputs``): its own estimates."""
-        est = self.fold_s_est or self.nbytes / 2e9
-        costs = FoldCosts(update_s=est, fuse_speedup=2.0, partial_s=2 * est, finalize_s=est)
-        rate = self.arrivals_ewma or self.last_round_rate or expected / 10.0
-        cap = self.cfg.leaves * len(self.nodes) if len(self.nodes) > 1 else min(self.cfg.leaves, self.cfg.workers)
-        return Load(expected, rate), costs, PlannerPolicy(max_leaves=min(cap, expected))
-
-    def _shape(self, expected: int):
-        if self.cfg.planner == "static":
-            n = min(self.cfg.leaves * len(self.nodes), self.cfg.workers * len(self.nodes), expected)
-            hier = plan_static(n, max(2, self.cfg.fan_in))
-            home = [self.names[i % len(self.names)] for i in range(n)]
-            return None, hier, home
-        load, costs, policy = self._plan_inputs(expected)
-        plan = plan_elastic(load, costs, self.nodes, Resources(cores=1.0), policy=policy)
-        return plan, plan.hierarchy, list(plan.leaf_home)
-
-    def _leaves_for(self, hier, home: list[str], expected: int, have: int = 0) -> tuple[object, list[_Leaf]]:
-        if len(self.nodes) == 1:
-            return hier, [_Leaf(i, h, h) for i, h in enumerate(home)][have:]
-        per_leaf = self.nbytes * max(1, round(expected / len(home)))
-        pl = place(hier, home, self.nodes, Resources(cores=1.0), leaf_update_bytes=per_leaf,
-                   partial_bytes=self.numel * 8)
-        self.cross_node_bytes += pl.cross_node_bytes
-        return pl.hierarchy, [_Leaf(i, pl.leaf_node[i], home[i]) for i in range(have, len(home))]
+    # -- planning (the engine's shaper) --------------------------------------------------------------
+    def _leaves(self, shape: Shape, have: int = 0) -> list[_Leaf]:
+        if shape.placement is not None:
+            self.cross_node_bytes += shape.placement.cross_node_bytes
+        return [_Leaf(i, shape.nodes[i], shape.homes[i]) for i in range(have, len(shape.homes))]
 
     def _replan(self) -> None:
         run = self.round
-        if run is None or run.plan is None or run.closed_t is not None or not self.arrivals_ewma:
+        if run is None or run.closed_t is not None:
             return
-        load, costs, policy = self._plan_inputs(run.plan_row.reports.sum())
-        load = Load(load.expected_clients, self.arrivals_ewma)
-        new = replan(run.plan, load, costs, self.nodes, Resources(cores=1.0), policy=policy, received=run.accepted)
-        if new is run.plan:
+        new = self.shaper.reshape(run.shape, run.plan_row.round, len(run.plan_row.clients), run.accepted,
+                                  self.layout, 0.0, self.load, [lf.node for lf in run.leaves])
+        if new is None:
             return
-        hier, extra = self._leaves_for(new.hierarchy, list(new.leaf_home), load.expected_clients, len(run.leaves))
-        run.plan, run.hier = new, hier
-        run.leaves.extend(extra)
+        run.leaves.extend(self._leaves(new, len(run.leaves)))
+        run.shape = new
         self.replans += 1
+        self.peak_leaves = max(self.peak_leaves, len(run.leaves))
 
     # -- the ticker and the autoscaler -------------------------------------------------------------------
     def _tick(self) -> None:
         self.tick_pending = False
-        dt, self.last_tick = self.now - self.last_tick, self.now
-        rate = self.accepted_since_tick / dt if dt > 0 else 0.0
-        self.accepted_since_tick = 0
-        keep = 0.7 ** (dt / 0.05)
-        self.arrivals_ewma = keep * self.arrivals_ewma + (1 - keep) * rate
-        if self.arrivals_ewma < 0.01:
-            self.arrivals_ewma = 0.0
+        self.load.tick(self.now)
         self._replan()
         run = self.round
         depth = sum(lf.pending + lf.folding for lf in run.leaves) if run and not run.done else 0
         required = sum(1 for lf in run.leaves if lf.inst is not None) if run and not run.done else 0
-        obs = Observation(self._instances(), self.arrivals_ewma, depth, required,
-                          1.0 / self.fold_s_est if self.fold_s_est else 0.0)
+        obs = Observation(self._instances(), self.load.arrivals_per_s, depth, required, self.load.service_rate)
         d = decide(self.scale_state, obs, self.now, self.policy)
         self.scale_state = d.state
         for _ in range(min(d.start, self.cfg.workers - len(self.insts))):
@@ -415,11 +380,11 @@ class VirtualServer:
         """Simulate one round opened at ``open_t`` (>= the previous round's end); returns its record."""
         self._advance_to(open_t)
         expected = len(row.clients)
-        plan, hier, home = self._shape(expected)
-        hier, leaves = self._leaves_for(hier, home, expected)
+        shape = self.shaper.shape(row.round, expected, self.layout, 0.0, self.load)
+        leaves = self._leaves(shape)
         self.peak_leaves = max(self.peak_leaves, len(leaves))
         to_report = int(row.reports.sum())
-        run = _Round(row, open_t, to_report, hier, plan, leaves)
+        run = _Round(row, open_t, to_report, shape, leaves)
         self.round = run
         self.finished = None
         ready = open_t + self.costs.round_overhead_s + row.ready_s[row.reports]
@@ -482,7 +447,8 @@ def serverful_round(row: RoundPlan, open_t: float, costs: Costs, nbytes: int) ->
 
 def run_virtual(rows: Callable[[int, float], RoundPlan], rounds: int, variant: str, server: ServerConfig,
                 costs: Costs, nbytes: int, numel: int, *, nodes: int = 1, cores_per_node: float = 0.0,
-                tick_s: float = 0.05, on_round: Callable[[RoundRecord], None] | None = None) -> VariantRecord:
+                tick_s: float = 0.05, on_round: Callable[[RoundRecord], None] | None = None,
+                layout: Layout | None = None) -> VariantRecord:
     """Every round of one variant; ``rows(round, t_open)`` selects each round's clients at its start."""
     rec = VariantRecord(mode="virtual", variant=variant, server=vars(server).copy(), update_bytes=nbytes)
     t = 0.0
@@ -499,7 +465,8 @@ def run_virtual(rows: Callable[[int, float], RoundPlan], rounds: int, variant: s
         rec.peak_pss_bytes = peak
         rec.bytes_between_processes = nbytes * sum(r.reported for r in rec.rounds)
         return rec
-    sim = VirtualServer(server, costs, nbytes, numel, nodes=nodes, cores_per_node=cores_per_node, tick_s=tick_s)
+    sim = VirtualServer(server, costs, nbytes, numel, nodes=nodes, cores_per_node=cores_per_node, tick_s=tick_s,
+                        layout=layout)
     for r in range(1, rounds + 1):
         rr = sim.run_round(rows(r, t), t)
         rec.rounds.append(rr)
