@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from . import __version__
+from .auth import TokenAuth
 from .errors import LiflError, quote
 from .fold import count_nonfinite, journal_bytes
 from .layout import Layout, LayoutError
@@ -85,7 +86,6 @@ class Gateway:
     def __init__(self, config, arena, dispatcher, metrics):
         self.config, self.arena, self.dispatcher, self.metrics = config, arena, dispatcher, metrics
         self.started = time.time()
-        self._client_tokens = set(config.tokens)
         # chunks handed to gRPC and not yet sent, over all Pull streams: many clients pulling at once
         # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
         self._pull_sends = threading.BoundedSemaphore(max(1, config.pull_buffer_mb * 2**20 // PULL_CHUNK))
@@ -97,38 +97,21 @@ class Gateway:
         unary, stream = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
         agg = {
             "Push": grpc.stream_unary_rpc_method_handler(
-                self._wrap(self.push, False), response_serializer=pb.PushReply.SerializeToString),
-            "Pull": stream(self._wrap_stream(self.pull, False, pb.PullRequest)),
-            "GetRound": unary(self._wrap(self.get_round, False, pb.GetRoundRequest),
+                self._wrap(self.push), response_serializer=pb.PushReply.SerializeToString),
+            "Pull": stream(self._wrap_stream(self.pull, pb.PullRequest)),
+            "GetRound": unary(self._wrap(self.get_round, pb.GetRoundRequest),
                               response_serializer=pb.RoundInfo.SerializeToString),
         }
         admin = {
             "OpenRound": grpc.stream_unary_rpc_method_handler(
-                self._wrap(self.open_round, True), response_serializer=pb.RoundInfo.SerializeToString),
-            "CloseRound": unary(self._wrap(self.close_round, True, pb.CloseRoundRequest),
+                self._wrap(self.open_round), response_serializer=pb.RoundInfo.SerializeToString),
+            "CloseRound": unary(self._wrap(self.close_round, pb.CloseRoundRequest),
                                 response_serializer=pb.RoundInfo.SerializeToString),
-            "Status": unary(self._wrap(self.status, False, pb.StatusRequest),
+            "Status": unary(self._wrap(self.status, pb.StatusRequest),
                             response_serializer=pb.StatusReply.SerializeToString),
         }
         return [grpc.method_handlers_generic_handler("lifl.v1.Aggregation", agg),
                 grpc.method_handlers_generic_handler("lifl.v1.Admin", admin)]
-
-    def _authorize(self, context, admin: bool) -> None:
-        if not self._client_tokens and not self.config.admin_token:
-            return
-        md = dict(context.invocation_metadata())
-        auth = md.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
-        if not token:
-            raise LiflError("UNAUTHENTICATED", "missing 'authorization: Bearer <token>' metadata")
-        if admin:
-            if token == self.config.admin_token:
-                return
-            if token in self._client_tokens:
-                raise LiflError("PERMISSION_DENIED", "this token may push and pull, not administer rounds")
-            raise LiflError("UNAUTHENTICATED", "unknown token")
-        if token not in self._client_tokens and token != self.config.admin_token:
-            raise LiflError("UNAUTHENTICATED", "unknown token")
 
     def _abort(self, context, e: LiflError, method: str):
         if method == "push":
@@ -142,20 +125,25 @@ class Gateway:
     def _request(raw, cls):
         return raw if cls is None else parse(raw, cls, "the request")
 
-    def _wrap(self, fn, admin: bool, cls=None):
+    def auth(self) -> TokenAuth:
+        """The interceptor that checks bearer tokens before any handler runs (``lifl.auth``)."""
+        def refused(method: str, err: LiflError) -> None:
+            if method.endswith("/Push"):
+                self.metrics.updates_rejected.labels(err.reason).inc()
+        return TokenAuth(self.config.tokens, self.config.admin_token, refused)
+
+    def _wrap(self, fn, cls=None):
         def handler(request, context):
             try:
-                self._authorize(context, admin)
                 return fn(self._request(request, cls), context)
             except Exception as e:
                 err = refusal(e, fn.__name__)
             self._abort(context, err, fn.__name__)
         return handler
 
-    def _wrap_stream(self, fn, admin: bool, cls=None):
+    def _wrap_stream(self, fn, cls=None):
         def handler(request, context):
             try:
-                self._authorize(context, admin)
                 yield from fn(self._request(request, cls), context)
                 return
             except Exception as e:

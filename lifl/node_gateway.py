@@ -42,7 +42,7 @@ class NodeGateway(Gateway):
         from .v1 import aggregation_pb2 as pb
         agg = {
             "Push": grpc.stream_unary_rpc_method_handler(
-                self._wrap(self.push, False), response_serializer=pb.PushReply.SerializeToString),
+                self._wrap(self.push), response_serializer=pb.PushReply.SerializeToString),
             "Pull": self._relay("Aggregation/Pull", True),
             "GetRound": self._relay("Aggregation/GetRound", False),
         }

@@ -86,7 +86,7 @@ class EmbeddedServer:
             limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
             self.grpc = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads, thread_name_prefix="lifl-grpc"),
-                handlers=handlers,
+                handlers=handlers, interceptors=[gateway.auth()],
                 # calls in progress (running or queued for a thread); memory per client is set by
                 # grpc_bdp_probe, not by this (README, "Memory under many clients")
                 maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,

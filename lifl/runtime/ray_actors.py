@@ -43,7 +43,7 @@ class NodeAgent:
         self.gateway = NodeGateway(cfg, self.arena, self.link, Metrics())
         limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads),
-                                  handlers=self.gateway.handlers(),
+                                  handlers=self.gateway.handlers(), interceptors=[self.gateway.auth()],
                                   options=[("grpc.max_receive_message_length", limit),
                                            ("grpc.max_send_message_length", 16 * MiB), ("grpc.so_reuseport", 0)])
         host = cfg.host if cfg.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
