@@ -88,14 +88,17 @@ def virtual(a) -> None:
 
 
 def validate(a) -> None:
+    """Calibrated afresh in this run (a new cache), so both modes see the machine in the same state."""
+    import tempfile
     rows = []
-    for n in a.sizes:
-        for kind in ("all_at_once", "uniform"):
-            rec, _ = _run({"run.mode": "both", "workload.clients_per_round": n, "workload.model": "mlp100k",
-                           "workload.rounds": a.rounds, "trace.kind": kind, "trace.window_s": 5.0,
-                           "run.processes": a.processes, "run.threads": a.threads}, f"sim-validate-{kind}-{n}")
-            for x in rec.validation:
-                rows.append({"trace": kind, **x})
+    with tempfile.TemporaryDirectory(prefix="lifl-sim-cal-") as cache:
+        for n in a.sizes:
+            for kind in ("all_at_once", "uniform"):
+                rec, _ = _run({"run.mode": "both", "workload.clients_per_round": n, "workload.model": "mlp100k",
+                               "workload.rounds": a.rounds, "trace.kind": kind, "trace.window_s": 5.0,
+                               "run.processes": a.processes, "run.threads": a.threads,
+                               "run.calibration_cache": cache}, f"sim-validate-{kind}-{n}")
+                rows.extend({"trace": kind, **x} for x in rec.validation)
     print(f"{'trace':12} {'clients':>8} {'round':>5} {'real s':>8} {'virtual s':>9} {'error %':>8}")
     for r in rows:
         print(f"{r['trace']:12} {r['clients']:8} {r['round']:5} {r['real_s']:8.3f} {r['virtual_s']:9.3f} "
