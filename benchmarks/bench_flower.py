@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lifl.flower.testing import Stack, TreeSampler
+from benchmarks.flower_stack import Stack, TreeSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower-app"

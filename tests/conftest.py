@@ -5,7 +5,9 @@ tests/heteroswitch/conftest.py cannot shadow them."""
 from __future__ import annotations
 
 import os
+import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ import pytest
 from lifl.config import ServerConfig
 from lifl.server import EmbeddedServer
 from lifl.shm import list_segments
+
+# the test and benchmark harness (benchmarks/: server launchers, the Flower stack) is not shipped
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @pytest.fixture

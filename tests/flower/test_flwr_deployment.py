@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from lifl.flower.testing import Stack, free_port, max_rel_diff  # noqa: E402
+from benchmarks.flower_stack import Stack, free_port, max_rel_diff  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
 NODES, ROUNDS = 3, 3

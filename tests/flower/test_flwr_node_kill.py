@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from lifl.flower.testing import Stack, max_rel_diff  # noqa: E402
+from benchmarks.flower_stack import Stack, max_rel_diff  # noqa: E402
 from lifl.shm import list_segments  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "flower-app"

@@ -11,7 +11,7 @@ pytest.importorskip("flwr")
 pytest.importorskip("torch")
 pytest.importorskip("ray")
 
-from lifl.flower.testing import Stack, max_rel_diff  # noqa: E402
+from benchmarks.flower_stack import Stack, max_rel_diff  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "flower-app"
 NODES, ROUNDS = 4, 3

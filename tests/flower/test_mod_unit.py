@@ -18,7 +18,7 @@ from lifl.client import Client  # noqa: E402
 from lifl.config import ServerConfig  # noqa: E402
 from lifl.flower import LiflStrategy, error_code, lifl_mod, status_of  # noqa: E402
 from lifl.flower import config as K  # noqa: E402
-from lifl.flower.testing import free_port  # noqa: E402
+from benchmarks.flower_stack import free_port  # noqa: E402
 from lifl.server import EmbeddedServer  # noqa: E402
 
 
@@ -323,7 +323,7 @@ def test_tree_sampler_attributes_memory_per_role():
     import sys
     import time
 
-    from lifl.flower.testing import TreeSampler
+    from benchmarks.flower_stack import TreeSampler
 
     child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..procfs import children_map, process_tree
+from lifl.procfs import children_map, process_tree
 
 BIN = Path(sys.executable).parent
 
