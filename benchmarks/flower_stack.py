@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from lifl.procfs import children_map, process_tree
+from lifl.procfs import children_map, cpu_seconds, pss_bytes, process_tree
 
 BIN = Path(sys.executable).parent
 
@@ -230,33 +230,8 @@ class Stack:
 
 
 # -- process-tree sampling (no psutil needed: /proc) --------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def tree(roots: Sequence[int]) -> list[int]:
     return process_tree(roots)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            s = f.read()
-    except OSError:
-        return None
-    fields = s[s.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK      # utime + stime
-
-
-def pss_bytes(pid: int) -> int | None:
-    """Proportional set size (shared pages split among their users, so sums over processes are honest)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def cmdline(pid: int) -> str:
@@ -356,7 +331,7 @@ class TreeSampler:
             if c is not None:
                 self._first_cpu.setdefault(pid, c)
                 self._last_cpu[pid] = c
-            m = pss_bytes(pid) or 0
+            m = pss_bytes(pid)
             pss += m
             if self.labels:      # classified every time: a child first seen between fork and exec changes role
                 role = self._role_of[pid] = default_role(pid, root, self.labels)

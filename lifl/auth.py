@@ -7,7 +7,7 @@ the head link between a cluster's gateways, which has its own secret) are not th
 business. A refused call never reaches its handler: nothing is read, nothing is stored."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 import grpc
 
@@ -17,9 +17,8 @@ PROTECTED = ("/lifl.v1.Aggregation/", "/lifl.v1.Admin/")
 ADMIN_METHODS = frozenset({"/lifl.v1.Admin/OpenRound", "/lifl.v1.Admin/CloseRound"})
 
 
-def authorize(method: str, authorization: str, tokens: Iterable[str], admin_token: str) -> LiflError | None:
+def authorize(method: str, authorization: str, tokens: Collection[str], admin_token: str) -> LiflError | None:
     """Why a call may not proceed (UNAUTHENTICATED or PERMISSION_DENIED), or None. Pure."""
-    tokens = frozenset(tokens)
     if not method.startswith(PROTECTED) or (not tokens and not admin_token):
         return None
     token = authorization[7:] if authorization.lower().startswith("bearer ") else ""

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 from . import fold
 from .config import ServerConfig
@@ -37,19 +37,6 @@ from .rounds import Round, State, job_name
 from .shm import Arena, Segment
 
 log = logging.getLogger("lifl.dispatcher")
-
-WorkerSlot = PooledFunction  # the name status and tests knew
-
-
-class Engine(Protocol):
-    """What a gateway needs of the engine (the head's dispatcher, or a node's link to it)."""
-
-    def get(self, job: str, rid: int): ...
-    def begin_push(self, job: str, rid: int, client: str): ...
-    def check_open(self, run) -> None: ...
-    def abandon(self, run, client: str) -> None: ...
-    def accept(self, run, client: str, slot: str, weight: float, node: str = "") -> int: ...
-
 
 class Dispatcher:
     def __init__(self, config: ServerConfig, arena: Arena, runtime, metrics: Metrics,

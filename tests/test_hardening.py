@@ -120,18 +120,24 @@ def test_shutdown_with_kept_rounds_and_an_open_one_is_clean(shm_prefix):
     assert list_segments(shm_prefix) == []
 
 
+def _address_when_ready(p: subprocess.Popen, ready, timeout: float = 15.0) -> str:
+    """Wait (bounded: a real process) for ``lifl serve --ready-file`` to say where it listens."""
+    import json
+    end = time.monotonic() + timeout
+    while not (ready.exists() and ready.read_text()):
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < end, "lifl serve did not become ready"
+        time.sleep(0.05)
+    return json.loads(ready.read_text())["address"]
+
+
 def test_lifl_serve_exits_cleanly_on_sigterm_with_kept_rounds(tmp_path, shm_prefix):
     ready = tmp_path / "ready.json"
     p = subprocess.Popen([sys.executable, "-m", "lifl", "serve", "--port", "0", "--metrics-port", "-1",
                           "--ready-file", str(ready)], env={**os.environ, "LIFL_SHM_PREFIX": shm_prefix},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(300):
-            if ready.exists() and ready.read_text():
-                break
-            time.sleep(0.05)
-        import json
-        addr = json.loads(ready.read_text())["address"]
+        addr = _address_when_ready(p, ready)
         with Client(addr) as c:
             for i in range(9):
                 rid = c.open_round(BASE, expected=1)
@@ -224,13 +230,7 @@ def test_a_small_dev_shm_gives_errors_not_sigbus(tmp_path):
                           "--planner", "static", "--ready-file", str(ready)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(300):
-            if ready.exists() and ready.read_text():
-                break
-            assert p.poll() is None, p.communicate()
-            time.sleep(0.05)
-        import json
-        addr = json.loads(ready.read_text())["address"]
+        addr = _address_when_ready(p, ready)
         # 512 MiB declared in a 40-byte header: refused by the free-space check
         code, msg = _raw_open(addr, [_open_header([2**27])])
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, msg)
@@ -356,7 +356,17 @@ def test_calls_beyond_the_limit_are_refused_and_the_client_retries(make_server):
         threads = [threading.Thread(target=lambda r=r: pytest.raises(grpc.RpcError, list, r)) for r in waiting]
         for t in threads:
             t.start()
-        time.sleep(0.5)                            # both pulls are in progress, waiting for the result
+        get = ch.unary_unary("/lifl.v1.Aggregation/GetRound",
+                             request_serializer=pb.GetRoundRequest.SerializeToString)
+        end = time.monotonic() + 20                # real calls: wait (bounded) until both pulls hold a place
+        while True:
+            try:
+                get(pb.GetRoundRequest(job="default", round=rid), timeout=5)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    break
+            assert time.monotonic() < end, "the two pulls never both got in"
+            time.sleep(0.02)
         with Client(srv.address, retry_s=0) as c:
             expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit", c.push, rid, BASE, 1, "a")
         threading.Timer(1.0, lambda: [w.cancel() for w in waiting]).start()

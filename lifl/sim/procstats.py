@@ -1,38 +1,11 @@
 """CPU-seconds and proportional memory (PSS) of process trees, sampled from /proc (Linux)."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 
-from ..procfs import process_tree
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int, children: bool = True) -> float:
-    """utime + stime (+ reaped children's) of one process; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            s = f.read()
-    except OSError:
-        return 0.0
-    v = s[s.rindex(b")") + 2:].split()
-    ticks = int(v[11]) + int(v[12]) + (int(v[13]) + int(v[14]) if children else 0)
-    return ticks / _TICK
-
-
-def pss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
+from ..procfs import cpu_seconds, pss_bytes, process_tree
 
 @dataclass
 class TreeSample:
@@ -64,7 +37,7 @@ class TreeSampler:
         pids = process_tree([self.root])
         kids = [p for p in pids if p != self.root]
         s = TreeSample(time.monotonic() - self._t0, sum(pss_bytes(p) for p in pids), len(pids),
-                       cpu_seconds(self.root, children=False), sum(cpu_seconds(p) for p in kids))
+                       cpu_seconds(self.root) or 0.0, sum(cpu_seconds(p, children=True) or 0.0 for p in kids))
         self.samples.append(s)
         return s
 

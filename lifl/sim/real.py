@@ -25,9 +25,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..client import Client
+from ..procfs import cpu_seconds
 from . import training
 from .config import SimConfig
-from .procstats import TreeSampler, cpu_seconds
+from .procstats import TreeSampler
 from .records import RoundRecord, VariantRecord, compact_timeline
 from .traces import Trace
 from .workload import base_model, examples, model_specs, plan_round, update_bytes
@@ -119,7 +120,7 @@ class ClientPool:
         return [self._reply(p) for p in self.procs]
 
     def cpu_seconds(self) -> float:
-        return sum(cpu_seconds(p.pid, children=False) for p in self.procs)
+        return sum(cpu_seconds(p.pid) or 0.0 for p in self.procs)
 
     def close(self) -> None:
         for p in self.procs:
