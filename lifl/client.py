@@ -20,6 +20,9 @@ from typing import Iterator, Mapping
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
 
 from .layout import Layout
 from .rounds import State
@@ -70,14 +73,23 @@ def _failure(e: grpc.RpcError) -> RpcFailure:
 
 
 def _retry_after(e: grpc.RpcError) -> float | None:
-    """The server's ``retry-after-ms`` hint, in seconds (None when it sent none)."""
-    for k, v in e.trailing_metadata() or ():
-        if k == "retry-after-ms":
-            try:
-                return int(v) / 1000
-            except ValueError:
-                return None
-    return None
+    """The server's retry hint in seconds: ``google.rpc.RetryInfo`` in the rich-status trailer,
+    else our ``retry-after-ms``; None when it sent neither (or they do not parse)."""
+    trailers = dict(e.trailing_metadata() or ())
+    raw = trailers.get("grpc-status-details-bin")
+    if raw:
+        try:
+            for detail in Status.FromString(raw).details:
+                if detail.Is(RetryInfo.DESCRIPTOR):
+                    info = RetryInfo()
+                    detail.Unpack(info)
+                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+        except DecodeError:
+            pass
+    try:
+        return int(trailers["retry-after-ms"]) / 1000
+    except (KeyError, ValueError):
+        return None
 
 
 #: grpcio's own refusal when a server's maximum_concurrent_rpcs is reached (no trailers of ours)

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from . import fold
-from .layout import Layout, TensorSpec
+from .layout import Layout
 from .shm import Segment
 
 
@@ -87,8 +87,7 @@ class Function:
     def handle(self, cmd: dict) -> dict:
         op = cmd["op"]
         if "specs" in cmd:  # first command of a round on this function carries its layout
-            self.layouts[cmd["layout"]] = Layout.from_specs(
-                TensorSpec(n, d, tuple(s)) for n, d, s in cmd["specs"])
+            self.layouts[cmd["layout"]] = Layout.from_wire(cmd["specs"])
         if op == "fold":  # in place, journaled: a fold cut short is re-run exactly (fold.Journal)
             layout = self.layouts[cmd["layout"]]
             t0 = time.perf_counter()

@@ -18,6 +18,10 @@ from contextlib import contextmanager
 
 import grpc
 import numpy as np
+from google.protobuf.any_pb2 import Any
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
 
 from . import __version__
 from .auth import TokenAuth
@@ -58,6 +62,16 @@ def layout_of(tensors) -> Layout:
         return Layout.from_proto(tensors)
     except LayoutError as e:
         raise LiflError("INVALID_ARGUMENT", f"bad tensor spec: {e}") from None
+
+
+def retry_trailers(code: grpc.StatusCode, message: str, after_s: float) -> tuple:
+    """How long to wait before retrying, twice: the standard ``google.rpc.RetryInfo`` in the
+    rich-status trailer (what gRPC's own retry tooling and other languages' clients read) and
+    our plain ``retry-after-ms``."""
+    info = Any()
+    info.Pack(RetryInfo(retry_delay=Duration(seconds=int(after_s), nanos=int(after_s % 1 * 1e9))))
+    status = Status(code=code.value[0], message=message, details=[info])
+    return (("retry-after-ms", str(int(after_s * 1000))), ("grpc-status-details-bin", status.SerializeToString()))
 
 
 def round_info(run) -> pb.RoundInfo:
@@ -116,9 +130,9 @@ class Gateway:
     def _abort(self, context, e: LiflError, method: str):
         if method == "push":
             self.metrics.updates_rejected.labels(e.reason).inc()
-        if e.retry_after_s is not None:
-            context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
         msg = e.message if len(e.message) <= MAX_MESSAGE_CHARS else e.message[:MAX_MESSAGE_CHARS] + "…"
+        if e.retry_after_s is not None:
+            context.set_trailing_metadata(retry_trailers(grpc.StatusCode[e.code], msg, e.retry_after_s))
         context.abort(grpc.StatusCode[e.code], msg)
 
     @staticmethod
@@ -330,11 +344,8 @@ class Gateway:
                              f"static: leaves={self.config.leaves} fan_in={self.config.fan_in}")
         for r in self.dispatcher.rounds()[-20:]:
             rep.rounds.append(round_info(self.dispatcher.get(r.job, r.id)))
-        for w in self.dispatcher.workers():
-            rep.workers.append(pb.WorkerInfo(id=w.handle.id, pid=w.handle.pid, role=w.role,
-                                             state=w.state().value, folds=w.folds,
+        for w in self.dispatcher.snapshot().functions:
+            rep.workers.append(pb.WorkerInfo(id=w.id, pid=w.pid, role=w.role, state=w.state, folds=w.folds,
                                              updates_folded=w.updates_folded, node=w.node))
-        gateways = getattr(self.dispatcher.runtime, "gateways", None)
-        if gateways is not None:
-            rep.gateways.extend(f"{n}={a}" for n, a in sorted(gateways().items()))
+        rep.gateways.extend(f"{n}={a}" for n, a in sorted(self.dispatcher.runtime.gateways().items()))
         return rep

@@ -17,16 +17,13 @@ from dataclasses import dataclass
 
 import grpc
 
+from .admission import Admission
 from .errors import LiflError
-from .layout import Layout, TensorSpec
+from .layout import Layout
 from .rounds import State
 
 SERVICE, METHOD = "lifl.v1.Head", "Call"
 SECRET_KEY = "x-lifl-cluster-secret"
-
-
-def _specs(layout: Layout) -> list:
-    return [[s.name, s.dtype, list(s.shape)] for s in layout.specs]
 
 
 # -- head side -------------------------------------------------------------------------------
@@ -61,7 +58,7 @@ class HeadService:
         key = (job, rid, req.get("client", ""))
         if op == "round":
             r = d.get(job, rid).round
-            return {"id": r.id, "job": r.job, "state": int(r.state), "specs": _specs(r.layout)}
+            return {"id": r.id, "job": r.job, "state": int(r.state), "specs": r.layout.to_wire()}
         if op == "begin":
             d.begin_push(job, rid, req["client"])
             with self._lock:
@@ -99,8 +96,8 @@ class RemoteRun:
     round: RemoteRound
 
 
-class HeadLink:
-    """What a node gateway uses in place of the dispatcher (same method names)."""
+class HeadLink(Admission):
+    """What a node gateway uses in place of the head's dispatcher: the same ``Admission``."""
 
     def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0):
         self.node, self.timeout_s = node, timeout_s
@@ -124,8 +121,7 @@ class HeadLink:
         rep = self.call("round", job, rid)
         layout = self._layouts.get((rep["job"], rid))
         if layout is None:
-            layout = self._layouts[(rep["job"], rid)] = Layout.from_specs(
-                TensorSpec(n, d, tuple(s)) for n, d, s in rep["specs"])
+            layout = self._layouts[(rep["job"], rid)] = Layout.from_wire(rep["specs"])
         return RemoteRun(RemoteRound(rep["job"], rid, layout, State(rep["state"])))
 
     def begin_push(self, job: str, rid: int, client: str) -> None:

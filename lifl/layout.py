@@ -156,6 +156,15 @@ class Layout:
             TensorSpec(str(k), dtype_name(np.asarray(v).dtype), tuple(int(d) for d in np.shape(v)))
             for k, v in arrays.items())
 
+    # -- JSON (between the engine, functions, node gateways and client processes) -----------
+    def to_wire(self) -> list:
+        """The one JSON form of a layout: ``[[name, dtype, [dims...]], ...]``."""
+        return [[s.name, s.dtype, list(s.shape)] for s in self.specs]
+
+    @classmethod
+    def from_wire(cls, specs) -> "Layout":
+        return cls.from_specs(TensorSpec(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in specs)
+
     # -- protobuf -----------------------------------------------------------
     @classmethod
     def from_proto(cls, tensors) -> "Layout":

@@ -23,7 +23,7 @@ log = logging.getLogger("lifl.server")
 
 def _make_runtime(config: ServerConfig, arena: Arena, metrics: Metrics):
     if config.runtime == "local":
-        return LocalRuntime(spawn=config.spawn)
+        return LocalRuntime(arena, spawn=config.spawn, workers=config.workers, fold_cores=config.fold_cores)
     if config.runtime == "ray":
         from .runtime.ray import RayRuntime
         return RayRuntime(config, arena, metrics)
@@ -38,8 +38,8 @@ class EmbeddedServer:
     """Start with ``with EmbeddedServer(ServerConfig(port=0)) as srv: ...``; ``srv.address`` is host:port."""
 
     def __init__(self, config: ServerConfig | None = None, runtime=None, clock=None):
-        """``runtime``: a :class:`lifl.runtime.base.Runtime` to run functions on instead of the
-        one ``config.runtime`` names (a custom runtime; the server closes it when it stops).
+        """``runtime``: a factory ``(config, arena, metrics) -> Runtime`` (:class:`lifl.runtime.base.Runtime`)
+        to run functions on instead of the one ``config.runtime`` names; the server closes it.
         ``clock``: an :mod:`lifl.engine.clock` clock for deadlines and keep-alives; with one
         given there is no control-loop thread and the caller runs :meth:`tick` after moving time
         (tests and simulations that must not race the real clock)."""
@@ -72,7 +72,7 @@ class EmbeddedServer:
             sys.setswitchinterval(min(self._switch_interval, cfg.switch_interval_ms / 1000))
         try:
             self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=cfg.shm_prefix)
-            self.runtime = self._given_runtime or _make_runtime(cfg, self.arena, self.metrics)
+            self.runtime = (self._given_runtime or _make_runtime)(cfg, self.arena, self.metrics)
             self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics, clock=self._clock,
                                          ticker=self._clock is None)
             gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics)
@@ -82,7 +82,7 @@ class EmbeddedServer:
                 from .head_link import HeadService
                 head = HeadService(self.dispatcher, secrets.token_hex(16))
                 handlers.append(head.handler())
-                self.runtime.forget_streams = head.forget_node
+                self.runtime.events.open_streams = head.forget_node
             limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
             self.grpc = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads, thread_name_prefix="lifl-grpc"),
@@ -129,8 +129,13 @@ class EmbeddedServer:
             self.metrics.shm_bytes.labels("slots").set(st.slot_bytes_in_use + st.slot_bytes_cached)
             self.metrics.shm_bytes.labels("accumulators_and_results").set(st.other_bytes)
             self.metrics.aggregators_active.clear()
-            for w in self.dispatcher.workers():
+            for w in self.dispatcher.snapshot().functions:
                 self.metrics.aggregators_active.labels(w.role, w.node).inc()
+
+    def snapshot(self):
+        """The engine now, read-only (:class:`lifl.engine.snapshot.EngineSnapshot`): functions and
+        their roles, rounds and their leaves."""
+        return self.dispatcher.snapshot()
 
     def tick(self) -> None:
         """Run one control-loop step now: deadlines, re-planning, autoscaling (see ``clock``)."""
@@ -138,10 +143,7 @@ class EmbeddedServer:
 
     def gateways(self) -> dict[str, str]:
         """Push addresses by node: this server's, plus each other node's gateway (ray runtime)."""
-        out = {getattr(self.runtime, "head", "local"): self.address}
-        if hasattr(self.runtime, "gateways"):
-            out.update(self.runtime.gateways())
-        return out
+        return {self.runtime.head: self.address, **self.runtime.gateways()}
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving, fail open rounds, stop functions, unlink every segment. Each step runs

@@ -61,36 +61,36 @@ def perturb(model: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
 
 
 class FlakyStarts:
-    """A real local runtime (fork server, real function processes) whose chosen starts die:
-    the function process is really started, SIGKILLed, and the start fails as it does when a
-    function dies before its handshake. ``fail`` holds start numbers (1-based); ``fail_all``
-    makes every later start fail, as when functions cannot start at all."""
-
-    name = "local"
+    """A runtime factory for ``EmbeddedServer(runtime=...)``: a real local runtime (fork server,
+    real function processes) whose chosen starts die: the function process is really started,
+    SIGKILLed, and the start fails as it does when a function dies before its handshake.
+    ``fail`` holds start numbers (1-based); ``fail_all`` makes every later start fail, as when
+    functions cannot start at all."""
 
     def __init__(self, fail=(), fail_all: bool = False):
-        from lifl.runtime.local import LocalRuntime
-        self.real = LocalRuntime()
         self.fail, self.fail_all, self.starts = set(fail), fail_all, 0
 
-    def prepare(self) -> None:
-        self.real.prepare()
+    def __call__(self, config, arena, metrics):
+        from lifl.runtime.local import LocalRuntime
+        policy = self
 
-    def start_worker(self, on_message, node=None):
-        import os
-        import signal
-        self.starts += 1
-        w = self.real.start_worker(on_message, node)
-        if self.fail_all or self.starts in self.fail:
-            os.kill(w.pid, signal.SIGKILL)
-            raise RuntimeError(f"aggregator function {w.id} exited during start-up")
-        return w
+        class Flaky(LocalRuntime):
+            def start_worker(self, on_message, node="local"):
+                import os
+                import signal
+                policy.starts += 1
+                w = super().start_worker(on_message, node)
+                if policy.fail_all or policy.starts in policy.fail:
+                    os.kill(w.pid, signal.SIGKILL)
+                    raise RuntimeError(f"aggregator function {w.id} exited during start-up")
+                return w
 
-    def stop_worker(self, worker) -> None:
-        self.real.stop_worker(worker)
+        return Flaky(arena, spawn=config.spawn, workers=config.workers, fold_cores=config.fold_cores)
 
-    def close(self) -> None:
-        self.real.close()
+
+def metric(srv, name: str, **labels) -> float:
+    """A sample of the server's Prometheus registry, through its public API (0 if never set)."""
+    return srv.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def expect(code, match, fn, *a, **kw):

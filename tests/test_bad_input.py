@@ -3,6 +3,8 @@ import threading
 import time
 
 import grpc
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
 import numpy as np
 import pytest
 
@@ -30,12 +32,13 @@ def body(arrays=BASE, layout=LAYOUT) -> bytes:
 
 
 def wait_idle(srv, rid):
-    run = srv.dispatcher.get("default", rid)
-    for _ in range(200):
-        if not run.round.in_flight and srv.arena.stats().slots_in_use == 0:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"in flight {run.round.in_flight}, slots {srv.arena.stats().slots_in_use}")
+    with Client(srv.address) as c:
+        for _ in range(200):
+            info = c.round_info(rid)
+            if not info.in_flight and srv.arena.stats().slots_in_use == 0:
+                return
+            time.sleep(0.02)
+    raise AssertionError(f"in flight {info.in_flight}, slots {srv.arena.stats().slots_in_use}")
 
 
 def test_each_rejection_is_specific_and_harmless(server):
@@ -150,7 +153,14 @@ def test_budget_full_gives_resource_exhausted_with_retry_hint(make_server):
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "slot budget full" in e.details()
-            assert dict(e.trailing_metadata())["retry-after-ms"] == "500"
+            trailers = dict(e.trailing_metadata())
+            assert trailers["retry-after-ms"] == "500"
+            # the standard form too: google.rpc.Status carrying a RetryInfo, matching the status
+            status = Status.FromString(trailers["grpc-status-details-bin"])
+            assert (status.code, status.message) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], e.details())
+            info = RetryInfo()
+            assert len(status.details) == 1 and status.details[0].Unpack(info)
+            assert info.retry_delay.ToMilliseconds() == 500
         gate.set()
         fut.result(timeout=10)
         ch.close()
@@ -187,4 +197,4 @@ def test_open_round_rejects_bad_parameters(server):
         with pytest.raises(grpc.RpcError) as ei:
             c._open(iter([pb.OpenRoundRequest(header=h).SerializeToString()]))
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "appears twice" in ei.value.details()
-    assert server.dispatcher.rounds() == []
+    assert server.snapshot().rounds == ()

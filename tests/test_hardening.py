@@ -17,6 +17,7 @@ from lifl.config import ServerConfig
 from lifl.layout import Layout
 from lifl.server import EmbeddedServer
 from lifl.shm import list_segments
+from lifl.gateway import retry_trailers
 from lifl.v1 import aggregation_pb2 as pb
 
 BASE = small_model()
@@ -328,6 +329,10 @@ class _Err(grpc.RpcError):
 def test_only_retryable_statuses_are_retried():
     RE = grpc.StatusCode.RESOURCE_EXHAUSTED
     assert retryable(_Err(RE, "slot budget full", (("retry-after-ms", "250"),))) == 0.25
+    # google.rpc.RetryInfo wins over the plain trailer; an unreadable one falls back to it
+    rich = retry_trailers(RE, "slot budget full", 1.5)
+    assert retryable(_Err(RE, "slot budget full", (("retry-after-ms", "250"), rich[1]))) == 1.5
+    assert retryable(_Err(RE, "busy", (("retry-after-ms", "250"), ("grpc-status-details-bin", b"\xff")))) == 0.25
     assert retryable(_Err(RE, "Concurrent RPC limit exceeded!")) is not None
     assert retryable(_Err(grpc.StatusCode.UNAVAILABLE)) is not None
     assert retryable(_Err(RE, "received metadata size exceeds hard limit")) is None

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import assert_matches, fedavg64, perturb, small_model
 from lifl.client import Client
 from lifl.demo import start_server
+from lifl.layout import Layout
 from lifl.shm import list_segments
 
 BASE = small_model()
@@ -36,7 +37,7 @@ def test_metrics_endpoint(make_server):
     m = scrape(srv.metrics_port)
     assert m[("lifl_updates_received_total", (("job", "default"),))] == 2
     assert m[("lifl_updates_rejected_total", (("reason", "already_exists"),))] == 1
-    assert m[("lifl_bytes_ingested_total", ())] == 2 * srv.dispatcher.get("default", rid).round.layout.total_size
+    assert m[("lifl_bytes_ingested_total", ())] == 2 * Layout.from_arrays(BASE).total_size
     assert m[("lifl_rounds_total", (("outcome", "done"),))] == 1
     assert m[("lifl_post_arrival_seconds_count", ())] == 1
     assert m[("lifl_fold_seconds_count", (("level", "leaf"),))] >= 1

@@ -24,13 +24,13 @@ def wait_for(pred, timeout=10.0):
 
 def test_no_function_runs_until_an_update_needs_one_then_scales_to_zero(clocked):
     srv, clock = clocked(workers=2, leaves=2, keep_alive_s=0.5)
-    assert srv.dispatcher.workers() == []          # nothing runs without work
+    assert srv.snapshot().functions == ()          # nothing runs without work
     ups = [perturb(BASE, i) for i in range(4)]
     with Client(srv.address) as c:
         rid = c.open_round(BASE, expected=4)
-        assert srv.dispatcher.workers() == []      # an open round alone starts nothing
+        assert srv.snapshot().functions == ()      # an open round alone starts nothing
         c.push(rid, ups[0], 1, "a")
-        assert len(srv.dispatcher.workers()) == 1  # the first update started one function
+        assert len(srv.snapshot().functions) == 1  # the first update started one function
         assert sample(srv, "lifl_cold_starts_total") == 1
         assert sample(srv, "lifl_dispatches_total", {"start": "cold"}) == 1
         for i in range(1, 4):
@@ -59,7 +59,7 @@ def test_warm_functions_serve_the_next_round_and_change_roles(make_server):
         for i in range(3):
             c.push(r1, ups[i], 1, f"c{i}")
         assert_matches(c.pull(r1, wait_s=20), fedavg64(ups[:3], [1, 1, 1]))
-        pids = sorted(w.handle.pid for w in srv.dispatcher.workers())
+        pids = sorted(w.pid for w in srv.snapshot().functions)
         cold = sample(srv, "lifl_cold_starts_total")
         assert cold == 2
         reuses = sample(srv, "lifl_warm_reuses_total")
@@ -68,7 +68,7 @@ def test_warm_functions_serve_the_next_round_and_change_roles(make_server):
         for i in range(3, 6):
             c.push(r2, ups[i], 2, f"c{i}")
         assert_matches(c.pull(r2, wait_s=20), fedavg64(ups[3:], [2, 2, 2]))
-        assert sorted(w.handle.pid for w in srv.dispatcher.workers()) == pids   # same processes
+        assert sorted(w.pid for w in srv.snapshot().functions) == pids   # same processes
         assert sample(srv, "lifl_cold_starts_total") == cold                      # no new cold start
         assert sample(srv, "lifl_warm_reuses_total") >= reuses + 2
         st = c.status()
@@ -77,11 +77,11 @@ def test_warm_functions_serve_the_next_round_and_change_roles(make_server):
 
 def test_min_workers_are_prestarted_and_kept(clocked):
     srv, clock = clocked(workers=3, min_workers=2, keep_alive_s=0.2)
-    assert len(srv.dispatcher.workers()) == 2
+    assert len(srv.snapshot().functions) == 2
     for _ in range(5):
         clock.advance(1.0)
         srv.tick()
-    assert len(srv.dispatcher.workers()) == 2      # the floor holds while idle, long past the keep-alive
+    assert len(srv.snapshot().functions) == 2      # the floor holds while idle, long past the keep-alive
 
 
 def test_elastic_planner_result_is_exact(make_server):
@@ -106,7 +106,7 @@ def test_plan_grows_mid_round_when_arrivals_outpace_one_leaf(make_server, monkey
     ups = [{"w": np.full(200_000, i, np.float32)} for i in range(60)]
     with Client(srv.address) as c:
         rid = c.open_round(model, expected=60)
-        assert len(srv.dispatcher.get("default", rid).leaves) == 1
+        assert len(srv.snapshot().round(rid).leaves) == 1
         threads = [threading.Thread(target=c.push, args=(rid, u, 1.0, f"c{i}")) for i, u in enumerate(ups)]
         for t in threads:
             t.start()
@@ -114,6 +114,6 @@ def test_plan_grows_mid_round_when_arrivals_outpace_one_leaf(make_server, monkey
         for t in threads:
             t.join()
         got = c.pull(rid, wait_s=60)
-        leaves = len(srv.dispatcher.get("default", rid).leaves)
+        leaves = len(srv.snapshot().round(rid).leaves)
     assert sample(srv, "lifl_replans_total") >= 1 and leaves > 1
     assert_matches(got, fedavg64(ups, [1.0] * 60))

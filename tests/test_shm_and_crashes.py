@@ -97,13 +97,13 @@ def test_killed_idle_function_is_replaced_and_round_completes(make_server, shm_p
     with Client(srv.address) as c:
         rid = c.open_round(base, expected=3)
         c.push(rid, ups[0], 1, "a")
-        victim = srv.dispatcher.workers()[0].handle
+        victim = srv.snapshot().functions[0]
         os.kill(victim.pid, signal.SIGKILL)
         for _ in range(100):
-            if victim.pid not in [w.handle.pid for w in srv.dispatcher.workers()]:
+            if victim.pid not in [w.pid for w in srv.snapshot().functions]:
                 break
             time.sleep(0.05)
-        assert victim.pid not in [w.handle.pid for w in srv.dispatcher.workers()]
+        assert victim.pid not in [w.pid for w in srv.snapshot().functions]
         c.push(rid, ups[1], 2, "b")
         c.push(rid, ups[2], 3, "c")
         got = c.pull(rid, wait_s=20)
@@ -115,7 +115,7 @@ def test_functions_die_with_a_killed_server(shm_prefix):
     code = ("import sys, time; from lifl.server import EmbeddedServer; from lifl.config import ServerConfig; "
             "s = EmbeddedServer(ServerConfig(port=0, metrics_port=-1, workers=2, min_workers=2, "
             "shm_prefix=sys.argv[1])).start(); "
-            "print(' '.join(str(w.handle.pid) for w in s.dispatcher.workers()), flush=True); time.sleep(60)")
+            "print(' '.join(str(w.pid) for w in s.snapshot().functions), flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, shm_prefix], stdout=subprocess.PIPE, text=True)
     pids = [int(x) for x in p.stdout.readline().split()]
     assert len(pids) == 2
@@ -191,7 +191,7 @@ def test_an_idle_server_holds_only_kept_results_and_functions_unmap_the_rest(mak
     srv = make_server(workers=2, leaves=2, keep_rounds=1)
     base = small_model()
     _round_of_three(srv, base)
-    pids = [w.handle.pid for w in srv.dispatcher.workers()]
+    pids = [w.pid for w in srv.snapshot().functions]
     assert pids, "the round ran on functions"
     for _ in range(100):      # forget commands are asynchronous: wait for the functions to unmap
         held = set(list_segments(shm_prefix))

@@ -24,7 +24,7 @@ reuses rather than cold starts.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from dataclasses import dataclass
 
@@ -130,3 +130,13 @@ def choose_function(instances: Sequence[Instance], node: str, role: str, can_sta
         return BindChoice("cold")
     load = load or {}
     return BindChoice("shared", min(here, key=lambda i: (load.get(i.id, 0), i.id)).id)
+
+
+def prestart_node(nodes: Sequence[str], unbound: Mapping[str, int], idle: Mapping[str, int]) -> str | None:
+    """Where a pre-started function is most useful. One machine: there. Several: the node whose
+    open-round leaves still lack a function (``unbound``) most outnumber its idle functions;
+    none (None) when every such leaf could be served by an idle function already."""
+    if len(nodes) == 1:
+        return nodes[0]
+    short = [(unbound[n] - idle.get(n, 0), n) for n in sorted(unbound) if unbound[n] > idle.get(n, 0)]
+    return max(short)[1] if short else None

@@ -112,6 +112,12 @@ MAX_BATCH = 16
 GATEWAY_CORES = 1
 
 
+def machine_node(name: str, workers: int, fold_cores: int, cpus: int, shm_budget_bytes: int) -> Node:
+    """One machine as the policies see it: the cores its functions may fill (``fold_cores``, or
+    all but the gateway's), capped by ``workers``."""
+    return Node(name, float(min(workers, fold_cores or max(1, cpus - GATEWAY_CORES))), 0, shm_budget_bytes)
+
+
 @dataclass(frozen=True)
 class CostPriors:
     """Fold costs assumed before any fold was measured (the planner needs numbers for the first round)."""

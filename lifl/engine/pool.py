@@ -39,7 +39,7 @@ class PooledFunction:
         self.dead = False
         self.bindings = 0                                     # leaves of unfinished rounds it carries
         self.idle_since = now
-        self.node = getattr(handle, "node", "local")
+        self.node = handle.node
 
     def state(self) -> InstanceState:
         if self.current is not None or self.queue:
@@ -54,43 +54,72 @@ class FunctionPool:
     """``wire(task)``: the command a function reads for a task; ``next_work(fn)``: a task for an idle
     function that has nothing queued (its leaves' pending updates), or None."""
 
-    def __init__(self, runtime, metrics, clock: Clock, *, max_functions: int, node_cap: Callable[[str], int],
-                 pin_node: bool, on_message: Callable, wire: Callable[[Any], dict],
-                 next_work: Callable[[PooledFunction], Any], fold_delay_s: float = 0.0):
+    def __init__(self, runtime, metrics, clock: Clock, *, max_functions: int, on_message: Callable,
+                 wire: Callable[[Any], dict], next_work: Callable[[PooledFunction], Any], fold_delay_s: float = 0.0):
         self.runtime, self.metrics, self.clock = runtime, metrics, clock
         self.fold_delay_s = fold_delay_s   # fault injection: a window to kill a function mid-command
-        self.max_functions, self.node_cap, self.pin_node = max_functions, node_cap, pin_node
+        self.max_functions = max_functions
         self._on_message, self._wire, self._next_work = on_message, wire, next_work
         self.functions: list[PooledFunction] = []
+        self.launching: dict[str, int] = {}   # starts reserved (``reserve``) and running off the lock
         self._seq = itertools.count(1)
 
     # -- starting and binding ----------------------------------------------------------------
-    def start(self, node: str | None = None) -> PooledFunction:
-        """Start a function (on ``node`` for a multi-node runtime), retrying one that dies while it
-        starts; when none can start, UNAVAILABLE with the last reason (nothing was changed)."""
+    def launch(self, node: str):
+        """Start a function's process or actor on ``node``, retrying one that dies while it starts;
+        when none can start, UNAVAILABLE with the last reason. Touches no pool state: it may
+        run outside the engine's lock (``reserve`` first, ``adopt`` after)."""
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
-                handle = self.runtime.start_worker(self._on_message, node=node if self.pin_node else None)
-                break
+                return self.runtime.start_worker(self._on_message, node)
             except Exception as e:
                 self.metrics.function_failures.inc()
                 log.warning("aggregator function start %d/%d failed: %s", attempt, START_ATTEMPTS, e)
                 if attempt == START_ATTEMPTS:
                     raise LiflError("UNAVAILABLE", f"no aggregator function could start ({START_ATTEMPTS} "
                                                    f"attempts; last: {e}); retry later") from e
+
+    def adopt(self, handle) -> PooledFunction:
         fn = PooledFunction(handle, self.clock.monotonic())
         self.functions.append(fn)
         self.metrics.cold_starts.inc()
-        if not getattr(handle, "async_start", False):  # a Ray actor reports it once it is up
-            self.metrics.cold_start_seconds.observe(getattr(handle, "start_seconds", 0.0))
+        if not handle.async_start:  # a Ray actor reports it once it is up
+            self.metrics.cold_start_seconds.observe(handle.start_seconds)
         return fn
 
-    def bind(self, node: str, role: str) -> tuple[PooledFunction, str]:
-        """A function for a role on ``node``; returns it and how it was had (warm, cold, shared)."""
+    def start(self, node: str) -> PooledFunction:
+        """Start a function on ``node`` now (under the engine's lock: replacements, pre-starts)."""
+        return self.adopt(self.launch(node))
+
+    def _choose(self, node: str, role: str):
         here = [f for f in self.functions if f.node == node]
-        can_start = len(self.functions) < self.max_functions and len(here) < self.node_cap(node)
-        choice = choose_function([f.instance() for f in here], node, role, can_start,
-                                 {f.handle.id: f.bindings + len(f.queue) for f in here})
+        starting = sum(self.launching.values())
+        can_start = (len(self.functions) + starting < self.max_functions
+                     and len(here) + self.launching.get(node, 0) < self.runtime.function_slots(node))
+        return here, choose_function([f.instance() for f in here], node, role, can_start,
+                                     {f.handle.id: f.bindings + len(f.queue) for f in here})
+
+    def reserve(self, node: str, role: str) -> bool:
+        """Would binding ``role`` on ``node`` start a function? If so the start is reserved (it
+        counts against the caps) and the caller must ``launch`` it and ``release`` the reservation."""
+        if self._choose(node, role)[1].how != "cold":
+            return False
+        self.launching[node] = self.launching.get(node, 0) + 1
+        return True
+
+    def release(self, node: str) -> None:
+        self.launching[node] -= 1
+
+    def bind(self, node: str, role: str, fresh: PooledFunction | None = None) -> tuple[PooledFunction, str]:
+        """A function for a role on ``node``; returns it and how it was had (warm, cold, shared).
+        ``fresh``: one just started for this role off the lock (``launch``, ``adopt``), taken
+        if it is still free."""
+        if fresh is not None and fresh in self.functions and fresh.state() is InstanceState.IDLE:
+            fn, how = fresh, "cold"
+            fn.bindings += 1
+            fn.role = role
+            return fn, how
+        here, choice = self._choose(node, role)
         if choice.how == "cold":
             fn = self.start(node)
         else:
@@ -127,7 +156,7 @@ class FunctionPool:
             cmd["delay_s"] = self.fold_delay_s
         lid = cmd.get("layout")
         if lid is not None and lid not in fn.layouts and task.run is not None:
-            cmd["specs"] = [[s.name, s.dtype, list(s.shape)] for s in task.run.round.layout.specs]
+            cmd["specs"] = task.run.round.layout.to_wire()
             fn.layouts.add(lid)
         fn.current = task
         try:

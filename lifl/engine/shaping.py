@@ -7,11 +7,10 @@ allocates nothing and starts nothing.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..control.model import (GATEWAY_CORES, CostPriors, Hierarchy, Load, Node, PlannerPolicy, Resources)
+from ..control.model import (CostPriors, Hierarchy, Load, Node, PlannerPolicy, Resources)
 from ..control.placement import place, random_placement
 from ..control.planner import build_tree, plan_elastic, plan_static, replan
 from ..layout import Layout
@@ -28,11 +27,12 @@ class Shape:
 
 
 class TreeShaper:
-    """``nodes()``: the live nodes as the policies see them (one machine for the local runtime)."""
+    """``nodes()``: the live nodes as the policies see them. On one node, ``config.leaves`` caps
+    the tree and no placement is needed; on several it is a per-node cap and ``control.placement``
+    puts leaves and parents on nodes."""
 
-    def __init__(self, config, nodes: Callable[[], Sequence[Node]], multi_node: bool,
-                 priors: CostPriors = CostPriors()):
-        self.config, self._nodes, self.multi_node, self.priors = config, nodes, multi_node, priors
+    def __init__(self, config, nodes: Callable[[], Sequence[Node]], priors: CostPriors = CostPriors()):
+        self.config, self._nodes, self.priors = config, nodes, priors
         self.last_plan = ""
 
     def nodes(self) -> list[Node]:
@@ -43,7 +43,7 @@ class TreeShaper:
         costs = self.priors.costs(update_s)
         rate = load.arrivals_per_s or load.last_round_rate or expected / (deadline_s or 10.0)
         nodes = self.nodes()
-        if self.multi_node:  # leaves up to config.leaves per node; arrivals split as last round's were
+        if len(nodes) > 1:  # leaves up to config.leaves per node; arrivals split as last round's were
             names = {m.name for m in nodes}
             share = {n: v for n, v in load.node_share.items() if n in names}
             policy = PlannerPolicy(max_leaves=min(self.config.leaves * len(nodes), expected))
@@ -52,7 +52,7 @@ class TreeShaper:
         return Load(expected, rate), costs, nodes, policy
 
     def _demand(self) -> Resources:
-        return Resources(cores=self.config.function_cpus if self.multi_node else 1.0)
+        return Resources(cores=self.config.function_cpus)
 
     def _place(self, hier: Hierarchy, home: Sequence[str], layout: Layout, expected: int, seed: int):
         nodes = self.nodes()
@@ -70,13 +70,13 @@ class TreeShaper:
             inp, costs, nodes, policy = self._inputs(expected, layout, deadline_s, load)
             plan = plan_elastic(inp, costs, nodes, self._demand(), policy=policy)
             self.last_plan = plan.hierarchy.describe()
-        if not self.multi_node:
+        names = [n.name for n in self.nodes()]
+        if len(names) == 1:
             hier = plan.hierarchy if plan is not None else plan_static(
                 min(self.config.leaves, self.config.workers, expected), self.config.fan_in)
-            local = ("local",) * hier.leaves
-            return Shape(hier, local, local, plan)
+            here = (names[0],) * hier.leaves
+            return Shape(hier, here, here, plan)
         if plan is None:  # static: config.leaves per node, the nodes' leaves grouped together
-            names = [n.name for n in self.nodes()]
             home = [n for n in names for _ in range(self.config.leaves)][:max(len(names), expected)]
             hier = build_tree(sorted(range(len(home)), key=lambda i: (names.index(home[i]), i)), self.config.fan_in)
         else:
@@ -101,7 +101,7 @@ class TreeShaper:
         if new is current.plan:
             return None
         home = tuple(new.leaf_home)
-        if self.multi_node:
+        if len(nodes) > 1:
             placement = self._place(new.hierarchy, home, layout, expected, round_id)
             if any(placement.leaf_node[i] != n for i, n in enumerate(leaf_nodes)):
                 return None  # it would move leaves that already hold sums: keep the current plan
@@ -111,8 +111,3 @@ class TreeShaper:
         self.last_plan = new.hierarchy.describe() + " (re-planned mid-round)"
         return shape
 
-
-def local_node(config, budget: int) -> Node:
-    """This machine as the policies see it: its cores less the gateway's, capped by ``workers``."""
-    cores = float(min(config.workers, config.fold_cores or max(1, (os.cpu_count() or 2) - GATEWAY_CORES)))
-    return Node("local", cores, 0, budget)

@@ -71,11 +71,19 @@ class RoundRun:
         return self.round.state in (State.DONE, State.FAILED)
 
 
+@dataclass(frozen=True)
+class Forget:
+    """A control command: unmap segments the arena unlinked; drop finished rounds' layouts."""
+
+    segments: tuple[str, ...] = ()
+    layouts: tuple[int, ...] = ()
+
+
 @dataclass
 class Task:
     """A command queued for or running on a function: a reduction command, or a control op."""
 
-    cmd: "Command | dict"
+    cmd: "Command | Forget"
     run: RoundRun | None
     attempts: int = 1          # sends so far: a re-sent command may have run part way before
 
@@ -87,8 +95,8 @@ class Task:
         """The JSON command a function reads (``lifl.function``), made afresh at each send: a
         command re-sent to a replacement is the same command."""
         cmd, run = self.cmd, self.run
-        if isinstance(cmd, dict):
-            return dict(cmd)
+        if isinstance(cmd, Forget):
+            return {"op": "forget", "segments": list(cmd.segments), "layouts": list(cmd.layouts)}
         segs = run.segs[cmd.leaf]
         if isinstance(cmd, Finalize):
             return {"op": "finalize", "layout": cmd.round, "acc": segs.acc.name, "weight": cmd.weight,

@@ -8,12 +8,13 @@ from typing import Callable
 log = logging.getLogger("lifl.engine")
 
 
-def guarded(what: str, step: Callable, *args) -> None:
-    """Run one step of a control loop: an error is logged and the loop goes on."""
+def guarded(what: str, step: Callable, *args):
+    """Run one step of a control loop: an error is logged and the loop goes on (None returned)."""
     try:
-        step(*args)
+        return step(*args)
     except Exception:
         log.exception("control loop: %s failed; continuing", what)
+        return None
 
 
 class Ticker:

@@ -1,13 +1,34 @@
-"""The interface every runtime (local processes, Ray actors) implements."""
+"""The interface every runtime (local processes, Ray actors) implements, complete: functions,
+nodes and their stores, node liveness and loss, and the gateways other nodes run. The engine
+calls only this; it never asks which runtime it has."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
 
-#: Called with (worker, reply dict) for every reply, and (worker, None) when it exits.
-OnMessage = Callable[["Worker", "dict | None"], None]
+from ..control.model import Node
 
 log = logging.getLogger("lifl.runtime")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a function answered to one command (or what its runtime made of a failure)."""
+
+    ok: bool
+    seconds: float = 0.0
+    error: str = ""
+    lost_input: bool = False    # an input segment went down with its node (Ray)
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> "Reply":
+        return cls(bool(msg.get("ok")), float(msg.get("seconds", 0.0)), str(msg.get("error", "")),
+                   bool(msg.get("lost_input", False)))
+
+
+#: Called with (worker, reply) for every reply, and (worker, None) when it exits.
+OnMessage = Callable[["Worker", "Reply | None"], None]
 
 
 def deliver(on_message: OnMessage, worker: "Worker", msg: "dict | None") -> None:
@@ -15,10 +36,10 @@ def deliver(on_message: OnMessage, worker: "Worker", msg: "dict | None") -> None
     logged and the reader goes on: it must not pass for the function's death (a replacement
     would start while this function lives on, unread) nor end the reader silently."""
     try:
-        on_message(worker, msg)
+        on_message(worker, None if msg is None else Reply.from_wire(msg))
     except Exception:
         log.exception("the engine failed to handle %s of function %s", "the exit" if msg is None else "a reply",
-                      getattr(worker, "id", "?"))
+                      worker.id)
 
 
 class Worker(Protocol):
@@ -26,15 +47,43 @@ class Worker(Protocol):
     node: str
     pid: int
     started: float
+    start_seconds: float
+    async_start: bool           # True: it reports its own cold-start time once it is up
 
     def send(self, cmd: dict) -> None: ...
     def alive(self) -> bool: ...
     def kill(self) -> None: ...
 
 
+class Store(Protocol):
+    """A node's shared memory as the engine uses it."""
+
+    def scratch(self, size: int): ...
+    def release_scratch(self, name: str) -> None: ...
+    def release_slot(self, name: str) -> None: ...
+
+
+@dataclass
+class NodeEvents:
+    """Subscriptions the engine and server set: a node lost (with everything on it), and the
+    streams a lost node's gateway had open (job, round, client) so their clients may push again."""
+
+    on_node_lost: Callable[[str], None] = lambda node: None
+    open_streams: Callable[[str], Iterable[tuple[str, int, str]]] = lambda node: ()
+
+
 class Runtime(Protocol):
     name: str
+    head: str                   # the node this server (and its gateway) runs on
+    events: NodeEvents
 
-    def start_worker(self, on_message: OnMessage, node: str | None = None) -> Worker: ...
+    def prepare(self) -> None: ...
+    def start_worker(self, on_message: OnMessage, node: str) -> Worker: ...
     def stop_worker(self, worker: Worker) -> None: ...
+    def node_models(self) -> list[Node]: ...
+    def function_slots(self, node: str) -> int: ...
+    def node_alive(self, node: str) -> bool: ...
+    def store(self, node: str) -> Store: ...
+    def store_of(self, segment: str) -> Store: ...
+    def gateways(self) -> dict[str, str]: ...
     def close(self) -> None: ...

@@ -22,12 +22,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import OnMessage, deliver, log
+from ..control.model import Node, machine_node
+from .base import NodeEvents, OnMessage, deliver, log
 
 
 class LocalWorker:
     _ids = itertools.count(1)
     node = "local"
+    async_start = False
 
     def __init__(self, sock: socket.socket, pid: int, on_message: OnMessage, t0: float,
                  proc: subprocess.Popen | None = None, start_timeout: float = 30.0):
@@ -99,11 +101,15 @@ class LocalRuntime:
     reader thread would kill the replacement of a crashed function at once."""
 
     name = "local"
+    head = "local"
 
-    def __init__(self, spawn: str = "zygote"):
+    def __init__(self, arena, spawn: str = "zygote", workers: int = 1, fold_cores: int = 0):
+        """``arena``: this machine's shared memory (the one node's store); ``workers`` and
+        ``fold_cores``: how many functions may run here and the cores the planner may fill."""
         if spawn not in ("zygote", "exec"):
             raise ValueError(f"spawn must be 'zygote' or 'exec', got {spawn!r}")
-        self.spawn = spawn
+        self.spawn, self.arena, self.workers, self.fold_cores = spawn, arena, workers, fold_cores
+        self.events = NodeEvents()   # one machine: never loses a node
         self._workers: list[LocalWorker] = []
         self._lock = threading.Lock()
         self._forker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lifl-forker")
@@ -158,7 +164,25 @@ class LocalRuntime:
         if self.spawn == "zygote":
             self._forker.submit(self._start_zygote).result()
 
-    def start_worker(self, on_message: OnMessage, node: str | None = None) -> LocalWorker:
+    def node_models(self) -> list[Node]:
+        return [machine_node(self.head, self.workers, self.fold_cores, os.cpu_count() or 2, self.arena.budget)]
+
+    def function_slots(self, node: str) -> int:
+        return self.workers
+
+    def node_alive(self, node: str) -> bool:
+        return True
+
+    def store(self, node: str):
+        return self.arena
+
+    def store_of(self, segment: str):
+        return self.arena
+
+    def gateways(self) -> dict[str, str]:
+        return {}   # the server's own gateway is the only one
+
+    def start_worker(self, on_message: OnMessage, node: str = "local") -> LocalWorker:
         w = self._forker.submit(self._fork, on_message).result()
         with self._lock:
             self._workers.append(w)

@@ -20,7 +20,9 @@ head process unchanged; this module is only mechanism:
   the head, which serves Pull (kind ``result``).
 * **Faults.** A dead function is reported like a dead local process (the
   dispatcher re-runs its commands on a replacement on the same node). A node
-  whose agent stops answering is reported lost (``on_node_lost``).
+  whose agent stops answering is reported lost (``events.on_node_lost``).
+* **Off the engine's lock.** Exporting a command's inputs (``ray.put`` of model-sized
+  arrays) happens in the function's own reply thread, not in ``send``.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import numpy as np
 
 from ..control.model import Node
 from ..shm import SHM_DIR, list_segments, reclaim_stale
-from .base import OnMessage, deliver
+from .base import NodeEvents, OnMessage, deliver
 
 _SEG = re.compile(r"^(.*)-\d+-\d+$")
 
@@ -131,7 +133,7 @@ class RayWorker:
         self._t0, self._ray_id = t0, node.ray_id
         self._ready = actor.ready.remote()
         self._on_message = on_message
-        self._replies: queue.Queue = queue.Queue()
+        self._commands: queue.Queue = queue.Queue()
         self._dead = threading.Event()
         self.stopping = False
         threading.Thread(target=self._wait_replies, name=f"lifl-{self.id}", daemon=True).start()
@@ -151,19 +153,20 @@ class RayWorker:
         return True
 
     def send(self, cmd: dict) -> None:
+        """Queue a command; the reply thread submits it (its inputs' export may block)."""
         if self._dead.is_set():
             raise OSError(f"{self.id} is dead")
-        self._replies.put(self.runtime.submit(self, cmd))
+        self._commands.put(cmd)
 
     def _wait_replies(self) -> None:
         ray = _ray()
         from ray.exceptions import RayActorError, RayTaskError
         while self._await_ready():
-            item = self._replies.get()
-            if item is None:
+            cmd = self._commands.get()
+            if cmd is None:
                 break
-            reply_ref, out_ref, out_name, kinds = item
             try:
+                reply_ref, out_ref, out_name, kinds = self.runtime.submit(self, cmd)
                 reply = json.loads(ray.get(reply_ref))
                 if reply.get("ok"):
                     self.runtime.count_crossed(kinds, reply.pop("given_bytes", {}))
@@ -190,7 +193,7 @@ class RayWorker:
     def stop(self) -> None:
         self.stopping = True
         self.kill()
-        self._replies.put(None)
+        self._commands.put(None)
 
 
 class RayRuntime:
@@ -221,8 +224,7 @@ class RayRuntime:
         self._by_prefix = {n.prefix: n for n in self.nodes.values()}
         self._workers: list[RayWorker] = []
         self._lock = threading.Lock()
-        self.on_node_lost = None          # set by the dispatcher
-        self.forget_streams = None        # set by the server (the head service's per-node streams)
+        self.events = NodeEvents()        # the engine and the server subscribe
         self.crossed: dict[str, int] = {"partial": 0, "update": 0, "result": 0}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -248,6 +250,13 @@ class RayRuntime:
     def node_models(self) -> list[Node]:
         shm = self.config.shm_budget_mb * 2**20
         return [Node(n.name, n.cores, n.memory, shm) for n in self.nodes.values() if n.alive]
+
+    def function_slots(self, node: str) -> int:
+        n = self.nodes.get(node)
+        return max(1, int(n.cores // self.config.function_cpus)) if n is not None else 0
+
+    def prepare(self) -> None:
+        """Nothing to warm: actors start on demand."""
 
     def node_alive(self, node: str) -> bool:
         return self.nodes[node].alive
@@ -285,8 +294,7 @@ class RayRuntime:
             if not n.alive:
                 return
             n.alive = False
-        if self.on_node_lost is not None:
-            self.on_node_lost(n.name)
+        self.events.on_node_lost(n.name)
 
     def _watch_nodes(self, every_s: float = 1.0, silent_limit: int = 6) -> None:
         """Ping every agent each second. Lost = Ray reports the agent dead, or ``silent_limit``
@@ -317,9 +325,9 @@ class RayRuntime:
                     pass
 
     # -- functions ------------------------------------------------------------------------
-    def start_worker(self, on_message: OnMessage, node: str | None = None) -> RayWorker:
+    def start_worker(self, on_message: OnMessage, node: str) -> RayWorker:
         from .ray_actors import FunctionActor
-        n = self.nodes[node or self.head]
+        n = self.nodes[node]
         if not n.alive:
             raise RuntimeError(f"node {n.name} is lost; no function can start there")
         t0 = time.perf_counter()

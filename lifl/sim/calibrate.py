@@ -96,7 +96,7 @@ def measure_fold(specs) -> dict:
 def measure_cold_start(n: int = 3) -> float:
     from ..runtime.local import LocalRuntime
     times = []
-    with LocalRuntime() as rt:
+    with LocalRuntime(arena=None) as rt:   # only starts functions: no segments
         rt.prepare()
         for _ in range(n):
             w = rt.start_worker(lambda *_: None)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..client import Client, RpcFailure
+from ..layout import Layout
 from . import training
 from .workload import base_model, client_update
 
@@ -71,7 +72,7 @@ def _round(client: Client, init: dict, cmd: dict, base: dict) -> dict:
 
 def main() -> int:
     init = json.loads(sys.stdin.readline())
-    specs = [(n, tuple(s), d) for n, s, d in init["specs"]]
+    specs = [(s.name, s.shape, s.dtype) for s in Layout.from_wire(init["specs"]).specs]
     base = base_model(specs, init["seed"])
     with Client(init["address"], retry_s=init.get("retry_s", 120.0)) as client:
         print(json.dumps({"ready": True}), flush=True)

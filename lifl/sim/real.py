@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..client import Client
+from ..layout import Layout, TensorSpec
 from ..procfs import cpu_seconds
 from . import training
 from .config import SimConfig
@@ -89,7 +90,8 @@ class ClientPool:
                 p = subprocess.Popen([sys.executable, "-m", "lifl.sim.client_proc"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
                 self.procs.append(p)
-                init = {"address": address, "specs": [[n, list(s), d] for n, s, d in specs], "seed": seed,
+                wire = Layout.from_specs(TensorSpec(n, d, tuple(s)) for n, s, d in specs).to_wire()
+                init = {"address": address, "specs": wire, "seed": seed,
                         "threads": threads, "tmpdir": self.tmp.name, "index": i, "training": training_mode,
                         "task": task,
                         "lr": lr, "epochs": epochs, "check": check}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,10 +36,10 @@ import numpy as np
 
 from ..config import ServerConfig
 from ..control.autoscaler import choose_function, decide
-from ..control.model import AutoscalerState, Instance, InstanceState, Node, Observation, ScalePolicy
+from ..control.model import AutoscalerState, Instance, InstanceState, Node, Observation, ScalePolicy, machine_node
 from ..control.planner import batch_seconds, route_leaf
 from ..engine.load import LoadEstimator
-from ..engine.shaping import Shape, TreeShaper, local_node
+from ..engine.shaping import Shape, TreeShaper
 from ..layout import Layout, TensorSpec
 from .calibrate import Costs
 from .config import SimConfigError
@@ -115,10 +116,11 @@ class VirtualServer:
         self.layout = layout or Layout.from_specs([TensorSpec("w", "float32", (numel,))])
         self.tick_s = tick_s
         budget = server.shm_budget_mb * 2**20
+        machine = machine_node("local", server.workers, server.fold_cores, os.cpu_count() or 2, budget)
         if nodes == 1 and not cores_per_node:
-            self.nodes = [local_node(server, budget)]
+            self.nodes = [machine]
         else:
-            cores = cores_per_node or local_node(server, budget).cores
+            cores = cores_per_node or machine.cores
             self.nodes = [Node(f"node{i}" if nodes > 1 else "local", cores, 0, budget) for i in range(nodes)]
         self.names = [n.name for n in self.nodes]
         self.cores = {n.name: max(1, int(n.cores)) for n in self.nodes}
@@ -136,7 +138,7 @@ class VirtualServer:
         self.events: list = []
         self._seq = itertools.count()
         self.load = LoadEstimator()      # what the engine feeds the planner and the autoscaler
-        self.shaper = TreeShaper(server, lambda: self.nodes, multi_node=nodes > 1)
+        self.shaper = TreeShaper(server, lambda: self.nodes)
         self.tick_pending = False
         self.round: _Round | None = None
         self.finished: _Round | None = None   # set when the current round's result exists

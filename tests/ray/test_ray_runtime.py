@@ -19,9 +19,10 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from lifl.client import Client, RpcFailure  # noqa: E402
 from lifl.config import ServerConfig  # noqa: E402
+from lifl.layout import Layout  # noqa: E402
 from lifl.server import EmbeddedServer  # noqa: E402
 from lifl.shm import list_segments  # noqa: E402
-from support import assert_matches, fedavg64, perturb, small_model  # noqa: E402
+from support import assert_matches, fedavg64, metric, perturb, small_model  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -118,21 +119,23 @@ def test_three_nodes_exact_placed_and_only_partials_cross(ray_server, cluster):
         got = admin.pull(rid, wait_s=60)
     assert_matches(got, fedavg64(updates, weights))
 
-    run = srv.dispatcher.get("default", rid)
+    view = srv.snapshot().round(rid)
+    actors = {w.id: w for w in rt.workers()}
     # locality: every leaf runs on the node whose gateway fed it, and the actor really is there
-    assert [leaf.node for leaf in run.leaves] == [leaf.home for leaf in run.leaves]
-    assert sorted({leaf.node for leaf in run.leaves}) == sorted(srv.gateways())
-    for leaf in run.leaves:
-        assert leaf.index not in run.workers or _actor_node(run.workers[leaf.index].handle) == leaf.node
-    for w in srv.dispatcher.workers():
-        assert _actor_node(w.handle) == w.node
+    assert [leaf.node for leaf in view.leaves] == [leaf.home for leaf in view.leaves]
+    assert sorted({leaf.node for leaf in view.leaves}) == sorted(srv.gateways())
+    for leaf in view.leaves:
+        assert not leaf.function or _actor_node(actors[leaf.function]) == leaf.node
+    for w in srv.snapshot().functions:
+        assert _actor_node(actors[w.id]) == w.node
     # bytes between nodes: partial sums only, exactly what the placement predicted
     crossed = {k: rt.crossed[k] - before[k] for k in before}
-    partial = run.round.layout.numel * 8
+    layout = Layout.from_arrays(base)
+    partial = layout.numel * 8
     assert crossed["update"] == 0
-    assert crossed["partial"] == run.placement.partial_bytes_crossing > 0
+    assert crossed["partial"] == view.partial_bytes_crossing > 0
     assert crossed["partial"] % partial == 0
-    assert crossed["result"] in (0, run.round.layout.total_size)  # the model goes to the head once at most
+    assert crossed["result"] in (0, layout.total_size)  # the model goes to the head once at most
 
 
 def test_same_result_as_embedded_runtime(ray_server, make_server):
@@ -169,13 +172,13 @@ def test_scale_to_zero_then_cold_start_again(ray_server):
         started = list(srv.runtime.workers())
         assert started, "functions should have run"
         deadline = time.monotonic() + 30
-        while (srv.dispatcher.workers() or srv.runtime.workers()) and time.monotonic() < deadline:
+        while (srv.snapshot().functions or srv.runtime.workers()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert srv.dispatcher.workers() == [] and srv.runtime.workers() == []
+        assert srv.snapshot().functions == () and srv.runtime.workers() == []
         for w in started:  # really gone, not just forgotten (ray.kill takes effect asynchronously)
             assert _dies(w.actor), f"{w.id} is still answering after it was stopped"
-    assert srv.metrics.scale_downs._value.get() >= 2
-    assert srv.metrics.cold_starts._value.get() >= 2
+    assert metric(srv, "lifl_scale_downs_total") >= 2
+    assert metric(srv, "lifl_cold_starts_total") >= 2
 
 
 def test_killed_actor_mid_fold_is_replaced_and_result_exact(ray_server, monkeypatch):
@@ -189,15 +192,15 @@ def test_killed_actor_mid_fold_is_replaced_and_result_exact(ray_server, monkeypa
         victim = None
         deadline = time.monotonic() + 20
         while victim is None and time.monotonic() < deadline:  # a function in the middle of a fold
-            victim = next((w for w in srv.dispatcher.workers() if w.current is not None), None)
+            victim = next((w for w in srv.snapshot().functions if w.busy), None)
             time.sleep(0.02)
         assert victim is not None
-        victim.handle.kill()
+        next(w for w in srv.runtime.workers() if w.id == victim.id).kill()
         _push_spread(srv, rid, updates[3:], weights[3:], names=["c3", "c4", "c5"])
         got = admin.pull(rid, wait_s=60)
     assert_matches(got, fedavg64(updates, weights))
-    assert srv.metrics.function_failures._value.get() >= 1
-    assert srv.metrics.tasks_retried._value.get() >= 1
+    assert metric(srv, "lifl_function_failures_total") >= 1
+    assert metric(srv, "lifl_tasks_retried_total") >= 1
 
 
 def test_node_gateway_refusals_and_relays(ray_server):
@@ -244,9 +247,9 @@ def test_lost_node_updates_are_taken_back_and_resent(ray_server, cluster):
         assert admin.round_info(rid).accepted == 6
         cluster.remove_node(extra)
         deadline = time.monotonic() + 60
-        while srv.metrics.nodes_lost._value.get() < 1 and time.monotonic() < deadline:
+        while metric(srv, "lifl_nodes_lost_total") < 1 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert srv.metrics.nodes_lost._value.get() == 1
+        assert metric(srv, "lifl_nodes_lost_total") == 1
         info = admin.round_info(rid)
         assert info.state == "open" and info.accepted == 6 - len(lost)
         assert "lost with node" in info.detail
@@ -257,7 +260,7 @@ def test_lost_node_updates_are_taken_back_and_resent(ray_server, cluster):
             admin.push(rid, updates[i], weights[i], c)
         got = admin.pull(rid, wait_s=60)
     assert_matches(got, fedavg64(updates, weights))
-    assert srv.metrics.updates_lost._value.get() == len(lost)
+    assert metric(srv, "lifl_updates_lost_total") == len(lost)
 
 
 def test_node_lost_while_aggregating_closes_on_quorum(ray_server, cluster, monkeypatch):
@@ -282,4 +285,4 @@ def test_node_lost_while_aggregating_closes_on_quorum(ray_server, cluster, monke
     assert 4 <= len(kept) < 8
     assert info.accepted == len(kept) and "lost with node" in info.detail
     assert_matches(got, fedavg64([updates[i] for i in kept], [weights[i] for i in kept]))
-    assert srv.metrics.updates_lost._value.get() == 8 - len(kept)
+    assert metric(srv, "lifl_updates_lost_total") == 8 - len(kept)

@@ -1,0 +1,16 @@
+"""The engine as a gateway's Push sees it: one small protocol, implemented by the head's
+dispatcher and, explicitly, by a node gateway's link to it (Ray runtime)."""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Admission(Protocol):
+    """What a gateway's Push needs from the engine. The head's :class:`Dispatcher` and a node
+    gateway's link to it (``head_link.HeadLink``) both implement it."""
+
+    def get(self, job: str, rid: int): ...
+    def begin_push(self, job: str, rid: int, client: str) -> object: ...
+    def check_open(self, run) -> None: ...
+    def accept(self, run, client: str, slot: str, weight: float) -> int: ...
+    def abandon(self, run, client: str) -> None: ...
