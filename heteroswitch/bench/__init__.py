@@ -2,12 +2,12 @@
 
 One job per module: :mod:`.config` (what an experiment is), :mod:`.job` (one
 (seed, method) run), :mod:`.runner` (every job, in worker processes when asked),
-:mod:`.report` (summary, tables, plots).  Presets and the command line live in
-:mod:`heteroswitch.presets` and :mod:`heteroswitch.cli`, which import this
-package and never the other way round.
+:mod:`.report` (summary, tables, plots), :mod:`.presets` (named sizes and
+data).  The command line, :mod:`heteroswitch.cli`, imports this package; nothing
+here imports it back.
 
-Methods (all FedAvg-aggregated through :mod:`heteroswitch.aggregate`, LIFL by
-default):
+Methods (all FedAvg-aggregated through :mod:`heteroswitch.aggregate`: a LIFL
+server at ``lifl_address``, or in process with LIFL's finalize):
 
 * ``fedavg``        plain local SGD
 * ``isp``           random ISP transformation always on

@@ -83,27 +83,27 @@ def _independent_fedavg(updates):
 
 
 @pytest.mark.skipif(not LIFL_OK, reason=f"lifl.client cannot be imported: {LIFL_WHY}")
-@pytest.mark.parametrize("weights", [[1, 1, 1, 1], [3, 5, 2, 6, 1]])
-def test_local_and_lifl_aggregation_agree_bit_for_bit(server, weights):
-    ups = _exact_updates(len(weights), weights)
-    results = {}
-    for agg in (LocalFedAvg(), make_aggregator("lifl", address=server.address, job=f"bits-{len(weights)}")):
-        try:
-            agg.begin(ups[0][0], expected=len(ups))
-            for i, (a, n) in enumerate(ups):
-                agg.submit(a, n, f"c{i}")
-            results[agg.name] = agg.finish()
-        finally:
-            agg.close()
-    local, lifl, ref = results["local"], results["lifl"], _independent_fedavg(ups)
-    for k in ref:
-        assert local[k].dtype == lifl[k].dtype == ref[k].dtype and local[k].shape == lifl[k].shape == ref[k].shape
-        assert local[k].tobytes() == lifl[k].tobytes() == ref[k].tobytes(), k
-    if weights == [1, 1, 1, 1]:  # the ties this case is about really occur
-        mean_mask = np.mean([a["mask"] for a, _ in ups], axis=0)
-        mean_steps = np.mean([a["steps"] for a, _ in ups], axis=0)
-        assert (mean_mask == 0.5).any() and not local["mask"][mean_mask == 0.5].any()
-        assert (np.abs(mean_steps % 1) == 0.5).any()
+def test_local_and_lifl_aggregation_agree_bit_for_bit(server):
+    for weights in ([1, 1, 1, 1], [3, 5, 2, 6, 1]):
+        ups = _exact_updates(len(weights), weights)
+        results = {}
+        for agg in (LocalFedAvg(), make_aggregator("lifl", address=server.address, job=f"bits-{len(weights)}")):
+            try:
+                agg.begin(ups[0][0], expected=len(ups))
+                for i, (a, n) in enumerate(ups):
+                    agg.submit(a, n, f"c{i}")
+                results[agg.name] = agg.finish()
+            finally:
+                agg.close()
+        local, lifl, ref = results["local"], results["lifl"], _independent_fedavg(ups)
+        for k in ref:
+            assert local[k].dtype == lifl[k].dtype == ref[k].dtype and local[k].shape == lifl[k].shape == ref[k].shape
+            assert local[k].tobytes() == lifl[k].tobytes() == ref[k].tobytes(), (weights, k)
+        if weights == [1, 1, 1, 1]:  # the ties this case is about really occur
+            mean_mask = np.mean([a["mask"] for a, _ in ups], axis=0)
+            mean_steps = np.mean([a["steps"] for a, _ in ups], axis=0)
+            assert (mean_mask == 0.5).any() and not local["mask"][mean_mask == 0.5].any()
+            assert (np.abs(mean_steps % 1) == 0.5).any()
 
 
 def test_local_fedavg_rounds_ties_like_lifl():
@@ -119,13 +119,14 @@ def test_lifl_aggregator_needs_an_address():
         make_aggregator("lifl")
 
 
-def test_auto_aggregator_is_lifl_with_an_address(server):
+@pytest.mark.skipif(not LIFL_OK, reason=f"lifl.client cannot be imported: {LIFL_WHY}")
+def test_auto_aggregator_is_lifl_with_an_address():
     agg = make_aggregator("auto")
     assert agg.name == "local"
     agg.close()
-    agg = make_aggregator("auto", address=server.address)
+    agg = make_aggregator("auto", address="127.0.0.1:1")  # nothing is sent until a round begins
     try:
-        assert agg.name == ("lifl" if LIFL_OK else "local")
+        assert agg.name == "lifl"
     finally:
         agg.close()
     with pytest.raises(ValueError, match="aggregator"):
