@@ -1,14 +1,15 @@
 """Pluggable FedAvg aggregation for the benchmark.
 
 * :class:`LiflAggregator` -- the real path: every client update is pushed to a
-  LIFL server as soon as the client finishes (LIFL folds it eagerly) and the
-  new global model is pulled when the round completes.  It reaches the
-  platform only through ``lifl.client`` (and ``lifl.server`` to start an
-  embedded server for the experiment, when no address is given).
-* :class:`LocalFedAvg` -- a numpy float64 reference with the same semantics
-  (``sum w_i x_i / sum w_i`` accumulated in float64, cast back to each
-  tensor's dtype, integer tensors rounded), used by unit tests and where LIFL
-  is unavailable.
+  running LIFL server (``lifl serve``; the caller starts it and gives its
+  address) as soon as the client finishes (LIFL folds it eagerly), and the new
+  global model is pulled when the round completes.  HeteroSwitch reaches the
+  platform only through ``lifl.client`` (shared/DESIGN.md's wall).
+* :class:`LocalFedAvg` -- an in-process float64 FedAvg with LIFL's semantics:
+  ``sum w_i x_i / sum w_i`` accumulated in float64, then finalized by LIFL's
+  own :func:`lifl.client.finalize_arrays` (integers rounded to nearest, ties to
+  even; bools the weighted majority, ties False), so both paths agree bit for
+  bit where the sums are exact.
 
 Both are used through the same three calls: ``begin(global_state, expected)``,
 ``submit(arrays, num_examples, client_id)``, ``finish() -> new global state``.
@@ -16,7 +17,6 @@ Both are used through the same three calls: ``begin(global_state, expected)``,
 
 from __future__ import annotations
 
-import contextlib
 from typing import Protocol
 
 import numpy as np
@@ -33,12 +33,10 @@ class Aggregator(Protocol):
     def close(self) -> None: ...
 
 
-def _cast_like(acc: np.ndarray, like: np.ndarray) -> np.ndarray:
-    if np.issubdtype(like.dtype, np.integer):
-        return np.rint(acc).astype(like.dtype)
-    if like.dtype == np.bool_:
-        return acc >= 0.5
-    return acc.astype(like.dtype)
+def _finalize(sums: dict[str, np.ndarray], like: dict[str, np.ndarray], total: float) -> dict[str, np.ndarray]:
+    from lifl.client import finalize_arrays  # LIFL's own finalize: one semantics for both paths
+
+    return finalize_arrays(sums, like, total)
 
 
 def fedavg_reference(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
@@ -48,9 +46,8 @@ def fedavg_reference(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[s
     total = float(sum(n for _, n in updates))
     if total <= 0:
         raise ValueError("FedAvg needs a positive total number of examples")
-    keys = updates[0][0].keys()
-    return {k: _cast_like(sum(np.asarray(a[k], np.float64) * n for a, n in updates) / total, updates[0][0][k])
-            for k in keys}
+    like = {k: np.asarray(v) for k, v in updates[0][0].items()}
+    return _finalize({k: sum(np.asarray(a[k], np.float64) * n for a, n in updates) for k in like}, like, total)
 
 
 class LocalFedAvg:
@@ -89,7 +86,7 @@ class LocalFedAvg:
     def finish(self) -> dict[str, np.ndarray]:
         if self._acc is None or self._total == 0:
             raise RuntimeError("finish() with no updates")
-        out = {k: _cast_like(acc / self._total, self._like[k]) for k, acc in self._acc.items()}
+        out = _finalize(self._acc, self._like, self._total)
         self._acc = None
         return out
 
@@ -98,41 +95,33 @@ class LocalFedAvg:
 
 
 def lifl_available() -> tuple[bool, str]:
-    """Whether ``lifl.client`` (and ``lifl.server``) import; the reason if not."""
+    """Whether ``lifl.client`` imports; the reason if not."""
     try:
         import lifl.client  # noqa: F401
-        import lifl.server  # noqa: F401
     except Exception as e:  # ImportError, or a broken build of the platform
         return False, f"{type(e).__name__}: {e}"
     return True, ""
 
 
 class LiflAggregator:
-    """FedAvg through a LIFL server: eager pushes, one pull per round.
+    """FedAvg through a running LIFL server at ``address``: eager pushes, one pull per round.
 
-    With ``address=None`` an :class:`lifl.server.EmbeddedServer` is started for
-    the lifetime of this object.  ``job`` separates concurrent experiments that
-    share one server.
+    ``job`` separates concurrent experiments that share one server.
     """
 
     name = "lifl"
 
-    def __init__(self, address: str | None = None, job: str = "heteroswitch", pull_timeout_s: float = 120.0,
-                 server_config: dict | None = None) -> None:
+    def __init__(self, address: str, job: str = "heteroswitch", pull_timeout_s: float = 120.0,
+                 token: str | None = None) -> None:
         from lifl.client import Client
 
-        self._stack = contextlib.ExitStack()
-        if address is None:
-            from lifl.server import EmbeddedServer, ServerConfig
-
-            # free ports, no /metrics listener: several experiments may run side by side
-            opts = {"port": 0, "metrics_port": -1, **(server_config or {})}
-            server = self._stack.enter_context(EmbeddedServer(ServerConfig(**opts)))
-            address = server.address
+        if not address:
+            raise ValueError("LiflAggregator needs the address (host:port) of a running LIFL server "
+                             "(start one with `lifl serve`)")
         self.address = address
         self.job = job
         self.pull_timeout_s = pull_timeout_s
-        self._client = self._stack.enter_context(Client(address))
+        self._client = Client(address, token=token)
         self._rid: int | None = None
         self._shapes: dict[str, tuple] = {}
         self.receipts: list = []
@@ -158,7 +147,7 @@ class LiflAggregator:
         return {k: np.array(v, copy=True).reshape(self._shapes.get(k, np.shape(v))) for k, v in out.items()}
 
     def close(self) -> None:
-        self._stack.close()
+        self._client.close()
 
     def __enter__(self) -> "LiflAggregator":
         return self
@@ -168,12 +157,16 @@ class LiflAggregator:
 
 
 def make_aggregator(kind: str = "auto", address: str | None = None, job: str = "heteroswitch") -> Aggregator:
-    """``"lifl"`` (error if unavailable), ``"local"``, or ``"auto"`` (LIFL when it imports)."""
-    if kind == "local":
-        return LocalFedAvg()
-    ok, why = lifl_available()
-    if kind == "lifl" and not ok:
-        raise RuntimeError(f"aggregator 'lifl' requested but lifl.client cannot be imported ({why})")
-    if kind not in ("lifl", "auto"):
+    """``"lifl"`` (the LIFL server at ``address``; an error without one or when ``lifl.client``
+    cannot import), ``"local"``, or ``"auto"`` (LIFL when an address is given, else local)."""
+    if kind not in ("lifl", "local", "auto"):
         raise ValueError(f"aggregator must be 'lifl', 'local' or 'auto', got {kind!r}")
-    return LiflAggregator(address, job=job) if ok else LocalFedAvg()
+    if kind == "local" or (kind == "auto" and not address):
+        return LocalFedAvg()
+    if not address:
+        raise ValueError("aggregator 'lifl' needs the address of a running LIFL server "
+                         "(e.g. --lifl-address 127.0.0.1:50051 after `lifl serve --port 50051`)")
+    ok, why = lifl_available()
+    if not ok:
+        raise RuntimeError(f"aggregator 'lifl' requested but lifl.client cannot be imported ({why})")
+    return LiflAggregator(address, job=job)

@@ -23,53 +23,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from pathlib import Path
 
-from .bench import METHODS, BenchConfig, run_bench
-from .flair_bench import FlairConfig
+from .bench import METHODS, BenchConfig, report_from_jobs, run_bench
+from .bench.presets import BENCHMARKS, PRESETS, parse_scene_overrides
 from .bias import SwitchConfig
 from .devices import list_devices
+from .flair_bench import FlairConfig
 from .scenes import FederatedConfig, SceneConfig
 from .swad import SWADConfig
 from .trainer import TrainConfig
 
-PRESETS: dict[str, dict] = {
-    "tiny": dict(rounds=2, clients_per_round=3, eval_every=1, width=8, blocks=(1, 1), image_size=16, base_size=32,
-                 num_clients=12, samples_per_client=12, test_per_class=2, local_steps=3, batch_size=8,
-                 swad_eval_every=1, swad_eval_samples=8),
-    "cpu": dict(rounds=30, clients_per_round=8, eval_every=5, width=16, blocks=(1, 1, 1), image_size=32, base_size=64,
-                num_clients=90, samples_per_client=48, test_per_class=20, local_steps=12, batch_size=32,
-                swad_eval_every=2, swad_eval_samples=48),
-    "gpu": dict(rounds=60, clients_per_round=10, eval_every=5, width=32, blocks=(1, 1, 1, 1), image_size=64,
-                base_size=128, num_clients=120, samples_per_client=64, test_per_class=30, local_steps=20,
-                batch_size=32, swad_eval_every=2, swad_eval_samples=64),
-}
-
-
-_TRADEOFF_DEVICES = dict(
-    profile_set="tradeoff",
-    device_mix={"GalaxyS22": 0.28, "GalaxyS9": 0.12, "GalaxyS6": 0.08, "VELVET": 0.22, "G7": 0.08, "G4": 0.0,
-                "Pixel5": 0.12, "Pixel2": 0.06, "Nexus5X": 0.04},
-)
-BENCHMARKS: dict[str, dict] = {
-    "rev2": {},
-    # the reported trade-off benchmark; switch defaults chosen on validation seed 100 (docs/heteroswitch.md)
-    "tradeoff": dict(
-        scene=dict(colour_pairs=6, pair_hue_delta=0.025, pair_saturation=(0.35, 0.95), texture_noise=0.2,
-                   fg_value=(0.3, 0.9), hue_jitter=0.015, colour_correlation=0.6),
-        switch=dict(thresholds=(0.05, 0.5), colour_threshold=0.2),
-        **_TRADEOFF_DEVICES,
-    ),
-    # the first, easier variant (4 colour pairs): saturates (FedAvg 99 AP at 64x64); the first calibration ran on it
-    "tradeoff-easy": dict(
-        scene=dict(colour_pairs=4, colour_correlation=0.6, hue_jitter=0.015, pair_hue_delta=0.07),
-        switch=dict(thresholds=(-0.3, 0.5), colour_threshold=0.2),
-        **_TRADEOFF_DEVICES,
-    ),
-}
-
+__all__ = ["BENCHMARKS", "PRESETS", "build_parser", "config_from_args", "main", "parse_scene_overrides"]
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="heteroswitch", description=__doc__,
@@ -114,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clients' lr over rounds, the same for every method (default cosine to 0.1x)")
     b.add_argument("--tail-rounds", type=int, default=5,
                    help="evaluate every one of the last N rounds; the tail table averages them")
-    b.add_argument("--aggregator", choices=["auto", "lifl", "local"], default="auto")
+    b.add_argument("--aggregator", choices=["auto", "lifl", "local"], default="auto",
+                   help="lifl: through the LIFL server at --lifl-address; local: in-process FedAvg with LIFL's "
+                        "arithmetic; auto (default): lifl when an address is given, else local")
+    b.add_argument("--lifl-address", default=os.environ.get("LIFL_ADDRESS") or None, metavar="HOST:PORT",
+                   help="a running LIFL server (`lifl serve --port 50051`); default $LIFL_ADDRESS")
     b.add_argument("--workers", type=int, default=1, help="parallel job processes")
     b.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ...")
     b.add_argument("--out", default="heteroswitch_bench", help="output directory")
@@ -133,22 +105,6 @@ def _float_or_off(v: str) -> float | str:
         return float(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'off', got {v!r}") from None
-
-
-def parse_scene_overrides(text: str) -> dict:
-    """``"k=v,k2=lo:hi"`` -> typed :class:`SceneConfig` overrides; unknown fields raise ``ValueError``."""
-    fields = {f.name: f for f in dataclasses.fields(SceneConfig)}
-    out: dict = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        k, sep, v = item.partition("=")
-        if not sep or k not in fields:
-            raise ValueError(f"--scene: {item!r} is not FIELD=VALUE with FIELD one of {sorted(fields)}")
-        default = getattr(SceneConfig(), k)
-        try:
-            out[k] = tuple(float(x) for x in v.split(":")) if isinstance(default, tuple) else type(default)(v)
-        except ValueError:
-            raise ValueError(f"--scene: {k} needs a {type(default).__name__}, got {v!r}") from None
-    return out
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
@@ -196,7 +152,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         seeds=tuple(int(s) for s in a.seeds.split(",")),
         rounds=p["rounds"], clients_per_round=p["clients_per_round"], eval_every=p["eval_every"],
         model_width=p["width"], model_blocks=tuple(p["blocks"]), data=data, train=train,
-        switch=sw, aggregator=a.aggregator, workers=a.workers, device=a.device,
+        switch=sw, aggregator=a.aggregator, lifl_address=a.lifl_address, workers=a.workers, device=a.device,
         out_dir=a.out, lr_schedule=a.lr_schedule, tail_rounds=a.tail_rounds, flair=flair,
     )
 
@@ -217,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results written to {cfg.out_dir}/ (results.json, table.md, per_device_ap.png, variance_over_rounds.png)")
         return 0 if summary else 1
     if a.command == "report":
-        from .bench import report_from_jobs
-
         report_from_jobs(a.out, client_cost=a.client_cost)
         return 0
     return 2

@@ -71,7 +71,12 @@ class FlairUser:
 
 
 class FlairReader:
-    """Random access to users of a FLAIR HDF5 file; use as a context manager."""
+    """Random access to users of a FLAIR HDF5 file; use as a context manager.
+
+    Each partition's user list is read once (the file is opened read-only) and kept with a
+    set of its ids, so :meth:`read_user`'s membership check is O(1) and :meth:`iter_users`
+    is linear in the number of users (FLAIR's train partition has 51,414), not quadratic.
+    """
 
     def __init__(self, path: str | Path, label_names: list[str] | None = None,
                  fine_label_names: list[str] | None = None, device_map: dict[str, str] | str | Path | None = None):
@@ -88,6 +93,7 @@ class FlairReader:
             with open(device_map, encoding="utf-8") as fh:
                 device_map = json.load(fh)
         self.device_map: dict[str, str] = dict(device_map or {})
+        self._user_index: dict[str, tuple[list[str], frozenset[str]]] = {}  # partition -> (ids in order, id set)
         self.label_vocab = self._vocab(label_names, "label_mapping", "labels", "label_counter")
         self.fine_label_vocab = self._vocab(fine_label_names, "fine_grained_label_mapping", "fine_grained_labels",
                                             "fine_grained_label_counter")
@@ -117,13 +123,22 @@ class FlairReader:
     def partitions(self) -> list[str]:
         return [k for k in self._f.keys() if k != "metadata"]
 
+    def _index(self, partition: str) -> tuple[list[str], frozenset[str]]:
+        idx = self._user_index.get(partition)
+        if idx is None:
+            if partition not in self._f or partition == "metadata":
+                raise KeyError(f"partition {partition!r} not in {self.path.name}; partitions: {self.partitions()}")
+            ids = list(self._f[partition].keys())
+            idx = self._user_index[partition] = (ids, frozenset(ids))
+        return idx
+
     def users(self, partition: str) -> list[str]:
-        if partition not in self._f or partition == "metadata":
-            raise KeyError(f"partition {partition!r} not in {self.path.name}; partitions: {self.partitions()}")
-        return list(self._f[partition].keys())
+        """The partition's user ids in file order (a fresh list: the caller may change it)."""
+        return list(self._index(partition)[0])
 
     def read_user(self, partition: str, user_id: str) -> FlairUser:
-        if user_id not in self.users(partition):
+        """One user's photos and labels; the membership check is an O(1) set lookup."""
+        if user_id not in self._index(partition)[1]:
             raise KeyError(f"user {user_id!r} not in partition {partition!r}")
         g = self._f[partition][user_id]
         for need in ("images", "labels", "image_ids"):
@@ -146,13 +161,14 @@ class FlairReader:
         )
 
     def iter_users(self, partition: str) -> Iterator[FlairUser]:
-        for uid in self.users(partition):
+        """Every user of the partition in file order: O(users) lookups in all (each one O(1))."""
+        for uid in self._index(partition)[0]:
             yield self.read_user(partition, uid)
 
     def users_by_device(self, partition: str) -> dict[str, list[str]]:
         """Group a partition's users by the device map (unmapped users under ``"unknown"``)."""
         out: dict[str, list[str]] = {}
-        for uid in self.users(partition):
+        for uid in self._index(partition)[0]:
             out.setdefault(self.device_map.get(uid, "unknown"), []).append(uid)
         return out
 

@@ -24,6 +24,9 @@ from google.protobuf.message import DecodeError
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
 
+# the server's finalize (integers rounded to nearest, bools the weighted majority with ties False),
+# public here for code that averages on its own side and must agree with LIFL bit for bit
+from .fold import finalize_arrays  # noqa: F401
 from .layout import Layout
 from .rounds import State
 from .v1 import aggregation_pb2 as pb

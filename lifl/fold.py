@@ -18,7 +18,7 @@ weighted majority (ties give False).
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -187,6 +187,23 @@ def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> N
         else:
             info = np.iinfo(storage_dtype(spec.dtype))
             dst[...] = np.clip(np.rint(mean), info.min, info.max).astype(dst.dtype)
+
+
+def finalize_arrays(sums: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray],
+                    total_weight: float) -> dict[str, np.ndarray]:
+    """:func:`finalize` for float64 weighted sums kept per tensor: Σwᵢxᵢ / Σwᵢ in the dtype and
+    shape of each tensor of ``like``.
+
+    Why: code that accumulates outside the server (a local FedAvg fallback, a test's reference)
+    must finalize exactly as the server does, so it calls this rather than its own cast.
+    """
+    layout = Layout.from_arrays(like)
+    acc = np.empty(layout.numel, np.float64)
+    for spec, e in zip(layout.specs, layout.elem_offsets):
+        acc[e:e + spec.numel] = np.asarray(sums[spec.name], np.float64).reshape(-1)
+    out = bytearray(layout.total_size)
+    finalize(acc, layout, total_weight, out)
+    return layout.views(out)
 
 
 def count_nonfinite(layout: Layout, buf, start: int = 0, end: int | None = None) -> list[tuple[str, int]]:

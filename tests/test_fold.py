@@ -216,3 +216,18 @@ def test_in_place_fold_cut_short_anywhere_is_exact_when_re_run(monkeypatch, seed
     out = bytearray(layout.total_size)
     fold.finalize(acc, layout, sum(w), out)
     assert_matches(layout.views(out), fedavg64(ups, w))
+
+
+def test_finalize_arrays_casts_per_tensor_like_the_server():
+    """The dict form of finalize (for code that sums on its own side): shapes and dtypes of ``like``,
+    integers rounded to nearest with ties to even and clipped, bool ties False, float64 mean cast."""
+    like = {"i8": np.zeros(5, np.int8), "b": np.zeros((2, 2), bool), "f": np.zeros(3, np.float32),
+            "s": np.array(0, np.int64)}
+    sums = {"i8": np.array([5.0, 7.0, -5.0, 1000.0, -1000.0]), "b": np.array([[1.0, 2.0], [0.0, 3.0]]),
+            "f": np.array([1.0, 2.0, 1.0 / 3.0]), "s": np.array(9.0)}
+    out = fold.finalize_arrays(sums, like, 2.0)
+    assert {k: (v.dtype, v.shape) for k, v in out.items()} == {k: (v.dtype, v.shape) for k, v in like.items()}
+    assert out["i8"].tolist() == [2, 4, -2, 127, -128]          # 2.5 -> 2, 3.5 -> 4, -2.5 -> -2, clipped
+    assert out["b"].tolist() == [[False, True], [False, True]]  # 0.5 is a tie: False
+    assert out["f"].tobytes() == (np.array([1.0, 2.0, 1.0 / 3.0]) / 2.0).astype(np.float32).tobytes()
+    assert int(out["s"]) == 4                                    # 4.5 -> 4

@@ -27,6 +27,7 @@ NODE_TOKEN = "lifl-token"          # bearer token for the gateway
 NODE_ROOT_CERT = "lifl-root-cert"  # path to a PEM root certificate -> TLS
 NODE_CHUNK_MIB = "lifl-chunk-mib"  # push chunk size in MiB (default 2)
 NODE_TIMEOUT_S = "lifl-timeout-s"  # per-call timeout (default: none; push retries on RESOURCE_EXHAUSTED)
+NODE_ENABLED = "lifl-enabled"      # false: the mod passes every message through (default true)
 
 # Flower error replies produced by the mod carry ERROR_CODE_BASE + the numeric
 # gRPC status (UNAVAILABLE -> 1014, INVALID_ARGUMENT -> 1003, ...). The reason
@@ -53,3 +54,18 @@ def setting(name: str, *sources: Mapping[str, Any] | None, default: Any = None) 
         if src is not None and name in src and src[name] not in ("", None):
             return src[name]
     return default
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def flag(value: Any, name: str) -> bool:
+    """A boolean setting from TOML (``true``/``false``) or a string/0/1 (``--node-config``, env);
+    anything else raises ``ValueError`` naming the setting."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name} must be true or false, got {value!r}")

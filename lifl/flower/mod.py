@@ -26,6 +26,12 @@ Settings, first match wins: node config (``lifl-address``, ``lifl-token``,
 ``lifl-root-cert``, ``lifl-chunk-mib``, ``lifl-timeout-s``), then what the
 strategy put in the message (``lifl.address``), then the run config (same
 ``lifl-*`` keys).
+
+Switch: ``lifl-enabled = false`` (run config for the whole federation, or one
+node's config; node config wins) makes the mod pass every message through, so
+the same app runs with and without LIFL; a :class:`LiflStrategy` then pushes
+the replies' arrays on the clients' behalf. Only its pull option needs the mod
+(the model is not in the message): a disabled mod answers that with an error reply.
 """
 from __future__ import annotations
 
@@ -249,6 +255,16 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         return call_next(msg, context)
 
     node, run = context.node_config, context.run_config
+    try:
+        enabled = K.flag(K.setting(K.NODE_ENABLED, node, run, default=True), K.NODE_ENABLED)
+    except ValueError as e:
+        return _error_reply(msg, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if not enabled:
+        if bool(cfg.get(K.PULL, False)):
+            return _error_reply(msg, grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{K.NODE_ENABLED} is false but the strategy sends the model through LIFL "
+                                "(its pull option): enable the mod or turn the pull option off")
+        return call_next(msg, context)
     address = K.setting(K.NODE_ADDRESS, node, {K.NODE_ADDRESS: cfg.get(K.ADDRESS)}, run)
     token = K.setting(K.NODE_TOKEN, node, run)
     cert = K.setting(K.NODE_ROOT_CERT, node, run)

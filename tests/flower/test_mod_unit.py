@@ -137,6 +137,44 @@ def test_pull_option_puts_the_model_into_the_message(server):
             np.testing.assert_array_equal(seen[k], v)
 
 
+@pytest.mark.parametrize("node_config, run_config", [({}, {"lifl-enabled": False}),
+                                                      ({"lifl-enabled": "false"}, {"lifl-enabled": True})])
+def test_lifl_enabled_false_makes_the_mod_pass_through(server, node_config, run_config):
+    """Switched off by run config (whole federation) or one node's config (which wins): the handler's
+    reply comes back as it is and nothing reaches LIFL."""
+    with Client(server.address) as c:
+        rid = c.open_round(model(), expected=1)
+        reply = lifl_mod(train_msg(lifl_cfg(rid, server.address), model()), ctx(node_config, run_config),
+                         handler(model(1), 12.0))
+        assert not reply.has_error(), reply.error
+        assert K.RECEIPT not in reply.content.config_records
+        for k, v in model(1).items():
+            np.testing.assert_array_equal(reply.content.array_records["arrays"][k].numpy(), v)
+        info = c.round_info(rid)
+        assert info.accepted == 0 and info.state == "open"
+        c.close_round(rid, abort=True)
+
+
+def test_node_config_lifl_enabled_overrides_the_run_config(server):
+    with Client(server.address) as c:
+        rid = c.open_round(model(), expected=1)
+        reply = lifl_mod(train_msg(lifl_cfg(rid, server.address), model()),
+                         ctx({"lifl-enabled": True}, {"lifl-enabled": False}), handler(model(1)))
+        assert not reply.has_error(), reply.error
+        assert K.RECEIPT in reply.content.config_records and c.round_info(rid).accepted == 1
+
+
+def test_lifl_enabled_refusals_are_error_replies(server):
+    reply = lifl_mod(train_msg(lifl_cfg(1, server.address), model()), ctx(run_config={"lifl-enabled": "maybe"}),
+                     handler(model(1)))
+    assert reply.has_error() and reply.error.code == error_code(grpc.StatusCode.INVALID_ARGUMENT)
+    assert "lifl-enabled must be true or false, got 'maybe'" in reply.error.reason
+    cfg = {**lifl_cfg(1, server.address), K.PULL: True}      # no model in the message: the mod is needed
+    reply = lifl_mod(train_msg(cfg, arrays=None), ctx(run_config={"lifl-enabled": False}), handler(model(1)))
+    assert reply.has_error() and reply.error.code == error_code(grpc.StatusCode.FAILED_PRECONDITION)
+    assert "pull option" in reply.error.reason
+
+
 def test_strategy_refuses_non_mean_strategies(server):
     from flwr.serverapp.strategy import FedAdam, FedMedian, FedTrimmedAvg, Krum
 

@@ -61,12 +61,20 @@ def test_tiny_bench_end_to_end_via_module_entry_point(tmp_path):
 
 
 @pytest.mark.skipif(not LIFL_OK, reason=f"lifl.client cannot be imported: {LIFL_WHY}")
-def test_tiny_bench_aggregates_through_lifl(tmp_path):
+def test_tiny_bench_aggregates_through_lifl(tmp_path, server):
+    """The bench aggregates through a LIFL server the caller started; one LIFL job per (seed, method)."""
     from heteroswitch.bench import run_bench
-    cfg = _tiny(tmp_path, "--methods", "fedavg,heteroswitch", "--aggregator", "lifl")
+    cfg = _tiny(tmp_path, "--methods", "fedavg,heteroswitch", "--aggregator", "lifl", "--lifl-address", server.address)
     run_bench(cfg, log=lambda *_: None)
     doc = _check_outputs(tmp_path, ["fedavg", "heteroswitch"])
     assert {j["aggregator"] for j in doc["jobs"]} == {"lifl"}
+
+
+def test_lifl_aggregator_without_an_address_is_refused_before_any_work(tmp_path, capsys):
+    from heteroswitch.cli import main
+    assert main(["bench", "--preset", "tiny", "--seeds", "0", "--aggregator", "lifl", "--out", str(tmp_path)]) == 2
+    assert "--lifl-address" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())   # nothing rendered or written
 
 
 def test_cosine_lr_schedule_and_constant():
@@ -85,7 +93,7 @@ def test_cosine_lr_schedule_and_constant():
 
 
 def test_tail_uses_every_evaluation_of_the_last_tail_rounds():
-    from heteroswitch.bench import _tail_history
+    from heteroswitch.bench.report import tail_history as _tail_history
     hist = [{"round": r} for r in (5, 10, 15, 16, 17, 18, 19, 20)]
     assert [h["round"] for h in _tail_history({"history": hist, "tail_rounds": 5})] == [16, 17, 18, 19, 20]
     assert [h["round"] for h in _tail_history({"history": hist})] == [18, 19, 20]  # old result files: last 3

@@ -87,3 +87,28 @@ def test_reader_errors(tmp_path):
             r.read_user("train", "nobody")
     with pytest.raises(KeyError, match="not in the label vocabulary"):
         decode_labels([b"cat"], {"dog": 0})
+
+
+def test_iter_users_yields_every_user_of_a_large_partition_once_in_file_order(tmp_path):
+    """Many users (the membership index is built once per partition, not per user read)."""
+    p = tmp_path / "many.hdf5"
+    ids = [f"user{i:04d}" for i in range(600)]
+    with h5py.File(p, "w") as f:
+        for i, uid in enumerate(ids):
+            g = f.create_group(f"train/{uid}")
+            g.create_dataset("images", data=np.full((1, 2, 2, 3), i % 256, np.uint8))
+            g.create_dataset("labels", data=np.array([b"food" if i % 2 else b"plant"], dtype=object),
+                             dtype=h5py.string_dtype("ascii"))
+            g.create_dataset("image_ids", data=np.array([uid.encode()], dtype=object), dtype=h5py.string_dtype("ascii"))
+    with FlairReader(p, label_names=["food", "plant"]) as r:
+        got = [(u.user_id, int(u.images[0, 0, 0, 0]), u.labels[0].tolist(), u.image_ids) for u in r.iter_users("train")]
+        assert [g[0] for g in got] == sorted(ids) == r.users("train")
+        assert all(px == i % 256 and lab == [i % 2 == 1, i % 2 == 0] and iid == [uid]
+                   for i, (uid, px, lab, iid) in enumerate(got))
+        listed = r.users("train")
+        listed.clear()                      # the caller's copy: the reader's index is untouched
+        assert r.read_user("train", ids[-1]).user_id == ids[-1] and len(r.users("train")) == 600
+        with pytest.raises(KeyError, match="user 'user0600'"):
+            r.read_user("train", "user0600")
+        with pytest.raises(KeyError, match="partition 'val'"):
+            next(r.iter_users("val"))

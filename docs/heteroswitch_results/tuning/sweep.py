@@ -37,7 +37,8 @@ def build(spec):
 
 def job(spec_json, out):
     from heteroswitch.aggregate import make_aggregator
-    from heteroswitch.bench import _tail_summary, run_job
+    from heteroswitch.bench import run_job
+    from heteroswitch.bench.report import tail_summary as _tail_summary
     from heteroswitch.scenes import make_federated_dataset
 
     torch.set_num_threads(1)
