@@ -27,7 +27,7 @@ from .engine.clock import Clock, SystemClock
 from .engine.driver import RoundDriver, allocate, free
 from .engine.load import LoadEstimator
 from .engine.pool import FunctionPool
-from .engine.reduction import Fold, Update
+from .engine.reduction import Finalize, Fold, Update
 from .engine.recovery import Recovery
 from .engine.scaling import ScaleExecutor
 from .engine.shaping import TreeShaper
@@ -192,7 +192,7 @@ class Dispatcher(Admission):
             self.driver.maybe_close(run, forced=False)
             self.pool.pump(fn)
             cur = fn.current
-            if cur is not None and isinstance(cur.cmd, Fold) and any(u.slot == slot for u in cur.cmd.updates):
+            if isinstance(getattr(cur, "cmd", None), (Fold, Finalize)) and any(u.slot == slot for u in cur.cmd.updates):
                 start = "cold" if cold else "warm"
                 self.metrics.dispatches.labels(start).inc()
                 self.metrics.dispatch_seconds.labels(start).observe(self.clock.monotonic() - t0)

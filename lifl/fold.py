@@ -102,17 +102,22 @@ class Journal:
         self.undo = np.frombuffer(buf, np.float64, min(numel, PIECE), off)
 
 
-def fold_in_place(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int | None, add) -> None:
+def fold_in_place(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int | None, add,
+                  then=None) -> None:
     """Bring ``acc`` from generation ``from_gen`` (None: logically zero, whatever its bytes) to
     ``to_gen`` with ``add(out, e0, e1)``, which adds Σ sources[e0:e1] into out. Re-running the
-    same call after it was cut short at any point gives exactly the uninterrupted result."""
+    same call after it was cut short at any point gives exactly the uninterrupted result.
+    ``then(piece, e0, e1)`` is called with every piece once it is at ``to_gen`` (while it is
+    still in cache: :func:`fold_and_finalize`)."""
     head, gens, undo = journal.head, journal.gens, journal.undo
     for k in range(len(gens)):
         g = int(gens[k])
-        if g == to_gen:
-            continue
         e0, e1 = k * PIECE, min(journal.numel, (k + 1) * PIECE)
         dst = acc[e0:e1]
+        if g == to_gen:
+            if then is not None:
+                then(dst, e0, e1)
+            continue
         if from_gen is None:             # no old value to keep: start the piece from zero
             dst[:] = 0.0
         elif head[1] == to_gen and head[0] == k:
@@ -126,6 +131,8 @@ def fold_in_place(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int 
             head[1] = to_gen             # the undo area holds piece k as it was before this fold
         add(dst, e0, e1)
         gens[k] = to_gen
+        if then is not None:
+            then(dst, e0, e1)
 
 
 def _tensor_ranges(layout: Layout) -> tuple[list[int], list[int]]:
@@ -164,29 +171,60 @@ def fold_partials(acc: np.ndarray, partials: Sequence[np.ndarray]) -> None:
     fold_arrays(acc, partials, [1.0] * len(partials), 1)
 
 
-def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> None:
-    """Write acc / total_weight into ``out_buf`` in the layout's native dtypes."""
+def _check_weight(total_weight: float) -> None:
     if not total_weight > 0:
         raise ValueError(f"total weight must be > 0, got {total_weight}")
-    out = layout.views(out_buf)
-    for spec, e in zip(layout.specs, layout.elem_offsets):
-        dst = out[spec.name]
-        if spec.dtype == "float64" and not np.isfinite(acc[e:e + spec.numel]).all():
-            # finite float64 values times weights up to 2**53 can still overflow the sum; narrower
-            # floats cannot. A non-finite mean is refused, never published as a result.
-            raise ValueError(f"tensor {spec.name[:64]!r}: the weighted sum overflowed float64 (values × "
-                             "num_examples too large); the round has no finite result")
-        if _foldc is not None and spec.dtype in ("float32", "float64"):
-            _foldc.mean_to(acc[e:e + spec.numel], dst.reshape(-1), total_weight, kernel_id(spec.dtype))
-            continue
-        mean = np.divide(acc[e:e + spec.numel], total_weight).reshape(spec.shape)
-        if is_float(spec.dtype):
-            dst[...] = mean.astype(public_dtype(spec.dtype))
-        elif spec.dtype == "bool":
-            dst[...] = mean > 0.5
-        else:
-            info = np.iinfo(storage_dtype(spec.dtype))
-            dst[...] = np.clip(np.rint(mean), info.min, info.max).astype(dst.dtype)
+
+
+def _mean_into(src: np.ndarray, spec, total_weight: float, dst: np.ndarray) -> None:
+    """dst (flat, the tensor's public dtype) = src / total_weight: floats cast, integers rounded
+    to nearest and clipped to their range, bools true above one half."""
+    if spec.dtype == "float64" and not np.isfinite(src).all():
+        # finite float64 values times weights up to 2**53 can still overflow the sum; narrower
+        # floats cannot. A non-finite mean is refused, never published as a result.
+        raise ValueError(f"tensor {spec.name[:64]!r}: the weighted sum overflowed float64 (values × "
+                         "num_examples too large); the round has no finite result")
+    if _foldc is not None and spec.dtype in ("float32", "float64"):
+        _foldc.mean_to(src, dst, total_weight, kernel_id(spec.dtype))
+        return
+    mean = np.divide(src, total_weight)
+    if is_float(spec.dtype):
+        dst[...] = mean.astype(public_dtype(spec.dtype))
+    elif spec.dtype == "bool":
+        dst[...] = mean > 0.5
+    else:
+        info = np.iinfo(storage_dtype(spec.dtype))
+        dst[...] = np.clip(np.rint(mean), info.min, info.max).astype(dst.dtype)
+
+
+def _flat_views(layout: Layout, out_buf) -> list[np.ndarray]:
+    return [v.reshape(-1) for v in layout.views(out_buf).values()]
+
+
+def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> None:
+    """Write acc / total_weight into ``out_buf`` in the layout's native dtypes."""
+    _check_weight(total_weight)
+    for spec, e, dst in zip(layout.specs, layout.elem_offsets, _flat_views(layout, out_buf)):
+        _mean_into(acc[e:e + spec.numel], spec, total_weight, dst)
+
+
+def fold_and_finalize(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int | None, add,
+                      layout: Layout, total_weight: float, out_buf) -> None:
+    """A round's last fold and its finalize as one pass: each piece of the sum is folded and its
+    mean written out while it is still in cache, so the float64 sum is not read back from memory.
+    Journaled like :func:`fold_in_place`: a re-run after being cut short is exact."""
+    _check_weight(total_weight)
+    starts, ends = _tensor_ranges(layout)
+    outs = _flat_views(layout, out_buf)
+
+    def then(piece: np.ndarray, e0: int, e1: int) -> None:
+        i = bisect.bisect_right(starts, e0) - 1
+        while i < len(starts) and starts[i] < e1:
+            a, b = max(e0, starts[i]), min(e1, ends[i])
+            if a < b:
+                _mean_into(piece[a - e0:b - e0], layout.specs[i], total_weight, outs[i][a - starts[i]:b - starts[i]])
+            i += 1
+    fold_in_place(acc, journal, to_gen, from_gen, add, then)
 
 
 def finalize_arrays(sums: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray],

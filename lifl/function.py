@@ -84,6 +84,14 @@ class Function:
             v = self.views[(name, lid)] = fold.UpdateViews(self.layouts[lid], self.seg(name).buf)
         return v
 
+    def _inputs(self, cmd: dict, layout: Layout):
+        """The ``add`` of a command's inputs: client updates, or children's partial sums."""
+        ups = cmd.get("updates", [])
+        if ups:
+            return fold.add_updates(layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
+                                    [w for _, w in ups])
+        return fold.add_partials([self.acc(n, layout) for n in cmd.get("partials", [])])
+
     def handle(self, cmd: dict) -> dict:
         op = cmd["op"]
         if "specs" in cmd:  # first command of a round on this function carries its layout
@@ -91,21 +99,20 @@ class Function:
         if op == "fold":  # in place, journaled: a fold cut short is re-run exactly (fold.Journal)
             layout = self.layouts[cmd["layout"]]
             t0 = time.perf_counter()
-            ups = cmd.get("updates", [])
-            if ups:
-                add = fold.add_updates(layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
-                                       [w for _, w in ups])
-            else:
-                add = fold.add_partials([self.acc(n, layout) for n in cmd.get("partials", [])])
             fold.fold_in_place(self.acc(cmd["acc"], layout), self.journal(cmd["journal"], layout),
-                               cmd["gen"], cmd.get("from"), add)
+                               cmd["gen"], cmd.get("from"), self._inputs(cmd, layout))
             if cmd.get("delay_s"):  # fault injection (fault_fold_delay_s): a window to be killed mid-command
                 time.sleep(float(cmd["delay_s"]))
             return {"seconds": time.perf_counter() - t0}
-        if op == "finalize":
+        if op == "finalize":  # with inputs: the last fold and the finalize in one pass
             layout = self.layouts[cmd["layout"]]
             t0 = time.perf_counter()
-            fold.finalize(self.acc(cmd["acc"], layout), layout, cmd["weight"], self.seg(cmd["out"]).buf)
+            acc, out = self.acc(cmd["acc"], layout), self.seg(cmd["out"]).buf
+            if "gen" in cmd:
+                fold.fold_and_finalize(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
+                                       self._inputs(cmd, layout), layout, cmd["weight"], out)
+            else:
+                fold.finalize(acc, layout, cmd["weight"], out)
             return {"seconds": time.perf_counter() - t0}
         if op == "forget":
             for name in cmd["segments"]:

@@ -48,8 +48,10 @@ class Functions:
             self.accs[i][:] = np.nan                              # that memory is gone
 
     def run(self, cmd, cut_short=False):
+        """What a function does with a command (``lifl.function``): the same fold calls."""
         acc = self.accs[cmd.leaf]
-        if isinstance(cmd, Finalize):
+        fused = isinstance(cmd, Finalize) and (cmd.updates or cmd.children)
+        if isinstance(cmd, Finalize) and not fused:
             out = bytearray(LAYOUT.total_size)
             fold.finalize(acc, LAYOUT, cmd.weight, out)
             self.result = LAYOUT.views(out)
@@ -69,12 +71,15 @@ class Functions:
                 if calls[0] > 1:
                     raise KeyboardInterrupt
                 inner(out, e0, e1)
-            try:
+        out = bytearray(LAYOUT.total_size)
+        try:
+            if fused:      # the last fold and the finalize in one pass
+                fold.fold_and_finalize(acc, journal, cmd.gen, cmd.base or None, add, LAYOUT, cmd.weight, out)
+                self.result = LAYOUT.views(out)
+            else:
                 fold.fold_in_place(acc, journal, cmd.gen, cmd.base or None, add)
-            except KeyboardInterrupt:
-                pass
-            return
-        fold.fold_in_place(acc, journal, cmd.gen, cmd.base or None, add)
+        except KeyboardInterrupt:
+            pass
 
 
 @settings(max_examples=60, deadline=None)
@@ -120,20 +125,23 @@ def test_any_schedule_with_replays_kills_and_a_lost_node_is_exact(seed, n, leave
             continue
         if not arrivals and red.phase.value == "open":
             red.close()
+        early = rnd.random() < 0.5   # the engine asks the tree first after a commit: finalize may fuse
+        if early:
+            started += red.ready()
         for lf in red.leaves:
             cmd = red.take_fold(lf.index)
             if cmd is not None:
                 started.append(cmd)
-        for cmd in red.ready():
-            started.append(cmd)
+        if not early:
+            started += red.ready()
         if not started:
             continue
         cmd = started.pop(rnd.randrange(len(started)))
-        if isinstance(cmd, Fold) and any(ch in fns.lost for ch in cmd.children):
+        if any(ch in fns.lost for ch in cmd.children):
             red.abandon(cmd, torn=cmd in cut)            # the runtime reports a lost input
             continue
         r = rnd.random()
-        if r < 0.15 and not isinstance(cmd, Finalize):   # killed mid-command: re-sent later
+        if r < 0.15 and (isinstance(cmd, Fold) or cmd.updates or cmd.children):  # killed mid-command: re-sent later
             fns.run(cmd, cut_short=True)
             cut.add(cmd)
             started.append(cmd)
@@ -163,6 +171,49 @@ def test_a_replayed_or_stale_reply_frees_nothing_and_changes_nothing():
     assert isinstance(fin, Finalize) and fin.weight == 5.0 and red.ready() == []
     red.commit(fin)
     assert red.done
+
+
+def test_one_leaf_folds_its_last_updates_and_finalizes_in_one_command():
+    red = Reduction(3, plan_static(1, 2), [("local", "local")])
+    red.add(0, Update("s1", 2.0, "a"))
+    first = red.take_fold(0)
+    red.add(0, Update("s2", 3.0, "b"))
+    red.close()
+    assert red.ready() == []                              # the first fold is still running
+    assert red.commit(first) == ["s1"]
+    (fin,) = red.ready()                                  # the engine asks the tree before taking a fold
+    assert isinstance(fin, Finalize) and [u.slot for u in fin.updates] == ["s2"]
+    assert fin.base == first.gen and fin.gen > first.gen and fin.weight == 5.0
+    assert red.take_fold(0) is None and red.ready() == []
+    assert red.commit(fin) == ["s2"] and red.done
+    fns = Functions(1)                                    # and the fused pass is exact
+    ups = [update(1), update(2)]
+    for slot, u in zip(("s1", "s2"), ups):
+        fns.put(slot, u)
+    fns.run(first)
+    fns.run(fin, cut_short=True)                          # killed after one piece, then re-sent
+    fns.run(fin)
+    assert_matches(fns.result, fedavg64(ups, [2.0, 3.0]))
+
+
+def test_the_tops_last_partial_fold_and_the_finalize_are_one_command():
+    red = Reduction(4, plan_static(2, 2), [("local", "local")] * 2)
+    red.add(0, Update("s1", 1.0, "a"))
+    red.add(1, Update("s2", 4.0, "b"))
+    folds = [red.take_fold(0), red.take_fold(1)]
+    red.close()
+    for f in folds:
+        red.commit(f)
+    (fin,) = red.ready()
+    assert isinstance(fin, Finalize) and fin.children == (1,) and fin.leaf == 0 and fin.weight == 5.0
+    fns = Functions(2)
+    ups = [update(3), update(4)]
+    for slot, u in zip(("s1", "s2"), ups):
+        fns.put(slot, u)
+    for f in folds:
+        fns.run(f)
+    fns.run(fin)
+    assert_matches(fns.result, fedavg64(ups, [1.0, 4.0]))
 
 
 def test_no_updates_after_close_and_tree_changes_only_while_open():

@@ -106,7 +106,7 @@ class RoundDriver:
             if run is not None:
                 run.tasks_in_flight -= 1
             if not reply.ok:
-                if reply.lost_input and run is not None and run.lost_nodes and task.kind == "partial":
+                if reply.lost_input and run is not None and run.lost_nodes and task.reads_partials:
                     # a child's partial went down with its node: the rebuild re-reduces
                     run.red.abandon(task.cmd, torn=task.attempts > 1)
                 else:
@@ -178,12 +178,13 @@ class RoundDriver:
 
     def _committed(self, run: RoundRun, fn: PooledFunction, cmd: Command, secs: float) -> None:
         """A function finished a command: commit it to the reduction, free what it read, go on."""
-        if isinstance(cmd, Finalize):
-            run.red.commit(cmd)
-            self._finalized(run)
-            return
         for name in run.red.commit(cmd):
             self.release_slot(name)
+        if isinstance(cmd, Finalize):
+            fn.updates_folded += len(cmd.updates)
+            self.metrics.fold_seconds.labels("top").observe(secs)
+            self._finalized(run)
+            return
         if cmd.updates:
             fn.updates_folded += len(cmd.updates)
             self.load.folded(secs, len(cmd.updates))

@@ -55,11 +55,17 @@ class Fold:
 
 @dataclass(frozen=True)
 class Finalize:
-    """Write ``leaf``'s accumulator ÷ ``weight`` as the round's result."""
+    """Write ``leaf``'s accumulator ÷ ``weight`` as the round's result. With ``updates`` or
+    ``children`` it first folds them in (from generation ``base`` to ``gen``, like a
+    :class:`Fold`) in the same pass: the round's last fold and its finalize as one command."""
 
     round: int
     leaf: int
     weight: float
+    gen: int = 0
+    base: int = 0
+    updates: tuple[Update, ...] = ()
+    children: tuple[int, ...] = ()
     kind: str = "finalize"
 
 
@@ -161,6 +167,7 @@ class Reduction:
         if self.phase is not Phase.CLOSED or self.needs_rebuild:
             return []
         hier, done, out = self.hier, self._done, []
+        top = (hier.depth - 1, 0)
         for lf in self.leaves:
             if lf.index < hier.leaves and lf.quiet and not lf.lost:
                 done.add((0, lf.index))
@@ -175,19 +182,32 @@ class Reduction:
                         folded.add(k)
                 host = self.leaves[hier.host(level, j)]
                 ready = tuple(k for k in kids[1:] if (level - 1, k) in done and k not in folded)
-                if ready and host.in_flight is None:
-                    host.in_flight = Fold(self.round, host.index, next(self._gens), host.gen,
-                                          children=tuple(hier.host(level - 1, k) for k in ready), parent=node)
+                if ready and host.in_flight is None and not self._finalizing:
+                    children = tuple(hier.host(level - 1, k) for k in ready)
+                    if node == top and len(folded) + len(ready) == len(kids) - 1:
+                        host.in_flight = self._finalize(host, children=children)   # the top's last fold
+                    else:
+                        host.in_flight = Fold(self.round, host.index, next(self._gens), host.gen,
+                                              children=children, parent=node)
                     out.append(host.in_flight)
                 if len(folded) == len(kids) - 1:
                     done.add(node)
-        top = (hier.depth - 1, 0)
-        if top in done and not self._finalizing:
-            host = self.leaves[hier.host(*top)]
-            self._finalizing = True
-            host.in_flight = Finalize(self.round, host.index, host.weight)
-            out.append(host.in_flight)
+        host = self.leaves[hier.host(*top)]
+        if self._finalizing or host.lost:
+            return out
+        if top in done:
+            out.append(self._finalize(host))
+        elif hier.depth == 1 and host.in_flight is None and 0 < len(host.pending) <= MAX_BATCH:
+            batch, host.pending = tuple(host.pending), []   # one leaf: its last updates and the finalize
+            out.append(self._finalize(host, updates=batch))
         return out
+
+    def _finalize(self, host: Leaf, updates: tuple[Update, ...] = (), children: tuple[int, ...] = ()) -> Finalize:
+        self._finalizing = True
+        weight = host.weight + sum(u.weight for u in updates) + sum(self.leaves[c].weight for c in children)
+        gen = next(self._gens) if updates or children else 0
+        host.in_flight = Finalize(self.round, host.index, weight, gen, host.gen, updates, children)
+        return host.in_flight
 
     def commit(self, cmd: Command) -> list[str]:
         """A command's function replied that it is done. Returns the update slots now free to
@@ -199,7 +219,8 @@ class Reduction:
         lf.in_flight = None
         if isinstance(cmd, Finalize):
             self.phase = Phase.DONE
-            return []
+            lf.folded += len(cmd.updates)
+            return [u.slot for u in cmd.updates]
         lf.gen = cmd.gen
         lf.contains.add(lf.index)
         if cmd.updates:
@@ -228,7 +249,8 @@ class Reduction:
         lf.in_flight = None
         if isinstance(cmd, Finalize):
             self._finalizing = False
-        elif torn:
+            lf.pending[:0] = cmd.updates     # a fused finalize's updates wait again
+        if torn and cmd.children:
             lf.lost = True
             lf.pending.clear()
             self.needs_rebuild = True
@@ -243,7 +265,7 @@ class Reduction:
 
     def backlog(self) -> int:
         """Updates routed to leaves and not yet committed."""
-        return sum(len(lf.pending) + (len(lf.in_flight.updates) if isinstance(lf.in_flight, Fold) else 0)
+        return sum(len(lf.pending) + (len(lf.in_flight.updates) if lf.in_flight is not None else 0)
                    for lf in self.leaves)
 
     def drain_pending(self) -> list[str]:

@@ -91,6 +91,11 @@ class Task:
     def kind(self) -> str:
         return self.cmd.kind if isinstance(self.cmd, (Fold, Finalize)) else "control"
 
+    @property
+    def reads_partials(self) -> bool:
+        """It reads children's accumulators (which may be on another node)."""
+        return isinstance(self.cmd, (Fold, Finalize)) and bool(self.cmd.children)
+
     def wire(self) -> dict:
         """The JSON command a function reads (``lifl.function``), made afresh at each send: a
         command re-sent to a replacement is the same command."""
@@ -99,10 +104,13 @@ class Task:
             return {"op": "forget", "segments": list(cmd.segments), "layouts": list(cmd.layouts)}
         segs = run.segs[cmd.leaf]
         if isinstance(cmd, Finalize):
-            return {"op": "finalize", "layout": cmd.round, "acc": segs.acc.name, "weight": cmd.weight,
-                    "out": run.result.name}
-        out = {"op": "fold", "layout": cmd.round, "acc": segs.acc.name, "journal": segs.journal.name,
-               "gen": cmd.gen}
+            out = {"op": "finalize", "layout": cmd.round, "acc": segs.acc.name, "weight": cmd.weight,
+                   "out": run.result.name}
+            if not (cmd.updates or cmd.children):
+                return out
+        else:
+            out = {"op": "fold", "layout": cmd.round, "acc": segs.acc.name}
+        out.update(journal=segs.journal.name, gen=cmd.gen)
         if cmd.base:
             out["from"] = cmd.base
         if cmd.updates:
