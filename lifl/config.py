@@ -52,6 +52,10 @@ class ServerConfig:
     fan_in: int = 4
     fold_cores: int = 0               # cores the planner may fill with leaves (0: all but one)
     planner: str = "elastic"          # "elastic": leaves/fan-in from measured costs (leaves is the cap); "static"
+    # ablations (lifl sim variants): each turns off one of LIFL's design choices
+    fold_when: str = "eager"          # "eager": fold updates as they arrive; "lazy": only once the round closes
+    reuse_functions: bool = True      # false: a function serves one role of one round, then stops (all cold starts)
+    update_transport: str = "shm"     # "shm": functions read slots in place; "pipe": bytes sent over their socket
     # security
     tokens: list[str] = field(default_factory=list)  # client bearer tokens; empty = no auth
     admin_token: str = ""
@@ -81,6 +85,12 @@ class ServerConfig:
             raise ValueError(f"planner must be 'elastic' or 'static', got {self.planner!r}")
         if self.spawn not in ("zygote", "exec"):
             raise ValueError(f"spawn must be 'zygote' or 'exec', got {self.spawn!r}")
+        if self.fold_when not in ("eager", "lazy"):
+            raise ValueError(f"fold_when must be 'eager' or 'lazy', got {self.fold_when!r}")
+        if self.update_transport not in ("shm", "pipe"):
+            raise ValueError(f"update_transport must be 'shm' or 'pipe', got {self.update_transport!r}")
+        if self.update_transport == "pipe" and self.runtime != "local":
+            raise ValueError("update_transport = 'pipe' is an ablation of the local runtime only")
         if self.leaves > 1 and self.fan_in < 2:
             raise ValueError("fan_in must be >= 2 when there is more than one leaf")
         if self.runtime not in ("local", "ray"):

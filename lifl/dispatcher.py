@@ -58,9 +58,11 @@ class Dispatcher(Admission):
         self.pool = FunctionPool(runtime, metrics, self.clock, max_functions=config.workers,
                                  on_message=self._on_message, wire=Task.wire,
                                  next_work=lambda fn: self.driver.next_update_fold(fn),
-                                 fold_delay_s=config.fault_fold_delay_s)
+                                 fold_delay_s=config.fault_fold_delay_s, reuse=config.reuse_functions,
+                                 inline_updates=config.update_transport == "pipe")
         gens = itertools.count(1)   # accumulator generations: never reused (fold.Journal)
-        self.driver = RoundDriver(runtime, arena, self.table, self.pool, self.load, metrics, self.clock, gens)
+        self.driver = RoundDriver(runtime, arena, self.table, self.pool, self.load, metrics, self.clock, gens,
+                                  lazy=config.fold_when == "lazy")
         self.recovery = Recovery(runtime, self.pool, self.table, self.driver, metrics)
         self.scaler = ScaleExecutor(config, runtime, self.pool, self.table, self.load, metrics)
         runtime.events.on_node_lost = self.node_lost
@@ -167,8 +169,9 @@ class Dispatcher(Admission):
         node = node or self.runtime.head
         with self._lock:
             run.round.check_accept(weight)
-            leaf_node = run.red.leaves[run.red.route(node)].node
-            cold = self.pool.reserve(leaf_node, "leaf")
+            index = run.red.route(node)
+            leaf_node = run.red.leaves[index].node
+            cold = index not in run.workers and self.pool.reserve(leaf_node, "leaf")
         fresh = None
         if cold:
             try:
@@ -180,7 +183,8 @@ class Dispatcher(Admission):
                 fresh = self.pool.adopt(handle)
         with self._lock:
             run.round.check_accept(weight)
-            index = run.red.route(node)
+            if run.red.leaves[index].lost:   # its node went meanwhile
+                index = run.red.route(node)
             if index not in run.workers:
                 self.driver.bind(run, index, "leaf", fresh)
             run.round.accept(client, weight, self.clock.monotonic())

@@ -129,10 +129,9 @@ class Function:
         raise ValueError(f"unknown op {op!r}")
 
 
-def _lines(sock: socket.socket, poll_s: float):
+def _lines(sock: socket.socket, rfile, poll_s: float):
     """Command lines from the socket; with poll_s > 0, wake up every poll_s seconds while idle
     (how an always-on, polling aggregator behaves: only the serverful baseline uses it)."""
-    rfile = sock.makefile("rb")
     if poll_s <= 0:
         yield from rfile
         return
@@ -146,16 +145,35 @@ def _lines(sock: socket.socket, poll_s: float):
         yield line
 
 
+def _inline(rfile, cmd: dict) -> dict[str, np.ndarray]:
+    """Update bytes sent after the command line (``update_transport = "pipe"``, an ablation):
+    ``cmd["inline"]`` lists each slot's name and size, in order."""
+    out = {}
+    for name, size in cmd.get("inline", ()):
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            n = rfile.readinto(view[got:])
+            if not n:
+                raise EOFError("the command's update bytes were cut short")
+            got += n
+        out[name] = np.frombuffer(buf, np.uint8)
+    return out
+
+
 def serve(sock: socket.socket) -> None:
     fn = Function()
-    for line in _lines(sock, float(os.environ.get("LIFL_FUNCTION_POLL_S", "0") or 0)):
+    rfile = sock.makefile("rb")
+    for line in _lines(sock, rfile, float(os.environ.get("LIFL_FUNCTION_POLL_S", "0") or 0)):
         cmd = json.loads(line)
         if cmd.get("op") == "exit":
             break
+        fn.given = _inline(rfile, cmd)
         try:
             reply = {"seq": cmd.get("seq"), "ok": True, **fn.handle(cmd)}
         except Exception as e:  # report, keep serving: the dispatcher decides
             reply = {"seq": cmd.get("seq"), "ok": False, "error": f"{type(e).__name__}: {e}"}
+        fn.given = {}
         sock.sendall(json.dumps(reply).encode() + b"\n")
 
 

@@ -39,6 +39,8 @@ class Metrics:
                                                               0.05, 0.1, 0.3, 1), registry=r)
         self.replans = Counter("lifl_replans", "Round plans changed mid-round for a new arrival rate", registry=r)
         self.scale_downs = Counter("lifl_scale_downs", "Idle functions stopped after the keep-alive", registry=r)
+        self.pipe_bytes = Counter("lifl_pipe_bytes", "Update bytes sent to functions over their socket "
+                                  "(the update_transport = pipe ablation; 0 with shared memory)", registry=r)
         self.nodes_lost = Counter("lifl_nodes_lost", "Nodes lost (with their gateway and shared memory)", registry=r)
         self.updates_lost = Counter("lifl_updates_lost", "Accepted updates lost with a node (taken back from "
                                     "their round)", registry=r)

@@ -52,9 +52,10 @@ def free(runtime: Runtime, segs: list[LeafSegs]) -> None:
 
 class RoundDriver:
     def __init__(self, runtime: Runtime, arena, table: RoundTable, pool: FunctionPool, load: LoadEstimator,
-                 metrics, clock: Clock, generations: Callable[[], int]):
+                 metrics, clock: Clock, generations: Callable[[], int], lazy: bool = False):
+        """``lazy``: the ``fold_when = "lazy"`` ablation (leaves fold only once a round closes)."""
         self.runtime, self.arena, self.table, self.pool = runtime, arena, table, pool
-        self.load, self.metrics, self.clock, self._gens = load, metrics, clock, generations
+        self.load, self.metrics, self.clock, self._gens, self.lazy = load, metrics, clock, generations, lazy
 
     # -- functions and commands -------------------------------------------------------------
     def release_slot(self, name: str) -> None:
@@ -81,7 +82,7 @@ class RoundDriver:
 
     def forget(self, names: list[str]) -> None:
         """Tell every function to unmap segments the arena unlinked."""
-        for fn in self.pool.functions:
+        for fn in list(self.pool.functions):   # a retiring function leaves the pool when pumped
             if not fn.dead:
                 self.enqueue(fn, Task(Forget(tuple(names)), None))
 
@@ -126,7 +127,7 @@ class RoundDriver:
         new = list(zip(shape.nodes, shape.homes))[len(run.segs):]
         run.segs.extend(segs)
         if run.red is None:
-            run.red = Reduction(run.round.id, shape.hier, new, self._gens)
+            run.red = Reduction(run.round.id, shape.hier, new, self._gens, lazy=self.lazy)
         else:
             run.red.extend(shape.hier, new)
         run.shape = shape
@@ -147,6 +148,9 @@ class RoundDriver:
         run.round.close(State.AGGREGATING, detail, self.clock.time())
         run.red.close()
         self.advance(run)
+        if self.lazy:   # the leaves' updates may be folded now
+            for fn in {id(f): f for f in run.workers.values()}.values():
+                self.pool.pump(fn)
 
     def fail(self, run: RoundRun | None, detail: str) -> None:
         if run is None or run.finished:
@@ -166,10 +170,12 @@ class RoundDriver:
             return
         for cmd in run.red.ready():
             role = "top" if isinstance(cmd, Finalize) or cmd.parent[0] == run.red.hier.depth - 1 else "middle"
+            if not self.pool.reuse and cmd.leaf in run.workers and run.workers[cmd.leaf].role != role:
+                self.pool.unbind(run.workers.pop(cmd.leaf))   # no reuse: a new role, a new function
             if cmd.leaf not in run.workers and not self._bind_or_fail(run, cmd.leaf, role):
                 return
             fn = run.workers[cmd.leaf]
-            if isinstance(cmd, Fold) and fn.role != role:
+            if cmd.children and fn.role != role:
                 self.metrics.warm_reuses.inc()  # a finished leaf takes a parent's role
             fn.role = role
             if isinstance(cmd, Finalize):
@@ -218,7 +224,7 @@ class RoundDriver:
         for index in list(run.workers):
             self.pool.unbind(run.workers.pop(index))
         for fn in fns.values():
-            if run.round.id in fn.layouts:
+            if run.round.id in fn.layouts and fn in self.pool.functions:
                 fn.layouts.discard(run.round.id)
                 self.enqueue(fn, Task(Forget(layouts=(run.round.id,)), None))
         self.table.let_go_of_memory()

@@ -38,6 +38,7 @@ class PooledFunction:
         self.role = "idle"
         self.dead = False
         self.bindings = 0                                     # leaves of unfinished rounds it carries
+        self.retiring = False                                 # no reuse: stops once its work is done
         self.idle_since = now
         self.node = handle.node
 
@@ -55,10 +56,14 @@ class FunctionPool:
     function that has nothing queued (its leaves' pending updates), or None."""
 
     def __init__(self, runtime, metrics, clock: Clock, *, max_functions: int, on_message: Callable,
-                 wire: Callable[[Any], dict], next_work: Callable[[PooledFunction], Any], fold_delay_s: float = 0.0):
+                 wire: Callable[[Any], dict], next_work: Callable[[PooledFunction], Any], fold_delay_s: float = 0.0,
+                 reuse: bool = True, inline_updates: bool = False):
+        """``reuse`` false and ``inline_updates`` true are ablations (``reuse_functions``,
+        ``update_transport = "pipe"``): every role a fresh function that stops when its work
+        is done; update bytes sent over the function's socket instead of read in place."""
         self.runtime, self.metrics, self.clock = runtime, metrics, clock
         self.fold_delay_s = fold_delay_s   # fault injection: a window to kill a function mid-command
-        self.max_functions = max_functions
+        self.max_functions, self.reuse, self.inline_updates = max_functions, reuse, inline_updates
         self._on_message, self._wire, self._next_work = on_message, wire, next_work
         self.functions: list[PooledFunction] = []
         self.launching: dict[str, int] = {}   # starts reserved (``reserve``) and running off the lock
@@ -96,7 +101,8 @@ class FunctionPool:
         starting = sum(self.launching.values())
         can_start = (len(self.functions) + starting < self.max_functions
                      and len(here) + self.launching.get(node, 0) < self.runtime.function_slots(node))
-        return here, choose_function([f.instance() for f in here], node, role, can_start,
+        candidates = here if self.reuse or not can_start else []   # no reuse: fresh unless the caps stop it
+        return here, choose_function([f.instance() for f in candidates], node, role, can_start,
                                      {f.handle.id: f.bindings + len(f.queue) for f in here})
 
     def reserve(self, node: str, role: str) -> bool:
@@ -133,6 +139,14 @@ class FunctionPool:
         fn.bindings -= 1
         if fn.bindings == 0:
             fn.idle_since = self.clock.monotonic()
+            if not self.reuse:
+                self._retire(fn)
+
+    def _retire(self, fn: PooledFunction) -> None:
+        """No reuse: a function whose roles are done stops once its queue is empty."""
+        fn.retiring = True
+        if fn.current is None and not fn.queue and fn in self.functions:
+            self.stop(fn)
 
     def find(self, handle) -> PooledFunction | None:
         return next((f for f in self.functions if f.handle is handle), None)
@@ -149,6 +163,8 @@ class FunctionPool:
         task = fn.queue.popleft() if fn.queue else self._next_work(fn)
         if task is None:
             fn.role = "idle"
+            if fn.retiring and fn.bindings == 0 and fn in self.functions:
+                self.stop(fn)
             return
         cmd = self._wire(task)
         cmd["seq"] = next(self._seq)
@@ -158,11 +174,19 @@ class FunctionPool:
         if lid is not None and lid not in fn.layouts and task.run is not None:
             cmd["specs"] = task.run.round.layout.to_wire()
             fn.layouts.add(lid)
+        payloads = self._inline(cmd, task) if self.inline_updates and cmd.get("updates") else ()
         fn.current = task
         try:
-            fn.handle.send(cmd)
+            fn.handle.send(cmd, payloads)
         except OSError:
             pass  # its death is reported by the reader thread
+
+    def _inline(self, cmd: dict, task) -> list:
+        """The ``update_transport = "pipe"`` ablation: the updates' bytes go with the command."""
+        size = task.run.round.layout.total_size
+        cmd["inline"] = [[name, size] for name, _ in cmd["updates"]]
+        self.metrics.pipe_bytes.inc(size * len(cmd["updates"]))
+        return [self.runtime.store_of(name).get(name).buf[:size] for name, _ in cmd["updates"]]
 
     def finished(self, fn: PooledFunction):
         """The function replied: its current task, now off it."""

@@ -112,8 +112,11 @@ class Reduction:
     """One round's tree. ``gens`` yields accumulator generations, never reused across rounds."""
 
     def __init__(self, round_id: int, hier: Hierarchy, leaves: Sequence[tuple[str, str]],
-                 gens: Iterator[int] | None = None):
+                 gens: Iterator[int] | None = None, lazy: bool = False):
+        """``lazy``: leaves fold nothing until the round closes (the ``fold_when = "lazy"``
+        ablation: collect, then aggregate)."""
         self.round = round_id
+        self.lazy = lazy
         self.hier = hier
         self.leaves = [Leaf(i, node, home) for i, (node, home) in enumerate(leaves)]
         self.phase = Phase.OPEN
@@ -151,7 +154,7 @@ class Reduction:
     def take_fold(self, leaf: int) -> Fold | None:
         """The next batch of a leaf's pending updates, if it has some and nothing in flight."""
         lf = self.leaves[leaf]
-        if lf.lost or lf.in_flight is not None or not lf.pending:
+        if lf.lost or lf.in_flight is not None or not lf.pending or (self.lazy and self.phase is Phase.OPEN):
             return None
         batch, lf.pending = tuple(lf.pending[:MAX_BATCH]), lf.pending[MAX_BATCH:]
         lf.in_flight = Fold(self.round, leaf, next(self._gens), lf.gen, updates=batch)

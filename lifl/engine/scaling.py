@@ -47,7 +47,8 @@ class ScaleExecutor:
         self.metrics.queue_depth.set(obs.queue_depth)
         if closing:
             return
-        for _ in range(min(d.start, self.config.workers - len(self.pool.functions))):
+        starts = d.start if self.config.reuse_functions else 0   # no reuse: nothing is started ahead
+        for _ in range(min(starts, self.config.workers - len(self.pool.functions))):
             node = self._where()
             if node is None:
                 break

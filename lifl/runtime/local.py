@@ -66,10 +66,14 @@ class LocalWorker:
             self.proc.wait()
         deliver(self._on_message, self, None)
 
-    def send(self, cmd: dict) -> None:
+    def send(self, cmd: dict, payloads=()) -> None:
+        """One command line, then ``payloads`` (buffers) raw: the update bytes of the
+        ``update_transport = "pipe"`` ablation, which ``cmd["inline"]`` announces."""
         data = json.dumps(cmd).encode() + b"\n"
         with self._send_lock:
             self.sock.sendall(data)
+            for p in payloads:
+                self.sock.sendall(p)
 
     def alive(self) -> bool:
         return not self._eof.is_set()

@@ -152,8 +152,9 @@ class RayWorker:
         self.runtime.metrics.cold_start_seconds.observe(self.start_seconds)
         return True
 
-    def send(self, cmd: dict) -> None:
-        """Queue a command; the reply thread submits it (its inputs' export may block)."""
+    def send(self, cmd: dict, payloads=()) -> None:
+        """Queue a command; the reply thread submits it (its inputs' export may block). Inputs
+        always travel through Ray's object store (no ``payloads``)."""
         if self._dead.is_set():
             raise OSError(f"{self.id} is dead")
         self._commands.put(cmd)
