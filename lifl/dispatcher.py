@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 from .admission import Admission
 from .config import ServerConfig
+from .control.autoscaler import capacity_bundles
 from .engine.clock import Clock, SystemClock
 from .engine.driver import RoundDriver, allocate, free
 from .engine.load import LoadEstimator
@@ -66,6 +67,7 @@ class Dispatcher(Admission):
         self.recovery = Recovery(runtime, self.pool, self.table, self.driver, metrics)
         self.scaler = ScaleExecutor(config, runtime, self.pool, self.table, self.load, metrics)
         runtime.events.on_node_lost = self.node_lost
+        runtime.events.on_node_joined = self._node_joined
         runtime.prepare()
         with self._lock:
             for _ in range(config.min_workers):
@@ -256,9 +258,13 @@ class Dispatcher(Admission):
             guarded(f"re-planning round {run.round.id}", self._replan, run, have, shape)
         with self._lock:
             guarded("autoscaling", self.scaler.step, self.clock.monotonic(), self._closing)
-            if any(r.round.state == State.OPEN for r in self.table.all()):
-                return 0.05
-            return 0.5 if self.pool.functions else None
+            running = self.table.any_running()
+            wake = 0.05 if any(r.round.state == State.OPEN for r in self.table.all()) else (
+                0.5 if self.pool.functions else None)
+        # room in the cluster while rounds run, none when idle (a cluster autoscaler acts on it)
+        guarded("asking for capacity", self.runtime.request_capacity,
+                capacity_bundles(running, self.config.workers, self.config.function_cpus))
+        return wake
 
     def _tick_deadline(self, run: RoundRun) -> None:
         if run.round.state == State.OPEN and run.round.deadline_s:
@@ -269,6 +275,10 @@ class Dispatcher(Admission):
         """The runtime lost a node (and with it that node's gateway, functions and shared memory)."""
         with self._lock:
             self.recovery.node_lost(node)
+
+    def _node_joined(self, node: str) -> None:
+        log.info("node %s joined; the next rounds may place leaves there", node)
+        self.metrics.nodes_joined.inc()
 
     def close(self) -> None:
         with self._lock:

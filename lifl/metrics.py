@@ -41,6 +41,10 @@ class Metrics:
         self.scale_downs = Counter("lifl_scale_downs", "Idle functions stopped after the keep-alive", registry=r)
         self.pipe_bytes = Counter("lifl_pipe_bytes", "Update bytes sent to functions over their socket "
                                   "(the update_transport = pipe ablation; 0 with shared memory)", registry=r)
+        self.nodes_joined = Counter("lifl_nodes_joined", "Nodes adopted after start (an autoscaler added them)",
+                                    registry=r)
+        self.nodes_left = Counter("lifl_nodes_left", "Nodes that went away holding no work (e.g. scaled down "
+                                  "when idle)", registry=r)
         self.nodes_lost = Counter("lifl_nodes_lost", "Nodes lost (with their gateway and shared memory)", registry=r)
         self.updates_lost = Counter("lifl_updates_lost", "Accepted updates lost with a node (taken back from "
                                     "their round)", registry=r)

@@ -140,3 +140,10 @@ def prestart_node(nodes: Sequence[str], unbound: Mapping[str, int], idle: Mappin
         return nodes[0]
     short = [(unbound[n] - idle.get(n, 0), n) for n in sorted(unbound) if unbound[n] > idle.get(n, 0)]
     return max(short)[1] if short else None
+
+
+def capacity_bundles(rounds_running: bool, workers: int, function_cpus: float) -> list[dict]:
+    """What to ask a cluster autoscaler (Ray's) for: room for ``workers`` functions while any round
+    runs — it adds nodes when the cluster is smaller — and nothing when idle, so that nodes left
+    without functions (scale to zero) may be removed. Whole CPUs: Ray's request takes integers."""
+    return [{"CPU": max(1, math.ceil(function_cpus))}] * workers if rounds_running else []

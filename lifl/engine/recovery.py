@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from ..control.model import InstanceState
 from ..errors import LiflError
 from ..rounds import State
 from ..runtime.base import Runtime
@@ -75,8 +76,15 @@ class Recovery:
         if node in self.lost_nodes:
             return
         self.lost_nodes.add(node)
-        log.warning("node %s was lost with its functions and shared memory", node)
-        self.metrics.nodes_lost.inc()
+        busy = any(f.node == node and f.state() is not InstanceState.IDLE for f in self.pool.functions)
+        held = any(run.running and any(lf.node == node and not lf.lost for lf in run.leaves)
+                   for run in self.table.all())
+        if not busy and not held:   # e.g. an autoscaler removed it once it was idle
+            log.info("node %s left the cluster; it held no work", node)
+            self.metrics.nodes_left.inc()
+        else:
+            log.warning("node %s was lost with its functions and shared memory", node)
+            self.metrics.nodes_lost.inc()
         for fn in [f for f in self.pool.functions if f.node == node]:
             for task in self.pool.remove(fn):
                 if task.run is not None:

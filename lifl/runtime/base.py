@@ -65,10 +65,12 @@ class Store(Protocol):
 
 @dataclass
 class NodeEvents:
-    """Subscriptions the engine and server set: a node lost (with everything on it), and the
-    streams a lost node's gateway had open (job, round, client) so their clients may push again."""
+    """Subscriptions the engine and server set: a node lost (with everything on it), a node that
+    joined (an autoscaler added it), and the streams a lost node's gateway had open (job, round,
+    client) so their clients may push again."""
 
     on_node_lost: Callable[[str], None] = lambda node: None
+    on_node_joined: Callable[[str], None] = lambda node: None
     open_streams: Callable[[str], Iterable[tuple[str, int, str]]] = lambda node: ()
 
 
@@ -86,4 +88,5 @@ class Runtime(Protocol):
     def store(self, node: str) -> Store: ...
     def store_of(self, segment: str) -> Store: ...
     def gateways(self) -> dict[str, str]: ...
+    def request_capacity(self, bundles: list[dict]) -> None: ...
     def close(self) -> None: ...

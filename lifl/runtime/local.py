@@ -186,6 +186,9 @@ class LocalRuntime:
     def gateways(self) -> dict[str, str]:
         return {}   # the server's own gateway is the only one
 
+    def request_capacity(self, bundles: list[dict]) -> None:
+        """One machine: nothing to ask for."""
+
     def start_worker(self, on_message: OnMessage, node: str = "local") -> LocalWorker:
         w = self._forker.submit(self._fork, on_message).result()
         with self._lock:

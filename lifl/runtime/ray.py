@@ -39,7 +39,7 @@ import numpy as np
 
 from ..control.model import Node
 from ..shm import SHM_DIR, list_segments, reclaim_stale
-from .base import NodeEvents, OnMessage, deliver
+from .base import NodeEvents, OnMessage, deliver, log
 
 _SEG = re.compile(r"^(.*)-\d+-\d+$")
 
@@ -210,14 +210,8 @@ class RayRuntime:
         self.timeout_s = 120.0
         self.ray_address = ray.get_runtime_context().gcs_address  # for other servers to join
         head_id = ray.get_runtime_context().get_node_id()
-        self.nodes: dict[str, RayNode] = {}
-        for n in sorted(ray.nodes(), key=lambda n: (n["NodeID"] != head_id, n["NodeID"])):
-            cores = float(n["Resources"].get("CPU", 0.0))
-            if not n["Alive"] or cores <= 0:
-                continue
-            name = f"node-{n['NodeID'][:8]}"
-            prefix = arena.prefix if n["NodeID"] == head_id else f"{arena.prefix}-n{n['NodeID'][:8]}"
-            self.nodes[name] = RayNode(name, n["NodeID"], cores, int(n["Resources"].get("memory", 0)), prefix)
+        # replaced, never changed in place: other threads read it without a lock
+        self.nodes: dict[str, RayNode] = {n.name: n for n in self._alive_nodes(head_id, {})}
         self.head = f"node-{head_id[:8]}"
         if self.head not in self.nodes:
             raise RuntimeError("the LIFL head must run on a Ray node with CPUs")
@@ -229,24 +223,68 @@ class RayRuntime:
         self.crossed: dict[str, int] = {"partial": 0, "update": 0, "result": 0}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._link: tuple[str, str] | None = None   # (head address, secret) node agents call back
+        self._capacity: list[dict] | None = None     # the last request_resources bundles
 
     # -- nodes -------------------------------------------------------------------------
-    def start_gateways(self, head_address: str, secret: str) -> None:
-        """Start every other node's agent (shared memory + gateway); they call back ``head_address``."""
+    def _alive_nodes(self, head_id: str, known: dict) -> list[RayNode]:
+        """Ray's alive nodes with CPUs that ``known`` does not have yet (the head first)."""
+        out = []
+        for n in sorted(_ray().nodes(), key=lambda n: (n["NodeID"] != head_id, n["NodeID"])):
+            cores = float(n["Resources"].get("CPU", 0.0))
+            name = f"node-{n['NodeID'][:8]}"
+            if not n["Alive"] or cores <= 0 or name in known:
+                continue
+            prefix = self.arena.prefix if n["NodeID"] == head_id else f"{self.arena.prefix}-n{n['NodeID'][:8]}"
+            out.append(RayNode(name, n["NodeID"], cores, int(n["Resources"].get("memory", 0)), prefix))
+        return out
+
+    def _start_agents(self, nodes: list[RayNode]) -> None:
+        """Start these nodes' agents (shared memory + gateway, calling back the head); blocks on
+        their answers, so never under the engine's lock."""
         ray = _ray()
         from .ray_actors import NodeAgent
         cfg = json.dumps(dataclasses.asdict(self.config))
-        others = [n for n in self.nodes.values() if n.name != self.head]
-        for n in others:
+        head_address, secret = self._link
+        for n in nodes:
             n.agent = NodeAgent.options(scheduling_strategy=_affinity(n.ray_id)).remote(
                 n.name, n.prefix, cfg, head_address, secret)
-        for n, raw in zip(others, ray.get([n.agent.info.remote() for n in others], timeout=self.timeout_s)):
+        for n, raw in zip(nodes, ray.get([n.agent.info.remote() for n in nodes], timeout=self.timeout_s)):
             info = json.loads(raw)
             if info["ray_node"] != n.ray_id:
                 raise RuntimeError(f"the agent of {n.name} started on another node ({info['ray_node'][:8]})")
             n.gateway, n.store = info["address"], AgentStore(n.agent, self.timeout_s)
+
+    def start_gateways(self, head_address: str, secret: str) -> None:
+        """Start every other node's agent; they call back ``head_address``. From then on nodes that
+        join the Ray cluster (an autoscaler's) are adopted by the node watcher."""
+        self._link = (head_address, secret)
+        self._start_agents([n for n in self.nodes.values() if n.name != self.head])
         self._monitor = threading.Thread(target=self._watch_nodes, name="lifl-ray-nodes", daemon=True)
         self._monitor.start()
+
+    def adopt_new_nodes(self) -> list[str]:
+        """Nodes that joined since the last look get an agent and become usable: the next rounds'
+        trees may place leaves there. Returns their names."""
+        new = self._alive_nodes(self.nodes[self.head].ray_id, self.nodes)
+        if not new:
+            return []
+        self._start_agents(new)
+        with self._lock:
+            self.nodes = {**self.nodes, **{n.name: n for n in new}}
+            self._by_prefix = {n.prefix: n for n in self.nodes.values()}
+        for n in new:
+            self.events.on_node_joined(n.name)
+        return [n.name for n in new]
+
+    def request_capacity(self, bundles: list[dict]) -> None:
+        """Tell Ray's autoscaler what LIFL wants room for (``control.autoscaler.capacity_bundles``);
+        an empty list withdraws the request so idle nodes may go."""
+        if bundles == self._capacity:
+            return
+        from ray.autoscaler.sdk import request_resources
+        request_resources(bundles=bundles)
+        self._capacity = bundles
 
     def node_models(self) -> list[Node]:
         shm = self.config.shm_budget_mb * 2**20
@@ -303,7 +341,14 @@ class RayRuntime:
         ray = _ray()
         from ray.exceptions import RayActorError
         silent: dict[str, int] = {}
+        looks = 0
         while not self._stop.wait(every_s):
+            looks += 1
+            if looks % 3 == 0:   # every few seconds: nodes that joined
+                try:
+                    self.adopt_new_nodes()
+                except Exception:
+                    log.exception("adopting a node that joined the Ray cluster failed; trying again later")
             live = [n for n in self.nodes.values() if n.alive and n.agent is not None]
             if not live:
                 continue

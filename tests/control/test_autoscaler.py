@@ -193,3 +193,10 @@ def test_choose_function_prefers_warm_then_cold_then_the_least_loaded():
                           load={"d": 3, "e": 1})
     assert (got.how, got.instance) == ("shared", "e")
     assert choose_function(busy, "n3", "leaf", can_start=False).how == "cold"       # a node with none
+
+
+def test_capacity_is_asked_for_while_rounds_run_and_withdrawn_when_idle():
+    from lifl.control.autoscaler import capacity_bundles
+    assert capacity_bundles(True, 3, 2.0) == [{"CPU": 2}] * 3
+    assert capacity_bundles(True, 2, 0.5) == [{"CPU": 1}] * 2     # Ray asks in whole CPUs
+    assert capacity_bundles(False, 3, 2.0) == []

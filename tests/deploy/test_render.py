@@ -292,3 +292,14 @@ def test_notes_name_the_rendered_service_and_warn_without_tokens(tools, helm_ren
     assert f"{svc['metadata']['name']}.fl.svc:{svc['spec']['ports'][0]['port']}" in notes
     assert ("WARNING: no tokens" in notes) == (not any(o["kind"] == "Secret" for o in helm_renders[profile]))
     assert ("raycluster" in notes) == (profile == "ray")
+
+
+def test_ray_autoscaling_is_off_by_default_and_bounded_when_on(helm_renders):
+    def cluster(profile):
+        return next(o for o in helm_renders[profile] if o["kind"] == "RayCluster")["spec"]
+    off, on = cluster("ray"), cluster("ray-autoscaling")
+    assert off["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in off
+    assert all(g["minReplicas"] == g["maxReplicas"] == g["replicas"] for g in off["workerGroupSpecs"])
+    assert on["enableInTreeAutoscaling"] is True and on["autoscalerOptions"]["idleTimeoutSeconds"] == 120
+    (group,) = on["workerGroupSpecs"]
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (0, 1, 8)

@@ -286,3 +286,54 @@ def test_node_lost_while_aggregating_closes_on_quorum(ray_server, cluster, monke
     assert info.accepted == len(kept) and "lost with node" in info.detail
     assert_matches(got, fedavg64([updates[i] for i in kept], [weights[i] for i in kept]))
     assert metric(srv, "lifl_updates_lost_total") == 8 - len(kept)
+
+
+def _wait(cond, within_s: float = 60.0) -> bool:
+    """Poll a condition on real processes (Ray nodes joining, leaving), bounded."""
+    deadline = time.monotonic() + within_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return cond()
+
+
+def _capacity_request():
+    """What Ray's autoscaler was last asked for (``ray.autoscaler.sdk.request_resources``), read back
+    from where Ray keeps it for its (v1) autoscaler."""
+    import json
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return None if raw is None else json.loads(raw)
+
+
+def test_a_node_that_joins_is_used_and_one_that_leaves_idle_is_no_loss(ray_server, cluster):
+    """What Ray's autoscaler does to a cluster: a node added while LIFL runs gets an agent and a
+    gateway and takes leaves in the next round; removed once its functions scaled to zero, it
+    is a departure, not a loss."""
+    srv = ray_server(keep_alive_s=0.5)
+    before = set(srv.gateways())
+    joined = cluster.add_node(num_cpus=2, resources={"lifl_joined": 1})
+    cluster.wait_for_nodes()
+    assert _wait(lambda: len(srv.gateways()) == len(before) + 1), srv.gateways()
+    (new,) = set(srv.gateways()) - before
+    assert metric(srv, "lifl_nodes_joined_total") == 1
+    base = small_model(8)
+    updates = [perturb(base, 500 + s) for s in range(8)]
+    weights = [float(1 + s) for s in range(8)]
+    with Client(srv.address) as admin:
+        rid = admin.open_round(base, expected=8)
+        # while it runs, Ray's autoscaler is asked for room for `workers` functions
+        assert _wait(lambda: _capacity_request() == [{"CPU": 1}] * 8), _capacity_request()
+        where = _push_spread(srv, rid, updates, weights)
+        assert new in where.values()
+        assert_matches(admin.pull(rid, wait_s=60), fedavg64(updates, weights))
+    assert new in {leaf.node for leaf in srv.snapshot().round(rid).leaves}
+    assert _wait(lambda: not any(f.node == new for f in srv.snapshot().functions))   # scaled to zero
+    assert _wait(lambda: _capacity_request() == []), _capacity_request()            # and nothing asked
+    cluster.remove_node(joined)
+    assert _wait(lambda: metric(srv, "lifl_nodes_left_total") == 1)
+    assert metric(srv, "lifl_nodes_lost_total") == 0 and new not in srv.gateways()
+    with Client(srv.address) as admin:      # the rest of the cluster goes on
+        rid = admin.open_round(base, expected=3)
+        _push_spread(srv, rid, updates[:3], weights[:3])
+        assert_matches(admin.pull(rid, wait_s=60), fedavg64(updates[:3], weights[:3]))
