@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from support import expect, small_model
+from support import expect, metric, small_model
 from lifl import tokens
 from lifl.client import Client, retryable
 from lifl.engine.clock import ManualClock
@@ -77,9 +77,8 @@ def test_rate_limit_per_client_on_a_real_server(clocked, tmp_path):
         a.push(rid, BASE, 1, "a")
         clock.advance(0.5)
         assert a.pull(rid, wait_s=30)["conv.weight"].shape == BASE["conv.weight"].shape
-    sample = srv.metrics.registry.get_sample_value
-    assert sample("lifl_auth_refused_total", {"reason": "rate"}) == 2
-    assert sample("lifl_updates_rejected_total", {"reason": "resource_exhausted"}) == 1
+    assert metric(srv, "lifl_auth_refused_total", reason="rate") == 2
+    assert metric(srv, "lifl_updates_rejected_total", reason="resource_exhausted") == 1
     assert srv.arena.stats().slots_in_use == 0
 
 
@@ -135,4 +134,5 @@ def test_header_and_update_size_bounds(make_server):
         assert (info.accepted, info.in_flight) == (0, 0)
         c.push(rid, BASE, 1, "x")
         assert c.round_info(rid).accepted == 1
+        c.pull(rid, wait_s=30)
     assert srv.arena.stats().slots_in_use == 0

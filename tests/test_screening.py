@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from support import assert_matches, expect, fedavg64, perturb, small_model
+from support import assert_matches, expect, fedavg64, metric, perturb, small_model
 from lifl.client import Client
 from lifl.config import ServerConfig
 from lifl.fold import sum_squares
@@ -39,7 +39,7 @@ WEIGHTS = [1.0, 2.0, 3.0, 5.0]
 
 
 def screened(srv, action):
-    return srv.metrics.registry.get_sample_value("lifl_updates_screened_total", {"action": action}) or 0
+    return metric(srv, "lifl_updates_screened_total", action=action)
 
 
 def test_sum_of_squares_over_any_chunking_is_the_norm():
@@ -107,7 +107,7 @@ def test_reject_refuses_updates_over_the_bound_and_stores_nothing(make_server):
         got = c.pull(rid, wait_s=30)
     assert_matches(got, fedavg64([UPS[i] for i in keep], [WEIGHTS[i] for i in keep]))
     assert screened(srv, "rejected") == len(over) == 2
-    assert srv.metrics.registry.get_sample_value("lifl_updates_rejected_total", {"reason": "invalid_argument"}) == 2
+    assert metric(srv, "lifl_updates_rejected_total", reason="invalid_argument") == 2
     assert srv.arena.stats().slots_in_use == 0
 
 

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from pki import CA
-from support import assert_matches, expect, fedavg64, perturb, small_model
+from support import assert_matches, expect, fedavg64, metric, perturb, small_model
 from lifl import tokens
 from lifl.cli import main
 from lifl.client import Client
@@ -19,7 +19,7 @@ UNAUTH, DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DEN
 
 
 def refused(srv, reason):
-    return srv.metrics.registry.get_sample_value("lifl_auth_refused_total", {"reason": reason}) or 0
+    return metric(srv, "lifl_auth_refused_total", reason=reason)
 
 
 def nothing_stored(c, rid, job="default", accepted=0):
