@@ -191,3 +191,21 @@ def test_plaintext_needs_loopback_or_an_explicit_insecure(make_server, capsys, c
     assert any(r.levelno == logging.WARNING and "PLAINTEXT" in r.getMessage() for r in caplog.records)
     with Client(f"127.0.0.1:{srv.port}") as c:
         assert c.status().version
+
+
+def test_bad_trust_settings_are_refused_before_serving(make_server, keys, tmp_path, capsys):
+    for bad, why in (({"tls_client_ca": "ca.crt"}, "needs tls_cert"), ({"tls_operators": ["ops"]}, "needs tls_client_ca"),
+                     ({"token_revoked": "r.txt"}, "needs token_key"), ({"rate_limit_burst": 0}, "rate_limit_burst"),
+                     ({"keepalive_min_ping_interval_s": 0}, "keepalive"), ({"max_connection_age_s": -1}, "max_connection")):
+        with pytest.raises(ValueError, match=why):
+            ServerConfig(**bad).validate()
+    not_a_key = tmp_path / "not-a-key.pem"
+    not_a_key.write_text("hello")
+    with pytest.raises(ValueError, match="token_key is not a PEM public key"):
+        make_server(token_key=str(not_a_key))
+    with pytest.raises(FileNotFoundError):
+        make_server(token_key=str(keys / "server.pub"), token_revoked=str(tmp_path / "missing.txt"))
+    assert main(["token", "issue", "--key", str(not_a_key), "--sub", "a", "--job", "j"]) == 1
+    assert "not an unencrypted PEM private key" in capsys.readouterr().err
+    assert main(["token", "keygen", "--key", str(keys / "issuer.pem"), "--public", str(tmp_path / "p.pub")]) == 1
+    assert "File exists" in capsys.readouterr().err                     # a signing key is never overwritten
