@@ -6,7 +6,8 @@ Four LIFL servers run in their own processes (``benchmarks.common.ServerProc``) 
 defaults: ``base`` (no credentials, no screening), ``signed`` (``token_key``: every call carries
 an Ed25519-signed credential that the server verifies), ``screen`` (``screen_l2_max`` far above
 every update: the norm is computed on each chunk, nothing is changed) and ``clip`` (a bound below
-every update: each one is rescaled in its slot before folding). A sample is ``--updates``
+every update: each one is rescaled in its slot before folding), plus ``control``, a second server
+exactly like ``base``: its row is the noise floor of this machine (an A/A comparison). A sample is ``--updates``
 sequential pushes of one update (clock stops at the last acknowledgement; the round finishes
 outside the clock), or ``--calls`` sequential GetRound calls. A last pair isolates the screen's
 data-path cost: the gateway's per-chunk scan (``ChunkScan``, 2 MiB chunks) over one update in this
@@ -48,10 +49,10 @@ def main(argv=None) -> None:
     cfg = {"workers": 2, "leaves": 1}
     with ServerProc("lifl", **cfg) as base, ServerProc("lifl", token_key=str(keys / "server.pub"), **cfg) as signed, \
             ServerProc("lifl", screen_l2_max=1e30, **cfg) as screen, \
-            ServerProc("lifl", screen_l2_max=1.0, screen_mode="clip", **cfg) as clip:
+            ServerProc("lifl", screen_l2_max=1.0, screen_mode="clip", **cfg) as clip, ServerProc("lifl", **cfg) as control:
         op = tokens.issue(signer, "bench-operator", "*", "operator", ttl_s=86400)
         admins = {"base": Client(base.address), "signed": Client(signed.address, token=op),
-                  "screen": Client(screen.address), "clip": Client(clip.address)}
+                  "screen": Client(screen.address), "clip": Client(clip.address), "control": Client(control.address)}
 
         def push_case(which):
             admin = admins[which]
@@ -72,7 +73,7 @@ def main(argv=None) -> None:
             return run
 
         admin_address = {"base": base.address, "signed": signed.address, "screen": screen.address,
-                         "clip": clip.address}
+                         "clip": clip.address, "control": control.address}
         rids = {w: admins[w].open_round(layout=layout, expected=1) for w in ("base", "signed")}
 
         def calls_case(which):
@@ -100,6 +101,7 @@ def main(argv=None) -> None:
         cases = [("scan_check", scan_case(False)), ("scan_norm", scan_case(True)),
                  ("push_base", push_case("base")), ("push_signed", push_case("signed")),
                  ("push_screen", push_case("screen")), ("push_clip", push_case("clip")),
+                 ("push_control", push_case("control")),
                  ("call_base", calls_case("base")), ("call_signed", calls_case("signed"))]
         print(f"bench_security: {args.model} ({layout.describe()}), {n_up} pushes or {n_calls} calls per sample, "
               f"{reps} reps", flush=True)
@@ -119,6 +121,8 @@ def main(argv=None) -> None:
             "GiB/s", ours_label="norm", peer_label="none")
     rep.add("push", "screen_mode=clip (every update rescaled): ingest GiB/s ÷ none", gibs["push_clip"],
             gibs["push_base"], "GiB/s", ours_label="clip", peer_label="none")
+    rep.add("push", "control: an identical second server: ingest GiB/s ÷ none (noise floor)", gibs["push_control"],
+            gibs["push_base"], "GiB/s", ours_label="same", peer_label="none")
     rep.add("GetRound", "signed credential: µs per call ÷ none", s["call_signed"], s["call_base"], "µs",
             ours_label="signed", peer_label="none")
     rep.add("scan", "NaN/Inf check + L2 norm (one pass) ÷ NaN/Inf check: ms per update", s["scan_norm"],
