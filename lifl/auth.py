@@ -95,7 +95,7 @@ def _same(a: str, b: str) -> bool:
 
 
 def authenticate(method: str, authorization: str, cert_id: str | None, policy: Policy) -> Principal:
-    """The caller of ``method``, or :class:`Refusal` (UNAUTHENTICATED: no or a bad credential;
+    """The caller of ``method``; raises :class:`Refusal` (UNAUTHENTICATED: no or a bad credential;
     PERMISSION_DENIED: a good one without the right). Pure, except the revocation file's reload."""
     token = authorization[7:] if authorization[:7].lower() == "bearer " else ""
     if not policy.wants_credential:
