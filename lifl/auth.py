@@ -1,63 +1,240 @@
-"""Bearer-token authorization, as a gRPC server interceptor (grpcio's habit: cross-cutting
-concerns outside the handlers).
+"""Who may call what: authentication, roles, scopes and per-client rate limits, as a gRPC server
+interceptor (grpcio's habit: cross-cutting concerns outside the handlers).
 
-Client tokens (``tokens``) may push, pull and read rounds and the server's status; the admin
-token may also open and close rounds. Methods outside LIFL's two services (the health service,
-the head link between a cluster's gateways, which has its own secret) are not this interceptor's
-business. A refused call never reaches its handler: nothing is read, nothing is stored."""
+Credentials, any of which may be configured (docs/security.md):
+
+- static bearer tokens (``tokens``: clients; ``admin_token``: may also open and close rounds);
+- signed, expiring credentials (``token_key``, :mod:`lifl.tokens`) scoped to a job, optionally
+  to rounds, with a role (client or operator) and a subject the client must push as;
+- client certificates under mutual TLS (``tls_client_ca``): the certificate's common name is
+  the client's identity; ``tls_operators`` names the identities that are operators.
+
+With none configured, LIFL's services are open (loopback demos). A call refused here never
+reaches its handler: nothing is read, nothing is stored. Scopes that depend on the request
+(a push's job, round and client id) are checked by the gateway with :func:`check_scope` on the
+:class:`Principal` this interceptor leaves in :func:`current` for the handler.
+
+Methods outside LIFL's two services (the health service, the head link between a cluster's
+gateways, which has its own secret) are not this interceptor's business."""
 from __future__ import annotations
 
-from typing import Callable, Collection, Iterable
+import contextvars
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Callable, Collection
 
 import grpc
 
-from .errors import LiflError
+from .errors import LiflError, quote
+from .tokens import CredentialError, Verifier, looks_signed
 
 PROTECTED = ("/lifl.v1.Aggregation/", "/lifl.v1.Admin/")
 ADMIN_METHODS = frozenset({"/lifl.v1.Admin/OpenRound", "/lifl.v1.Admin/CloseRound"})
+STATUS = "/lifl.v1.Admin/Status"
+ANY_JOB = "*"
+
+log = logging.getLogger("lifl.auth")
+
+
+class Refusal(LiflError):
+    """A refused call; ``why`` labels it in the ``lifl_auth_refused`` metric."""
+
+    def __init__(self, code: str, message: str, why: str, retry_after_s: float | None = None):
+        super().__init__(code, message, retry_after_s)
+        self.why = why
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. ``subject``: the client id a push must carry (None: any); ``job``: the job
+    it may act on (None: any); ``rounds``: the rounds it may push to (None: any)."""
+    kind: str                     # "open" (no auth configured), "token", "signed", "cert"
+    role: str                     # "client" or "operator"
+    subject: str | None = None
+    job: str | None = None
+    rounds: frozenset[int] | None = None
+    scoped: bool = False          # a per-client credential (signed or certificate)
+
+    @property
+    def key(self) -> str | None:
+        """Its rate-limit bucket: the identity when there is one."""
+        return self.subject
+
+
+@dataclass(frozen=True)
+class Policy:
+    tokens: frozenset[str] = frozenset()
+    admin_token: str = ""
+    verifier: Verifier | None = None
+    mtls: bool = False
+    operators: frozenset[str] = frozenset()
+
+    @property
+    def wants_credential(self) -> bool:
+        return bool(self.tokens or self.admin_token or self.verifier)
+
+    @property
+    def active(self) -> bool:
+        return self.wants_credential or self.mtls
+
+
+def policy_of(config) -> Policy:
+    """The policy a server config sets (reads ``token_key`` and ``token_revoked`` now)."""
+    verifier = None
+    if config.token_key:
+        from .tokens import Revocations
+        with open(config.token_key, "rb") as f:
+            verifier = Verifier(f.read(), Revocations(config.token_revoked, log))
+    return Policy(frozenset(config.tokens), config.admin_token, verifier, mtls=bool(config.tls_client_ca),
+                  operators=frozenset(config.tls_operators))
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def authenticate(method: str, authorization: str, cert_id: str | None, policy: Policy) -> Principal:
+    """The caller of ``method``; raises :class:`Refusal` (UNAUTHENTICATED: no or a bad credential;
+    PERMISSION_DENIED: a good one without the right). Pure, except the revocation file's reload."""
+    token = authorization[7:] if authorization[:7].lower() == "bearer " else ""
+    if not policy.wants_credential:
+        p = (Principal("cert", "operator" if cert_id in policy.operators else "client", subject=cert_id,
+                       scoped=True) if cert_id else Principal("open", "operator"))
+    elif not token:
+        raise Refusal("UNAUTHENTICATED", "missing 'authorization: Bearer <token>' metadata", "missing")
+    elif policy.admin_token and _same(token, policy.admin_token):
+        p = Principal("token", "operator", subject=cert_id)
+    elif token in policy.tokens:
+        p = Principal("token", "client", subject=cert_id)
+    elif policy.verifier is not None and looks_signed(token):
+        try:
+            c = policy.verifier.verify(token)
+        except CredentialError as e:
+            raise Refusal(e.code, e.message, e.why) from None
+        if cert_id is not None and c.sub != cert_id:
+            raise Refusal("PERMISSION_DENIED", f"the credential is for {quote(c.sub)}, the client certificate "
+                                               f"for {quote(cert_id)}", "identity")
+        p = Principal("signed", c.role, subject=c.sub, job=None if c.job == ANY_JOB else c.job, rounds=c.rounds,
+                      scoped=True)
+    else:
+        raise Refusal("UNAUTHENTICATED", "unknown token", "unknown")
+    if method in ADMIN_METHODS and p.role != "operator":
+        raise Refusal("PERMISSION_DENIED", "this credential may push and pull, not administer rounds "
+                                           "(role client; operators open and close rounds)", "role")
+    if method == STATUS and p.scoped and p.role != "operator":
+        raise Refusal("PERMISSION_DENIED", "Status lists every job's rounds: operators only", "role")
+    return p
 
 
 def authorize(method: str, authorization: str, tokens: Collection[str], admin_token: str) -> LiflError | None:
-    """Why a call may not proceed (UNAUTHENTICATED or PERMISSION_DENIED), or None. Pure."""
-    if not method.startswith(PROTECTED) or (not tokens and not admin_token):
+    """The static-token rule alone: why a call may not proceed, or None. Pure."""
+    if not method.startswith(PROTECTED):
         return None
-    token = authorization[7:] if authorization.lower().startswith("bearer ") else ""
-    if not token:
-        return LiflError("UNAUTHENTICATED", "missing 'authorization: Bearer <token>' metadata")
-    if method in ADMIN_METHODS:
-        if admin_token and token == admin_token:
-            return None
-        if token in tokens:
-            return LiflError("PERMISSION_DENIED", "this token may push and pull, not administer rounds")
-        return LiflError("UNAUTHENTICATED", "unknown token")
-    if token in tokens or (admin_token and token == admin_token):
-        return None
-    return LiflError("UNAUTHENTICATED", "unknown token")
+    try:
+        authenticate(method, authorization, None, Policy(frozenset(tokens), admin_token))
+    except Refusal as e:
+        return e
+    return None
 
 
-class TokenAuth(grpc.ServerInterceptor):
-    """``on_refused(method, error)`` is told of every refusal (metrics)."""
+def check_scope(p: Principal | None, job: str, round: int | None = None, client_id: str | None = None) -> None:
+    """Refuse (PERMISSION_DENIED) a request outside the caller's job, rounds or identity."""
+    if p is None:
+        return
+    if p.job is not None and job != p.job:
+        raise Refusal("PERMISSION_DENIED", f"this credential is for job {quote(p.job)}, not {quote(job)}", "job")
+    if round is not None and p.rounds is not None and round not in p.rounds:
+        raise Refusal("PERMISSION_DENIED", f"this credential may not push to round {round}", "round")
+    if client_id is not None and p.subject is not None and client_id != p.subject:
+        raise Refusal("PERMISSION_DENIED", f"the client id {quote(client_id)} is not this credential's identity "
+                                           f"{quote(p.subject)}: push as yourself", "identity")
 
-    def __init__(self, tokens: Iterable[str], admin_token: str,
-                 on_refused: Callable[[str, LiflError], None] | None = None):
-        self.tokens, self.admin_token, self.on_refused = frozenset(tokens), admin_token, on_refused
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("lifl_principal", default=None)
+
+
+def current() -> Principal | None:
+    """The principal of the call the running handler serves (None when no auth is configured)."""
+    return _current.get()
+
+
+def cert_identity(context) -> str | None:
+    """The verified client certificate's common name, or None (no client certificate)."""
+    names = (context.auth_context() or {}).get("x509_common_name")
+    return names[0].decode() if names else None
+
+
+def peer_host(context) -> str:
+    """The caller's address without its port (a rate-limit key for callers without identity)."""
+    peer = context.peer() or ""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+class Guard(grpc.ServerInterceptor):
+    """Authenticates every call to LIFL's services, checks its role, takes one from the caller's
+    rate bucket, and hands the :class:`Principal` to the handler. ``on_refused(method, refusal)``
+    is told of every refusal (metrics)."""
+
+    def __init__(self, policy: Policy, limiter=None,
+                 on_refused: Callable[[str, Refusal], None] | None = None, trailers=None):
+        """``trailers(code, message, after_s)``: the retry hints a rate-limited call gets
+        (``gateway.retry_trailers``; default: ``retry-after-ms`` alone)."""
+        self.policy, self.limiter, self.on_refused = policy, limiter, on_refused
+        self.trailers = trailers or (lambda _code, _msg, after_s: (("retry-after-ms", str(int(after_s * 1000))),))
 
     def intercept_service(self, continuation, details):
-        md = dict(details.invocation_metadata or ())
-        err = authorize(details.method, md.get("authorization", ""), self.tokens, self.admin_token)
         handler = continuation(details)
-        if err is None or handler is None:
+        if handler is None or not details.method.startswith(PROTECTED) \
+                or not (self.policy.active or self.limiter is not None):
             return handler
-        if self.on_refused is not None:
-            self.on_refused(details.method, err)
-        return _refusing(handler, err)
+        method = details.method
+        authorization = dict(details.invocation_metadata or ()).get("authorization", "")
+
+        def admit(context) -> Principal:
+            try:
+                p = authenticate(method, authorization, cert_identity(context) if self.policy.mtls else None,
+                                 self.policy)
+                if self.limiter is not None:
+                    wait = self.limiter.take(p.key or peer_host(context))
+                    if wait is not None:
+                        raise Refusal("RESOURCE_EXHAUSTED", f"rate limit: at most {self.limiter.rate:g} calls/s "
+                                      f"(burst {self.limiter.burst:g}) per client; retry in {wait:.3f} s",
+                                      "rate", retry_after_s=wait)
+                return p
+            except Refusal as e:
+                log.log(logging.DEBUG if e.why == "rate" else logging.INFO, "refused %s from %s: %s %s (%s)",
+                        method, context.peer(), e.code, e.message, e.why)
+                if self.on_refused is not None:
+                    self.on_refused(method, e)
+                if e.retry_after_s is not None:
+                    context.set_trailing_metadata(self.trailers(grpc.StatusCode[e.code], e.message,
+                                                                max(0.001, e.retry_after_s)))
+                context.abort(grpc.StatusCode[e.code], e.message)
+
+        return _guarded(handler, admit)
 
 
-def _refusing(handler: grpc.RpcMethodHandler, err: LiflError) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that aborts with ``err`` at once."""
-    def abort(_request, context):
-        context.abort(grpc.StatusCode[err.code], err.message)
+def _guarded(handler: grpc.RpcMethodHandler, admit) -> grpc.RpcMethodHandler:
+    """``handler`` with ``admit(context)`` run first; its principal is :func:`current` meanwhile."""
+    inner = (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
+
+    def call(request, context):
+        token = _current.set(admit(context))
+        try:
+            return inner(request, context)
+        finally:
+            _current.reset(token)
+
+    def stream(request, context):
+        _current.set(admit(context))  # the whole response is sent from this thread
+        try:
+            yield from inner(request, context)
+        finally:
+            _current.set(None)
 
     make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    return make[(handler.request_streaming, handler.response_streaming)](abort)
+    return make[(handler.request_streaming, handler.response_streaming)](
+        stream if handler.response_streaming else call,
+        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)

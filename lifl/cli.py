@@ -28,9 +28,22 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         raise SystemExit(f"lifl: cannot read model file {path}: {e}") from None
 
 
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise SystemExit(f"lifl: cannot read {what} {path}: {e.strerror}") from None
+
+
 def _client(args):
     from .client import Client
-    return Client(args.address, token=args.token or os.environ.get("LIFL_TOKEN") or None)
+    ca, cert, key = (args.ca or os.environ.get("LIFL_CA"), args.cert or os.environ.get("LIFL_CERT"),
+                     args.key or os.environ.get("LIFL_KEY"))
+    return Client(args.address, token=args.token or os.environ.get("LIFL_TOKEN") or None,
+                  root_cert=_read(ca, "CA certificate"), client_cert=_read(cert, "client certificate"),
+                  client_key=_read(key, "client key"))
 
 
 def _print(obj, as_json: bool, human: str) -> None:
@@ -46,7 +59,7 @@ def cmd_serve(args) -> int:
         "host": args.host, "port": args.port, "metrics_port": args.metrics_port, "runtime": args.runtime,
         "leaves": args.leaves, "fan_in": args.fan_in, "workers": args.workers, "shm_budget_mb": args.shm_budget_mb,
         "min_workers": args.min_workers, "keep_alive_s": args.keep_alive, "planner": args.planner,
-        "ray_address": args.ray_address, "placement": args.placement})
+        "ray_address": args.ray_address, "placement": args.placement, "insecure": args.insecure or None})
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     srv = EmbeddedServer(cfg).start()
     stop = threading.Event()
@@ -161,13 +174,47 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_token_keygen(args) -> int:
+    from .tokens import keygen
+    keygen(args.key, args.public)
+    print(f"wrote {args.key} (private, mode 0600: keep it with the issuer) and {args.public} "
+          "(public: the server's token_key)")
+    return 0
+
+
+def cmd_token_issue(args) -> int:
+    from .tokens import issue
+    rounds = [int(r) for r in args.rounds.split(",") if r] if args.rounds else None
+    print(issue(_read(args.key, "signing key"), args.sub, args.job, args.role, args.ttl, rounds))
+    return 0
+
+
+def add_token_parser(sub) -> None:
+    t = sub.add_parser("token", help="signed credentials: keygen, issue").add_subparsers(dest="action", required=True)
+    k = t.add_parser("keygen", help="write an Ed25519 key pair (PEM)")
+    k.add_argument("--key", required=True, help="private key file to create (refuses to overwrite)")
+    k.add_argument("--public", required=True, help="public key file (the server's token_key)")
+    k.set_defaults(fn=cmd_token_keygen)
+    i = t.add_parser("issue", help="print a signed credential")
+    i.add_argument("--key", required=True, help="private key file from `lifl token keygen`")
+    i.add_argument("--sub", required=True, help="the client's identity (its pushes must carry this client id)")
+    i.add_argument("--job", required=True, help="the job it is for ('*': any job)")
+    i.add_argument("--role", choices=["client", "operator"], default="client")
+    i.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    i.add_argument("--rounds", help="comma-separated round ids it may push to (default: any)")
+    i.set_defaults(fn=cmd_token_issue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lifl", description="LIFL: serverless aggregation of FL updates")
     sub = p.add_subparsers(dest="command", required=True)
 
     def remote(sp):
         sp.add_argument("--address", default=DEFAULT_ADDRESS, help="host:port of the server ($LIFL_ADDRESS)")
-        sp.add_argument("--token", default=None, help="bearer token ($LIFL_TOKEN)")
+        sp.add_argument("--token", default=None, help="bearer token or signed credential ($LIFL_TOKEN)")
+        sp.add_argument("--ca", help="PEM CA certificate of the server's certificate: connect with TLS ($LIFL_CA)")
+        sp.add_argument("--cert", help="PEM client certificate, for mutual TLS ($LIFL_CERT)")
+        sp.add_argument("--key", help="PEM key of --cert ($LIFL_KEY)")
         sp.add_argument("--job", default="default")
 
     s = sub.add_parser("serve", help="run the aggregation service")
@@ -183,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-alive", type=float, help="seconds an idle function lives before it is stopped")
     s.add_argument("--planner", choices=["elastic", "static"])
     s.add_argument("--ready-file", help="write {address, metrics_port, pid} as JSON here once serving")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on a non-loopback host (logged as a warning; see docs/security.md)")
     s.set_defaults(fn=cmd_serve)
 
     r = sub.add_parser("round", help="open, close or inspect a round").add_subparsers(dest="action", required=True)
@@ -228,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name"); b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
 
+    add_token_parser(sub)
     from .sim.cli import add_parser as add_sim_parser  # `lifl sim run|report`: everything lives in lifl.sim
     add_sim_parser(sub)
     return p

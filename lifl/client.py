@@ -119,12 +119,20 @@ def retryable(e: grpc.RpcError) -> float | None:
 
 class Client:
     def __init__(self, address: str, token: str | None = None, root_cert: bytes | None = None,
-                 chunk_size: int = 2 * MiB, retry_s: float = 60.0, timeout_s: float | None = None):
+                 chunk_size: int = 2 * MiB, retry_s: float = 60.0, timeout_s: float | None = None,
+                 client_cert: bytes | None = None, client_key: bytes | None = None):
+        """``root_cert``: PEM CA that signed the server's certificate (TLS); ``client_cert`` and
+        ``client_key``: this client's PEM certificate and key, for servers that require mutual TLS."""
         if not MiB // 4 <= chunk_size <= 8 * MiB:
             raise ValueError("chunk_size must be between 256 KiB and 8 MiB")
+        if bool(client_cert) != bool(client_key):
+            raise ValueError("client_cert and client_key go together")
         opts = [("grpc.max_receive_message_length", 16 * MiB), ("grpc.max_send_message_length", 16 * MiB)]
-        self._channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(root_cert), opts)
-                         if root_cert else grpc.insecure_channel(address, opts))
+        if root_cert or client_cert:
+            creds = grpc.ssl_channel_credentials(root_cert, client_key, client_cert)
+            self._channel = grpc.secure_channel(address, creds, opts)
+        else:
+            self._channel = grpc.insecure_channel(address, opts)
         self._md = (("authorization", f"Bearer {token}"),) if token else ()
         self.chunk_size, self.retry_s, self.timeout_s = chunk_size, retry_s, timeout_s
         ch = self._channel

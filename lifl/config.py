@@ -61,6 +61,24 @@ class ServerConfig:
     admin_token: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # trust (docs/security.md)
+    tls_client_ca: str = ""           # PEM CA: require client certificates it signed (mutual TLS); identity = CN
+    tls_operators: list[str] = field(default_factory=list)  # certificate identities that may open/close rounds
+    insecure: bool = False            # allow plaintext on a non-loopback host (logged as a warning)
+    token_key: str = ""               # Ed25519 public key (PEM) verifying signed credentials (lifl token)
+    token_revoked: str = ""           # file of revoked token ids (jti), one a line; re-read when it changes
+    rate_limit_per_s: float = 0.0     # calls per second per client identity (0: no limit)
+    rate_limit_burst: int = 20        # calls a client may make in a row before rate_limit_per_s applies
+    keepalive_time_s: float = 7200.0  # the server pings an idle connection after this long
+    keepalive_timeout_s: float = 20.0  # ... and closes it when the ping is not answered in this long
+    keepalive_min_ping_interval_s: float = 60.0  # clients pinging more often (without data) get strikes
+    keepalive_max_ping_strikes: int = 2  # strikes before the server closes the connection (GOAWAY too_many_pings)
+    keepalive_permit_without_calls: bool = False  # accept client pings on connections with no call
+    max_connection_idle_s: float = 0.0  # close connections idle this long (0: never)
+    max_connection_age_s: float = 0.0   # close connections this old, after a grace (0: never)
+    max_connection_age_grace_s: float = 30.0  # calls still running get this long after max_connection_age_s
+    screen_l2_max: float = 0.0        # L2-norm bound on an update's float tensors (0: no screening)
+    screen_mode: str = "reject"       # over the bound: "reject" (INVALID_ARGUMENT) or "clip" (scale to the bound)
 
     def validate(self) -> "ServerConfig":
         if not 0 <= self.port < 65536:
@@ -101,7 +119,32 @@ class ServerConfig:
             raise ValueError("function_cpus must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        self._validate_trust()
         return self
+
+    def _validate_trust(self) -> None:
+        from .transport import plaintext_refusal
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.tls_operators and not self.tls_client_ca:
+            raise ValueError("tls_operators names client-certificate identities: it needs tls_client_ca")
+        if self.token_revoked and not self.token_key:
+            raise ValueError("token_revoked lists signed credentials: it needs token_key")
+        why = plaintext_refusal(self.host, bool(self.tls_cert), self.insecure)
+        if why:
+            raise ValueError(why)
+        if self.rate_limit_per_s < 0 or self.rate_limit_burst < 1:
+            raise ValueError("rate_limit_per_s must be >= 0 and rate_limit_burst >= 1")
+        if min(self.keepalive_time_s, self.keepalive_timeout_s, self.keepalive_min_ping_interval_s) <= 0:
+            raise ValueError("keepalive_time_s, keepalive_timeout_s and keepalive_min_ping_interval_s must be > 0")
+        if self.keepalive_max_ping_strikes < 0:
+            raise ValueError("keepalive_max_ping_strikes must be >= 0")
+        if min(self.max_connection_idle_s, self.max_connection_age_s, self.max_connection_age_grace_s) < 0:
+            raise ValueError("max_connection_idle_s, max_connection_age_s and max_connection_age_grace_s must be >= 0")
+        if not self.screen_l2_max >= 0:
+            raise ValueError("screen_l2_max must be >= 0 (0: no screening)")
+        if self.screen_mode not in ("reject", "clip"):
+            raise ValueError(f"screen_mode must be 'reject' or 'clip', got {self.screen_mode!r}")
 
     @property
     def address(self) -> str:

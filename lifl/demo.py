@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
+import subprocess  # nosec B404  # starts this package's own `lifl serve`
 import sys
 import tempfile
 import time
@@ -38,7 +38,7 @@ def start_server(extra: list[str], prefix: str) -> tuple[subprocess.Popen, dict]
     """Start ``lifl serve`` on free ports; return the process and its ready info."""
     ready = Path(tempfile.mkdtemp()) / "ready.json"
     env = dict(os.environ, LIFL_SHM_PREFIX=prefix)
-    proc = subprocess.Popen([sys.executable, "-m", "lifl", "serve", "--port", "0", "--metrics-port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "lifl", "serve", "--port", "0", "--metrics-port", "0",  # nosec B603  # fixed argv
                              "--ready-file", str(ready)] + extra, env=env)
     t0 = time.monotonic()
     while not ready.exists():

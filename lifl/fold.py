@@ -244,6 +244,21 @@ def finalize_arrays(sums: Mapping[str, np.ndarray], like: Mapping[str, np.ndarra
     return layout.views(out)
 
 
+def _float_pieces(layout: Layout, buf, start: int, end: int | None):
+    """(tensor name, storage view, kernel id) of each float tensor's elements lying wholly
+    inside the byte range [start, end) of the flat layout."""
+    end = layout.total_size if end is None else end
+    for spec, off in zip(layout.specs, layout.offsets):
+        if not is_float(spec.dtype) or spec.numel == 0 or off + spec.nbytes <= start or off >= end:
+            continue
+        size = spec.itemsize
+        first = max(0, -(-(start - off) // size))
+        last = min(spec.numel, (end - off) // size)
+        if last > first:
+            yield spec.name, np.frombuffer(buf, dtype=storage_dtype(spec.dtype), count=last - first,
+                                           offset=off + first * size), kernel_id(spec.dtype)
+
+
 def count_nonfinite(layout: Layout, buf, start: int = 0, end: int | None = None) -> list[tuple[str, int]]:
     """(tensor name, count) of NaN/Inf values in each float tensor that has any.
 
@@ -251,22 +266,45 @@ def count_nonfinite(layout: Layout, buf, start: int = 0, end: int | None = None)
     wholly inside [start, end) are checked, so a receiver can check each chunk as it
     lands and spread the scan over the stream instead of paying it after the last byte.
     """
-    end = layout.total_size if end is None else end
     bad = []
-    for spec, off in zip(layout.specs, layout.offsets):
-        if not is_float(spec.dtype) or spec.numel == 0 or off + spec.nbytes <= start or off >= end:
-            continue
-        size = spec.itemsize
-        first = max(0, -(-(start - off) // size))
-        last = min(spec.numel, (end - off) // size)
-        if last <= first:
-            continue
-        kid = kernel_id(spec.dtype)
-        raw = np.frombuffer(buf, dtype=storage_dtype(spec.dtype), count=last - first, offset=off + first * size)
+    for name, raw, kid in _float_pieces(layout, buf, start, end):
         if _foldc is not None:
             n = _foldc.count_nonfinite(raw, kid)
         else:
             n = int(np.count_nonzero(~np.isfinite(_as_f64(raw, kid))))
         if n:
-            bad.append((spec.name, n))
+            bad.append((name, n))
     return bad
+
+
+def scan_floats(layout: Layout, buf, start: int = 0, end: int | None = None) -> tuple[list[tuple[str, int]], float]:
+    """NaN/Inf counts (as count_nonfinite) and Σx² in float64 over the float tensors' elements
+    inside [start, end), in one pass: an update's L2 norm is accumulated chunk by chunk while it
+    lands, reading each byte once with the NaN/Inf check."""
+    bad, total = [], 0.0
+    for name, raw, kid in _float_pieces(layout, buf, start, end):
+        if _foldc is not None:
+            n, sq = _foldc.scan(raw, kid)
+        else:
+            x = _as_f64(raw, kid)
+            n, sq = int(np.count_nonzero(~np.isfinite(x))), float(np.einsum("i,i->", x, x))  # einsum: no BLAS threads
+        total += sq
+        if n:
+            bad.append((name, n))
+    return bad, total
+
+
+def sum_squares(layout: Layout, buf, start: int = 0, end: int | None = None) -> float:
+    """Σx² in float64 over the float tensors' elements inside [start, end)."""
+    return scan_floats(layout, buf, start, end)[1]
+
+
+def scale_floats(layout: Layout, buf, factor: float) -> None:
+    """Multiply every float tensor in ``buf`` by ``factor`` in place: computed in float64,
+    rounded once to the tensor's dtype (integer and bool tensors are left as they are)."""
+    for spec, off in zip(layout.specs, layout.offsets):
+        if is_float(spec.dtype) and spec.numel:
+            view = np.frombuffer(buf, dtype=public_dtype(spec.dtype), count=spec.numel, offset=off)
+            for a in range(0, spec.numel, PIECE):   # cache-sized temporaries, not a float64 copy of the model
+                part = view[a:a + PIECE]
+                part[...] = (part.astype(np.float64) * factor).astype(view.dtype)

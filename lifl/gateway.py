@@ -24,9 +24,9 @@ from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
 
 from . import __version__
-from .auth import TokenAuth
+from .auth import Guard, Refusal, check_scope, current, policy_of
 from .errors import LiflError, quote
-from .fold import count_nonfinite, journal_bytes
+from .fold import count_nonfinite, journal_bytes, scale_floats, scan_floats
 from .layout import Layout, LayoutError
 from .rounds import State, check_weight, job_name
 from .shm import BudgetExhausted
@@ -96,9 +96,33 @@ def _spec_mismatch(got: Layout, want: Layout) -> str | None:
     return "tensor specs differ"
 
 
+class ChunkScan:
+    """Called with each chunk's byte range as it lands: scans the whole 64-byte lines received
+    so far (an element never straddles one) for NaN/Inf and, when screening, adds their Σx² to
+    ``sumsq`` in the same pass (``fold.scan_floats``) over the freshly written, cache-warm bytes."""
+
+    def __init__(self, layout: Layout, buf, nonfinite: bool, squares: bool):
+        self.layout, self.buf, self.nonfinite, self.squares = layout, buf, nonfinite, squares
+        self.checked, self.sumsq = 0, 0.0
+
+    def __call__(self, start: int, end: int) -> None:
+        upto = end - end % 64 if end < self.layout.total_size else end
+        if self.squares:
+            bad, sq = scan_floats(self.layout, self.buf, self.checked, upto)
+            self.sumsq += sq
+        else:
+            bad = count_nonfinite(self.layout, self.buf, self.checked, upto)
+        self.checked = upto
+        if bad and self.nonfinite:
+            name, n = bad[0]
+            raise LiflError("INVALID_ARGUMENT", f"tensor {quote(name)} has {n} NaN/Inf values; "
+                                                "the update was rejected (reject_nonfinite is on)")
+
+
 class Gateway:
-    def __init__(self, config, arena, dispatcher, metrics):
+    def __init__(self, config, arena, dispatcher, metrics, clock=None):
         self.config, self.arena, self.dispatcher, self.metrics = config, arena, dispatcher, metrics
+        self.clock = clock   # rate limits (None: the real clock)
         self.started = time.time()
         # chunks handed to gRPC and not yet sent, over all Pull streams: many clients pulling at once
         # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
@@ -130,6 +154,9 @@ class Gateway:
     def _abort(self, context, e: LiflError, method: str):
         if method == "push":
             self.metrics.updates_rejected.labels(e.reason).inc()
+        if isinstance(e, Refusal):
+            self.metrics.auth_refused.labels(e.why).inc()
+            log.info("refused %s from %s: %s %s (%s)", method, context.peer(), e.code, e.message, e.why)
         msg = e.message if len(e.message) <= MAX_MESSAGE_CHARS else e.message[:MAX_MESSAGE_CHARS] + "…"
         if e.retry_after_s is not None:
             context.set_trailing_metadata(retry_trailers(grpc.StatusCode[e.code], msg, e.retry_after_s))
@@ -139,12 +166,20 @@ class Gateway:
     def _request(raw, cls):
         return raw if cls is None else parse(raw, cls, "the request")
 
-    def auth(self) -> TokenAuth:
-        """The interceptor that checks bearer tokens before any handler runs (``lifl.auth``)."""
-        def refused(method: str, err: LiflError) -> None:
+    def auth(self) -> Guard:
+        """The interceptor that authenticates, authorizes and rate-limits every call before its
+        handler runs (``lifl.auth``); key files are read now."""
+        def refused(method: str, err: Refusal) -> None:
+            self.metrics.auth_refused.labels(err.why).inc()
             if method.endswith("/Push"):
                 self.metrics.updates_rejected.labels(err.reason).inc()
-        return TokenAuth(self.config.tokens, self.config.admin_token, refused)
+        limiter = None
+        if self.config.rate_limit_per_s > 0:
+            from .engine.clock import SystemClock
+            from .ratelimit import RateLimiter
+            limiter = RateLimiter(self.config.rate_limit_per_s, self.config.rate_limit_burst,
+                                  self.clock or SystemClock())
+        return Guard(policy_of(self.config), limiter, refused, trailers=retry_trailers)
 
     def _wrap(self, fn, cls=None):
         def handler(request, context):
@@ -200,6 +235,7 @@ class Gateway:
     # -- Aggregation -------------------------------------------------------------
     def push(self, it, context) -> pb.PushReply:
         h = self._first(it, pb.PushRequest, "PushHeader")
+        check_scope(current(), job_name(h.job), h.round, h.client_id)
         check_weight(h.num_examples)
         check_encoding(h.encoding)
         run = self.dispatcher.get(h.job, h.round)
@@ -221,22 +257,11 @@ class Gateway:
                 raise LiflError("RESOURCE_EXHAUSTED", f"{e}; retry later", retry_after_s=0.5) from None
             self.metrics.slots_in_use.set(self.arena.stats().slots_in_use)
             dst = slot.array(np.uint8, want.total_size)
-            checked = [0]  # bytes scanned for NaN/Inf so far: each chunk is checked as it lands
-
-            def scan(upto: int) -> None:
-                bad = count_nonfinite(want, slot.buf, checked[0], upto)
-                checked[0] = upto
-                if bad:
-                    name, n = bad[0]
-                    raise LiflError("INVALID_ARGUMENT", f"tensor {quote(name)} has {n} NaN/Inf values; "
-                                                        "the update was rejected (reject_nonfinite is on)")
-
-            def on_chunk(start: int, end: int) -> None:
-                # scan whole 64-byte lines received so far; an element never straddles one
-                scan(end - end % 64 if end < want.total_size else end)
-
+            scan = self._scanner(want, slot.buf)
             self._receive(it, dst, pb.PushRequest, "update", check=lambda: self.dispatcher.check_open(run),
-                          on_chunk=on_chunk if self.config.reject_nonfinite else None)
+                          on_chunk=scan)
+            if scan is not None:
+                self._screen(want, slot.buf, scan.sumsq)
             self.dispatcher.check_open(run)
             n_acc = self.dispatcher.accept(run, h.client_id, slot.name, h.num_examples)
             accepted = True
@@ -253,7 +278,31 @@ class Gateway:
                 if slot is not None:
                     self.arena.release_slot(slot.name)
 
+    def _scanner(self, layout: Layout, buf) -> "ChunkScan | None":
+        """The check each landed chunk gets (None: none): NaN/Inf (``reject_nonfinite``) and the
+        running Σx² for the L2 screen (``screen_l2_max``)."""
+        nonfinite, screen = self.config.reject_nonfinite, self.config.screen_l2_max > 0
+        return ChunkScan(layout, buf, nonfinite, screen) if nonfinite or screen else None
+
+    def _screen(self, layout: Layout, buf, sumsq: float) -> None:
+        """Apply the L2-norm bound to a whole received update: reject it, or scale its float
+        tensors so that their norm is the bound (before the engine ever sees it)."""
+        bound = self.config.screen_l2_max
+        if bound <= 0:
+            return
+        norm = math.sqrt(sumsq)
+        if norm <= bound:
+            return
+        if self.config.screen_mode == "clip" and math.isfinite(norm):
+            scale_floats(layout, buf, bound / norm)
+            self.metrics.updates_screened.labels("clipped").inc()
+            return
+        self.metrics.updates_screened.labels("rejected").inc()
+        raise LiflError("INVALID_ARGUMENT", f"the update's L2 norm {norm:.6g} is over this server's bound "
+                                            f"{bound:g} (screen_l2_max, screen_mode {self.config.screen_mode})")
+
     def pull(self, req: pb.PullRequest, context):
+        check_scope(current(), job_name(req.job))
         initial = req.kind == pb.MODEL_KIND_INITIAL
         wait = req.wait_seconds
         if math.isnan(wait) or wait < 0:
@@ -283,12 +332,14 @@ class Gateway:
             self._pull_sends.release()
 
     def get_round(self, req: pb.GetRoundRequest, context) -> pb.RoundInfo:
+        check_scope(current(), job_name(req.job))
         return round_info(self.dispatcher.get(req.job, req.round))
 
     # -- Admin -----------------------------------------------------------------------
     def open_round(self, it, context) -> pb.RoundInfo:
         h = self._first(it, pb.OpenRoundRequest, "OpenRoundHeader")
         job = job_name(h.job)
+        check_scope(current(), job)
         check_encoding(h.encoding)
         initial = None
         try:
@@ -331,6 +382,7 @@ class Gateway:
         self.arena.ensure_room(need, f"a round of a {layout.total_size}-byte model")
 
     def close_round(self, req: pb.CloseRoundRequest, context) -> pb.RoundInfo:
+        check_scope(current(), job_name(req.job))
         self.dispatcher.close_round(req.job, req.round, req.abort)
         return round_info(self.dispatcher.get(req.job, req.round))
 

@@ -23,7 +23,7 @@ from .layout import Layout
 from .rounds import State
 
 SERVICE, METHOD = "lifl.v1.Head", "Call"
-SECRET_KEY = "x-lifl-cluster-secret"
+SECRET_KEY = "x-lifl-cluster-secret"  # nosec B105  # the metadata key's name; the secret is random per server
 
 
 # -- head side -------------------------------------------------------------------------------

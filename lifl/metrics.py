@@ -53,6 +53,10 @@ class Metrics:
         self.queue_depth = Gauge("lifl_queue_depth", "Updates received but not yet folded", registry=r)
         self.slots_in_use = Gauge("lifl_shm_slots_in_use", "Update slots holding an update", registry=r)
         self.shm_bytes = Gauge("lifl_shm_bytes", "Shared memory held, by kind", ["kind"], registry=r)
+        self.auth_refused = Counter("lifl_auth_refused", "Calls refused by authentication, authorization or the "
+                                    "rate limit, by reason", ["reason"], registry=r)
+        self.updates_screened = Counter("lifl_updates_screened", "Updates over screen_l2_max, by action taken "
+                                        "(clipped, rejected)", ["action"], registry=r)
         self._http = None
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:

@@ -17,6 +17,7 @@ from .gateway import Gateway
 from .metrics import Metrics
 from .runtime.local import LocalRuntime
 from .shm import Arena
+from .transport import connection_options, server_credentials
 
 log = logging.getLogger("lifl.server")
 
@@ -75,7 +76,8 @@ class EmbeddedServer:
             self.runtime = (self._given_runtime or _make_runtime)(cfg, self.arena, self.metrics)
             self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics, clock=self._clock,
                                          ticker=self._clock is None)
-            gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics)
+            gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics, clock=self._clock)
+            creds = server_credentials(cfg)   # before listening: a plaintext refusal or a bad file stops here
             handlers = gateway.handlers()
             head = None
             if cfg.runtime == "ray":  # node gateways call the head's dispatcher through this
@@ -97,11 +99,9 @@ class EmbeddedServer:
                          # for one stream on loopback, but every push waiting for a slot buffers its
                          # window (30 waiting ResNet-18 pushes: ~230 MiB). Off, a waiting push holds
                          # 64 KiB and a stream being read still gets a window of a whole chunk.
-                         ("grpc.http2.bdp_probe", int(cfg.grpc_bdp_probe))])
+                         ("grpc.http2.bdp_probe", int(cfg.grpc_bdp_probe))] + connection_options(cfg))
             target = f"{cfg.host}:{cfg.port}"
-            if cfg.tls_cert:
-                with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            if creds is not None:
                 self.port = self.grpc.add_secure_port(target, creds)
             else:
                 self.port = self.grpc.add_insecure_port(target)
@@ -110,7 +110,7 @@ class EmbeddedServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
             self.grpc.start()
             if head is not None:
-                host = cfg.host if cfg.host not in ("0.0.0.0", "::") else _node_ip()
+                host = cfg.host if cfg.host not in ("0.0.0.0", "::") else _node_ip()  # nosec B104  # a test of the bind address
                 self.runtime.start_gateways(f"{host}:{self.port}", head._secret.decode())
             if cfg.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.host)

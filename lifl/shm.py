@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import LiflError
 
-SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")  # nosec B108  # segments are created O_EXCL (an existing file is an error), mode 0600
 
 
 _SERIALS = itertools.count(1)  # per process, not per arena: two servers in one process never collide

@@ -3,7 +3,7 @@ import grpc
 import pytest
 
 from support import expect, small_model
-from lifl.auth import authorize
+from lifl.auth import Policy, Principal, Refusal, authenticate, authorize, check_scope
 from lifl.client import Client
 
 BASE = small_model()
@@ -41,3 +41,24 @@ def test_refused_calls_reach_no_handler_and_are_counted(make_server):
         assert c1.round_info(rid).accepted == 1
     rejected = srv.metrics.registry.get_sample_value("lifl_updates_rejected_total", {"reason": "unauthenticated"})
     assert rejected == 2
+
+
+def test_certificate_identities_and_scopes():
+    pol = Policy(mtls=True, operators=frozenset({"ops"}))
+    assert authenticate(OPEN, "", "ops", pol).role == "operator"
+    phone = authenticate(PUSH, "", "phone", pol)
+    assert (phone.subject, phone.role, phone.job) == ("phone", "client", None)
+    for method in (OPEN, STATUS):
+        with pytest.raises(Refusal) as ei:
+            authenticate(method, "", "phone", pol)
+        assert (ei.value.code, ei.value.why) == ("PERMISSION_DENIED", "role")
+    # a static token under mutual TLS still pushes only as the certificate's identity
+    assert authenticate(PUSH, "Bearer c1", "phone", Policy(frozenset({"c1"}), mtls=True)).subject == "phone"
+    signed = Principal("signed", "client", subject="c1", job="j1", rounds=frozenset({3}), scoped=True)
+    check_scope(signed, "j1", 3, "c1")
+    check_scope(None, "any", 9, "anyone")                                     # no auth configured
+    check_scope(Principal("token", "client"), "any", 9, "anyone")            # static tokens: any id, any job
+    for args, why in ((("j2", 3, "c1"), "job"), (("j1", 4, "c1"), "round"), (("j1", 3, "c2"), "identity")):
+        with pytest.raises(Refusal) as ei:
+            check_scope(signed, *args)
+        assert (ei.value.code, ei.value.why) == ("PERMISSION_DENIED", why)

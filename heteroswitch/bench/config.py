@@ -110,7 +110,7 @@ def _hydrate(tp, value):
                 try:
                     return _hydrate(a, value)
                 except Exception:  # noqa: BLE001 - try the next member of the union
-                    continue
+                    continue  # nosec B112  # a member that does not fit is not an error
     return value
 
 

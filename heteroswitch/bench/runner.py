@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import subprocess  # nosec B404  # runs this package's own training jobs
 import sys
 import time
 from pathlib import Path
@@ -65,7 +65,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             while pending and len(running) < cfg.workers:
                 s, m, tries = spec = pending.pop(0)
                 oj = out / f"job_{m}_s{s}.json"
-                running.append((subprocess.Popen(_job_cmd(cfg_path, s, m, oj), env=env), oj, spec))
+                running.append((subprocess.Popen(_job_cmd(cfg_path, s, m, oj), env=env), oj, spec))  # nosec B603  # argv from _job_cmd, no shell
                 # stagger start-ups: many processes initialising torch/CUDA at once can exhaust host
                 # memory on a VM whose memory grows on demand (jobs were SIGKILLed at start-up there)
                 time.sleep(LAUNCH_STAGGER_S)

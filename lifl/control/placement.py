@@ -159,7 +159,7 @@ def random_placement(hier: Hierarchy, leaf_home: Sequence[str], nodes: Sequence[
     if len(leaf_home) != hier.leaves:
         raise ValueError(f"leaf_home has {len(leaf_home)} entries for {hier.leaves} leaves")
     lb = [leaf_update_bytes] * hier.leaves if isinstance(leaf_update_bytes, int) else list(leaf_update_bytes)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # nosec B311  # the seeded random-placement baseline, not a secret
     leaf_node = tuple(rng.choice(nodes).name for _ in range(hier.leaves))
     up, pp = cross_node_bytes(hier, leaf_node, leaf_home, lb, partial_bytes)
     return Placement(hier, leaf_node, level_nodes(hier, leaf_node),

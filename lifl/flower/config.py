@@ -23,7 +23,7 @@ RECEIPT = "lifl-receipt"        # ConfigRecord name; fields: round, client-id, b
 
 # -- node config / run config keys read by the mod (node config wins) ------------
 NODE_ADDRESS = "lifl-address"      # override the address the strategy announced
-NODE_TOKEN = "lifl-token"          # bearer token for the gateway
+NODE_TOKEN = "lifl-token"          # nosec B105  # the config key's name, not a token
 NODE_ROOT_CERT = "lifl-root-cert"  # path to a PEM root certificate -> TLS
 NODE_CHUNK_MIB = "lifl-chunk-mib"  # push chunk size in MiB (default 2)
 NODE_TIMEOUT_S = "lifl-timeout-s"  # per-call timeout (default: none; push retries on RESOURCE_EXHAUSTED)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import math
-import pickle
+import pickle  # nosec B403  # only through _PlainUnpickler, which refuses every global (module docstring)
 from pathlib import Path
 from typing import Any
 

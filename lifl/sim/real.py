@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
+import subprocess  # nosec B404  # runs this package's own `lifl serve` and client processes
 import sys
 import tempfile
 import threading
@@ -53,7 +53,7 @@ def serve(server: dict, command: list[str] | None = None, start_timeout: float =
     env = dict(os.environ, **{f"LIFL_{k.upper()}": _env_value(v) for k, v in server.items()})
     cmd = (command or [sys.executable, "-m", "lifl", "serve", "--port", "0", "--metrics-port", "0"]) + [
         "--ready-file", str(ready)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)  # nosec B603  # argv list, no shell; the sim config names the command
     try:
         t0 = time.monotonic()
         while not ready.exists():
@@ -87,7 +87,7 @@ class ClientPool:
         self.procs: list[subprocess.Popen] = []
         try:
             for i in range(processes):
-                p = subprocess.Popen([sys.executable, "-m", "lifl.sim.client_proc"], stdin=subprocess.PIPE,
+                p = subprocess.Popen([sys.executable, "-m", "lifl.sim.client_proc"], stdin=subprocess.PIPE,  # nosec B603  # fixed argv
                                      stdout=subprocess.PIPE, text=True)
                 self.procs.append(p)
                 wire = Layout.from_specs(TensorSpec(n, d, tuple(s)) for n, s, d in specs).to_wire()
@@ -177,7 +177,7 @@ def _scrape(port: int) -> dict[str, float]:
     if port is None or port < 0:
         return {}
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # nosec B310  # fixed http:// URL on loopback
     except OSError:
         return {}
     out: dict[str, float] = {}

@@ -47,6 +47,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- $derived := dict "workers" $cpus "leaves" (max 1 (sub $cpus 1)) -}}
 {{- if eq .Values.runtime "local" }}{{ $_ := set $derived "fold_cores" (max 1 (sub $cpus 1)) }}{{ end -}}
+{{- if not .Values.tls.enabled }}{{ $_ := set $derived "insecure" true }}{{ end -}}{{/* plaintext off loopback: say so */}}
 {{- $cfg := merge (deepCopy .Values.config) $derived -}}
 [server]
 host = "0.0.0.0"
