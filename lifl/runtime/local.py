@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import struct
-import subprocess
+import subprocess  # nosec B404  # the exec spawn mode and the fork server run this package's own modules
 import sys
 import threading
 import time
@@ -123,7 +123,7 @@ class LocalRuntime:
     # -- fork server ---------------------------------------------------------------
     def _start_zygote(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._zygote = subprocess.Popen([sys.executable, "-m", "lifl.runtime.zygote", "--fd", str(child.fileno())],
+        self._zygote = subprocess.Popen([sys.executable, "-m", "lifl.runtime.zygote", "--fd", str(child.fileno())],  # nosec B603  # fixed argv: this interpreter and this package's fork server
                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         child.close()
         parent.settimeout(30)
@@ -137,7 +137,7 @@ class LocalRuntime:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if self.spawn == "exec":
-                proc = subprocess.Popen([sys.executable, "-m", "lifl.function", "--fd", str(child.fileno())],
+                proc = subprocess.Popen([sys.executable, "-m", "lifl.function", "--fd", str(child.fileno())],  # nosec B603  # fixed argv: this interpreter and this package's function
                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
                 child.close()
                 return LocalWorker(parent, proc.pid, on_message, t0, proc=proc)

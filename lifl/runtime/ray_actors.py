@@ -46,7 +46,7 @@ class NodeAgent:
                                   handlers=self.gateway.handlers(), interceptors=[self.gateway.auth()],
                                   options=[("grpc.max_receive_message_length", limit),
                                            ("grpc.max_send_message_length", 16 * MiB), ("grpc.so_reuseport", 0)])
-        host = cfg.host if cfg.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
+        host = cfg.host if cfg.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()  # nosec B104  # a test of the bind address (any interface), not a bind
         port = self.server.add_insecure_port(f"{cfg.host}:{cfg.node_gateway_port}")
         if not port:
             raise OSError(f"node {node}: cannot listen on {cfg.host}:{cfg.node_gateway_port}")
