@@ -208,23 +208,58 @@ def finalize(acc: np.ndarray, layout: Layout, total_weight: float, out_buf) -> N
         _mean_into(acc[e:e + spec.numel], spec, total_weight, dst)
 
 
-def fold_and_finalize(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int | None, add,
-                      layout: Layout, total_weight: float, out_buf) -> None:
-    """A round's last fold and its finalize as one pass: each piece of the sum is folded and its
-    mean written out while it is still in cache, so the float64 sum is not read back from memory.
-    Journaled like :func:`fold_in_place`: a re-run after being cut short is exact."""
+def _mean_writer(layout: Layout, total_weight: float, out_buf):
+    """``write(piece, e0, e1)``: the mean of elements [e0, e1) of the sum (``piece``) into
+    ``out_buf``, across tensor boundaries, in each tensor's dtype."""
     _check_weight(total_weight)
     starts, ends = _tensor_ranges(layout)
     outs = _flat_views(layout, out_buf)
 
-    def then(piece: np.ndarray, e0: int, e1: int) -> None:
+    def write(piece: np.ndarray, e0: int, e1: int) -> None:
         i = bisect.bisect_right(starts, e0) - 1
         while i < len(starts) and starts[i] < e1:
             a, b = max(e0, starts[i]), min(e1, ends[i])
             if a < b:
                 _mean_into(piece[a - e0:b - e0], layout.specs[i], total_weight, outs[i][a - starts[i]:b - starts[i]])
             i += 1
-    fold_in_place(acc, journal, to_gen, from_gen, add, then)
+    return write
+
+
+def fold_and_finalize(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int | None, add,
+                      layout: Layout, total_weight: float, out_buf) -> None:
+    """A round's last fold and its finalize as one pass: each piece of the sum is folded and its
+    mean written out while it is still in cache, so the float64 sum is not read back from memory.
+    Journaled like :func:`fold_in_place`: a re-run after being cut short is exact."""
+    fold_in_place(acc, journal, to_gen, from_gen, add, _mean_writer(layout, total_weight, out_buf))
+
+
+def span_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
+    """[e0, e1) ranges splitting a model into about equal spans on ``PIECE`` boundaries."""
+    pieces = -(-numel // PIECE)
+    parts = max(1, min(parts, pieces))
+    cuts = [round(k * pieces / parts) * PIECE for k in range(parts + 1)]
+    return [(a, min(b, numel)) for a, b in zip(cuts, cuts[1:]) if a < min(b, numel)]
+
+
+def finalize_span(layout: Layout, e0: int, e1: int, partials: Sequence[np.ndarray], add, total_weight: float,
+                  out_buf) -> None:
+    """The result's elements [e0, e1) = (Σ partial sums + what ``add`` adds) / total_weight, piece
+    by piece in a cache-sized scratch: several functions finalise a round's spans in parallel.
+    Reads its inputs only, so a re-run writes the same bytes."""
+    write = _mean_writer(layout, total_weight, out_buf)
+    tmp = np.empty(min(PIECE, e1 - e0))
+    for a in range(e0, e1, PIECE):
+        b = min(e1, a + PIECE)
+        t = tmp[:b - a]
+        if partials:
+            np.copyto(t, partials[0][a:b])
+            if len(partials) > 1:
+                fold_arrays(t, [p[a:b] for p in partials[1:]], [1.0] * (len(partials) - 1), 1)
+        else:
+            t[:] = 0.0
+        if add is not None:
+            add(t, a, b)
+        write(t, a, b)
 
 
 def finalize_arrays(sums: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray],

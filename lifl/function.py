@@ -107,7 +107,15 @@ class Function:
         if op == "finalize":  # with inputs: the last fold and the finalize in one pass
             layout = self.layouts[cmd["layout"]]
             t0 = time.perf_counter()
-            acc, out = self.acc(cmd["acc"], layout), self.seg(cmd["out"]).buf
+            out = self.seg(cmd["out"]).buf
+            if "span" in cmd:   # one span of a flat finalize: reads every sum and pending update
+                ups = cmd["updates"]
+                add = fold.add_updates(layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
+                                       [w for _, w in ups]) if ups else None
+                fold.finalize_span(layout, *cmd["span"], [self.acc(n, layout) for n in cmd["partials"]], add,
+                                   cmd["weight"], out)
+                return {"seconds": time.perf_counter() - t0}
+            acc = self.acc(cmd["acc"], layout)
             if "gen" in cmd:
                 fold.fold_and_finalize(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
                                        self._inputs(cmd, layout), layout, cmd["weight"], out)

@@ -127,7 +127,8 @@ class RoundDriver:
         new = list(zip(shape.nodes, shape.homes))[len(run.segs):]
         run.segs.extend(segs)
         if run.red is None:
-            run.red = Reduction(run.round.id, shape.hier, new, self._gens, lazy=self.lazy)
+            run.red = Reduction(run.round.id, shape.hier, new, self._gens, lazy=self.lazy,
+                                numel=run.round.layout.numel, flat_on=self.runtime.head)
         else:
             run.red.extend(shape.hier, new)
         run.shape = shape
@@ -178,7 +179,7 @@ class RoundDriver:
             if cmd.children and fn.role != role:
                 self.metrics.warm_reuses.inc()  # a finished leaf takes a parent's role
             fn.role = role
-            if isinstance(cmd, Finalize):
+            if isinstance(cmd, Finalize) and run.result is None:
                 run.result = self.arena.result_segment(run.round.layout.total_size)
             self.enqueue(fn, Task(cmd, run))
 
@@ -187,9 +188,10 @@ class RoundDriver:
         for name in run.red.commit(cmd):
             self.release_slot(name)
         if isinstance(cmd, Finalize):
-            fn.updates_folded += len(cmd.updates)
             self.metrics.fold_seconds.labels("top").observe(secs)
-            self._finalized(run)
+            if run.red.done:   # a flat finalize is done when its last span is
+                fn.updates_folded += len(cmd.updates)
+                self._finalized(run)
             return
         if cmd.updates:
             fn.updates_folded += len(cmd.updates)

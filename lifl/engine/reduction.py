@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from ..control.model import MAX_BATCH, Hierarchy
+from ..fold import span_bounds
 from ..control.planner import build_tree, route_leaf
 
 
@@ -66,6 +67,7 @@ class Finalize:
     base: int = 0
     updates: tuple[Update, ...] = ()
     children: tuple[int, ...] = ()
+    span: tuple[int, int] | None = None   # one span of a flat finalize: elements [e0, e1) only
     kind: str = "finalize"
 
 
@@ -112,11 +114,17 @@ class Reduction:
     """One round's tree. ``gens`` yields accumulator generations, never reused across rounds."""
 
     def __init__(self, round_id: int, hier: Hierarchy, leaves: Sequence[tuple[str, str]],
-                 gens: Iterator[int] | None = None, lazy: bool = False):
+                 gens: Iterator[int] | None = None, lazy: bool = False, numel: int = 0, flat_on: str = ""):
         """``lazy``: leaves fold nothing until the round closes (the ``fold_when = "lazy"``
-        ablation: collect, then aggregate)."""
+        ablation: collect, then aggregate). ``numel`` and ``flat_on`` (a node, where the result is
+        written): a round whose leaves are all on that node ends in a *flat finalize*: once no fold is in flight, every leaf
+        that holds updates writes one span of the result from all sums and pending updates, in
+        parallel, instead of the tree's levels one after another (on one node the tree saves no
+        traffic; it only serialises the last step)."""
         self.round = round_id
         self.lazy = lazy
+        self.numel, self.flat_on = numel, flat_on
+        self._spans_left: set[int] = set()
         self.hier = hier
         self.leaves = [Leaf(i, node, home) for i, (node, home) in enumerate(leaves)]
         self.phase = Phase.OPEN
@@ -169,6 +177,10 @@ class Reduction:
         """Commands that may start now: parents whose inputs are complete, then the finalize."""
         if self.phase is not Phase.CLOSED or self.needs_rebuild:
             return []
+        if self.numel and self.flat_on and not self._finalizing and self._on_flat_node():
+            flat = self._flat_finalize()
+            if flat is not None:
+                return flat
         hier, done, out = self.hier, self._done, []
         top = (hier.depth - 1, 0)
         for lf in self.leaves:
@@ -205,6 +217,32 @@ class Reduction:
             out.append(self._finalize(host, updates=batch))
         return out
 
+    def _on_flat_node(self) -> bool:
+        return {lf.node for lf in self.leaves if not lf.lost} == {self.flat_on}
+
+    def _flat_finalize(self) -> list[Command] | None:
+        """Spans of the result, one per leaf holding updates, once no command is in flight ([]
+        until then); None when fewer than two leaves hold updates (the tree's finalize then)."""
+        live = [lf for lf in self.leaves if not lf.lost]
+        hosts = [lf for lf in live if lf.gen or lf.pending]
+        if len(hosts) < 2:
+            return None
+        if any(lf.in_flight is not None for lf in live):
+            return []
+        roots = [lf for lf in live if lf.gen and not any(lf.index in o.contains for o in live if o is not lf)]
+        updates = tuple(u for lf in live for u in lf.pending)
+        for lf in live:
+            lf.pending = []
+        weight = sum(lf.weight for lf in roots) + sum(u.weight for u in updates)
+        self._finalizing = True
+        out = []
+        for host, span in zip(hosts, span_bounds(self.numel, len(hosts))):
+            host.in_flight = Finalize(self.round, host.index, weight, updates=updates,
+                                      children=tuple(lf.index for lf in roots), span=span)
+            self._spans_left.add(host.index)
+            out.append(host.in_flight)
+        return out
+
     def _finalize(self, host: Leaf, updates: tuple[Update, ...] = (), children: tuple[int, ...] = ()) -> Finalize:
         self._finalizing = True
         weight = host.weight + sum(u.weight for u in updates) + sum(self.leaves[c].weight for c in children)
@@ -221,6 +259,9 @@ class Reduction:
             return []
         lf.in_flight = None
         if isinstance(cmd, Finalize):
+            self._spans_left.discard(lf.index)
+            if self._spans_left:
+                return []        # the other spans still read the updates
             self.phase = Phase.DONE
             lf.folded += len(cmd.updates)
             return [u.slot for u in cmd.updates]
@@ -250,10 +291,15 @@ class Reduction:
         if lf.in_flight != cmd:
             return
         lf.in_flight = None
+        if isinstance(cmd, Finalize) and cmd.span is not None:   # the flat finalize is called off
+            for other in self.leaves:
+                if isinstance(other.in_flight, Finalize):
+                    other.in_flight = None
+            self._spans_left.clear()
         if isinstance(cmd, Finalize):
             self._finalizing = False
             lf.pending[:0] = cmd.updates     # a fused finalize's updates wait again
-        if torn and cmd.children:
+        if torn and cmd.children and not (isinstance(cmd, Finalize) and cmd.span):  # a span writes no sum
             lf.lost = True
             lf.pending.clear()
             self.needs_rebuild = True
@@ -268,8 +314,8 @@ class Reduction:
 
     def backlog(self) -> int:
         """Updates routed to leaves and not yet committed."""
-        return sum(len(lf.pending) + (len(lf.in_flight.updates) if lf.in_flight is not None else 0)
-                   for lf in self.leaves)
+        sent = {u.slot for lf in self.leaves if lf.in_flight is not None for u in lf.in_flight.updates}
+        return sum(len(lf.pending) for lf in self.leaves) + len(sent)
 
     def drain_pending(self) -> list[str]:
         """Drop every update not yet sent to a function (the round failed); returns the slots of
@@ -326,6 +372,7 @@ class Reduction:
             order = sorted((lf.index for lf in roots), key=lambda i: (rank(self.leaves[i]), i))
             self.hier = build_tree(order, max(2, fan_in), leaves=len(self.leaves))
         self._done, self._folded, self._finalizing = set(), {}, False
+        self._spans_left.clear()
         return Loss(tuple(gone))
 
     @property

@@ -103,6 +103,10 @@ class Task:
         if isinstance(cmd, Forget):
             return {"op": "forget", "segments": list(cmd.segments), "layouts": list(cmd.layouts)}
         segs = run.segs[cmd.leaf]
+        if isinstance(cmd, Finalize) and cmd.span is not None:   # one span of a flat finalize
+            return {"op": "finalize", "layout": cmd.round, "weight": cmd.weight, "out": run.result.name,
+                    "span": list(cmd.span), "partials": [run.segs[c].acc.name for c in cmd.children],
+                    "updates": [[u.slot, u.weight] for u in cmd.updates]}
         if isinstance(cmd, Finalize):
             out = {"op": "finalize", "layout": cmd.round, "acc": segs.acc.name, "weight": cmd.weight,
                    "out": run.result.name}
