@@ -74,8 +74,50 @@ DEFINE_FOLD(fold_i8, int8_t, CAST)
 DEFINE_FOLD(fold_u8, uint8_t, CAST)
 
 typedef void (*fold_fn)(double *, const double *, Py_ssize_t, int, const void *const *, const double *);
-static const fold_fn FOLDS[] = {fold_f32, fold_f64, fold_f16, fold_bf16, fold_i64, fold_i32,
-                                fold_i16, fold_i8, fold_u8, fold_u8};
+static fold_fn FOLDS[] = {fold_f32, fold_f64, fold_f16, fold_bf16, fold_i64, fold_i32,
+                          fold_i16, fold_i8, fold_u8, fold_u8};
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+/* float16 with the F16C instruction (4 halves -> 4 floats -> 4 doubles per step): the portable
+ * conversion above does not vectorise, and float16 updates (ENCODING_FLOAT16) fold as often as
+ * float32 ones. Chosen at import when the CPU has AVX2 and F16C; exact like the scalar path. */
+#define H4(p, i) _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((p) + (i)))))
+__attribute__((target("avx2,f16c"))) static void fold_f16_f16c(double *restrict acc, const double *base,
+        Py_ssize_t n, int k, const void *const *src, const double *w) {
+    for (Py_ssize_t s = 0; s < n; s += BLOCK) {
+        Py_ssize_t e = s + BLOCK < n ? s + BLOCK : n, v = s + (e - s) / 4 * 4;
+        if (base) memcpy(acc + s, base + s, (size_t)(e - s) * sizeof(double));
+        int j = 0;
+        for (; j + 4 <= k; j += 4) {
+            const uint16_t *a = src[j], *b = src[j + 1], *c = src[j + 2], *d = src[j + 3];
+            __m256d wa = _mm256_set1_pd(w[j]), wb = _mm256_set1_pd(w[j + 1]);
+            __m256d wc = _mm256_set1_pd(w[j + 2]), wd = _mm256_set1_pd(w[j + 3]);
+            for (Py_ssize_t i = s; i < v; i += 4) {
+                __m256d ab = _mm256_add_pd(_mm256_mul_pd(wa, H4(a, i)), _mm256_mul_pd(wb, H4(b, i)));
+                __m256d cd = _mm256_add_pd(_mm256_mul_pd(wc, H4(c, i)), _mm256_mul_pd(wd, H4(d, i)));
+                _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), _mm256_add_pd(ab, cd)));
+            }
+            for (Py_ssize_t i = v; i < e; i++)
+                acc[i] += (w[j] * f16_to_double(a[i]) + w[j + 1] * f16_to_double(b[i]))
+                          + (w[j + 2] * f16_to_double(c[i]) + w[j + 3] * f16_to_double(d[i]));
+        }
+        for (; j < k; j++) {
+            const uint16_t *a = src[j]; __m256d wa = _mm256_set1_pd(w[j]);
+            for (Py_ssize_t i = s; i < v; i += 4)
+                _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), _mm256_mul_pd(wa, H4(a, i))));
+            for (Py_ssize_t i = v; i < e; i++) acc[i] += w[j] * f16_to_double(a[i]);
+        }
+    }
+}
+
+static void pick_kernels(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) FOLDS[K_F16] = fold_f16_f16c;
+}
+#else
+static void pick_kernels(void) {}
+#endif
 static const int ITEMSIZE[] = {4, 8, 2, 2, 8, 4, 2, 1, 1, 1};
 
 /* fold(acc, sources, weights, kind[, base]): acc float64 buffer (writable), sources a
@@ -304,4 +346,4 @@ static PyMethodDef METHODS[] = {
 
 static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_foldc", NULL, -1, METHODS};
 
-PyMODINIT_FUNC PyInit__foldc(void) { return PyModule_Create(&MODULE); }
+PyMODINIT_FUNC PyInit__foldc(void) { pick_kernels(); return PyModule_Create(&MODULE); }

@@ -264,18 +264,23 @@ def scale_encoded(enc: EncodedLayout, buf, factor: float) -> None:
 # -- encoding on the client ---------------------------------------------------------------------
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Blockwise absmax quantisation of a flat float array: (float32 scales, int8 values),
-    ``scale = absmax / 127`` per block of :data:`BLOCK` (0 for an all-zero block)."""
-    x = np.asarray(x, np.float64).reshape(-1)
+    ``scale = absmax / 127`` per block of :data:`BLOCK` (0 for an all-zero block), values
+    ``rint(x / scale)``. Computed in the array's own precision (float32 stays float32): the
+    server folds exactly what is sent, so this only decides how close the client's update is."""
+    x = np.asarray(x).reshape(-1)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
     n = x.size
     blocks = -(-n // BLOCK)
-    padded = np.zeros(blocks * BLOCK)
-    padded[:n] = x
-    padded = padded.reshape(blocks, BLOCK)
-    scales = (np.abs(padded).max(axis=1) / 127).astype(np.float32)
-    s64 = scales.astype(np.float64)[:, None]
-    q = np.divide(padded, s64, out=np.zeros_like(padded), where=s64 > 0)
-    values = np.clip(np.rint(q), -127, 127).astype(np.int8).reshape(-1)[:n]
-    return scales, values
+    if n % BLOCK:
+        x = np.concatenate([x, np.zeros(blocks * BLOCK - n, x.dtype)])
+    body = x.reshape(blocks, BLOCK)
+    scales = (np.abs(body).max(axis=1) / 127).astype(np.float32)
+    div = scales.astype(x.dtype)
+    div[div == 0] = 1                                  # an all-zero block: values 0 whatever the divisor
+    q = np.rint(body / div[:, None])
+    np.clip(q, -127, 127, out=q)
+    return scales, q.astype(np.int8).reshape(-1)[:n]
 
 
 def _encode_tensor(spec: TensorSpec, a: np.ndarray, encoding: Encoding) -> list[memoryview]:

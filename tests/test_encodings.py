@@ -90,6 +90,24 @@ def test_float16_words_decode_exactly_all_65536(kernel):
     assert np.array_equal(acc, words[finite].view(np.float16).astype(np.float64))
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 4095, 4097, 10_001])
+@pytest.mark.parametrize("kid", [encoding.K_F16, encoding.K_BF16])
+def test_16bit_words_any_length_any_fuse(kernel, n, kid):
+    rng = np.random.default_rng(n)
+    exp_mask = 0x7C00 if kid == encoding.K_F16 else 0x7F80
+    words = [rng.integers(0, 65536, n).astype(np.uint16) for _ in range(7)]   # 4 fused + 3 alone
+    for wd in words:
+        wd[(wd & exp_mask) == exp_mask] = 0
+    srcs = [wd.view(np.float16) if kid == encoding.K_F16 else wd for wd in words]
+    dec = [wd.view(np.float16).astype(np.float64) if kid == encoding.K_F16
+           else (wd.astype(np.uint32) << 16).view(np.float32).astype(np.float64) for wd in words]
+    w = list(rng.uniform(0.1, 100, 7))
+    acc = np.zeros(n)
+    fold.fold_arrays(acc, srcs, w, kid)
+    terms = [wk * d for wk, d in zip(w, dec)]
+    assert (np.abs(acc - sum(terms)) <= 1e-13 * sum(np.abs(t) for t in terms)).all()
+
+
 @pytest.mark.parametrize("n,a,b", [(1, 0, 1), (255, 3, 250), (256, 0, 256), (1000, 255, 1000), (5000, 17, 4097),
                                    (70_000, 123, 69_999), (513, 256, 257)])
 def test_int8_blocks_any_run_of_elements(kernel, n, a, b):
@@ -197,7 +215,7 @@ def test_client_side_quantiser_is_blockwise_absmax():
     absmax = np.abs(np.pad(x, (0, 24))).reshape(4, 256).max(axis=1)
     np.testing.assert_allclose(scales, absmax / 127, rtol=1e-7)
     err = np.abs(q * np.repeat(scales.astype(np.float64), 256)[:1000] - x)
-    assert (err <= np.repeat(scales, 256)[:1000] * 0.5 * (1 + 1e-6)).all()
+    assert (err <= np.repeat(scales, 256)[:1000] * (0.5 + 1e-4)).all()   # half a step (+ float32 division)
     assert np.array_equal(encoding.quantize_int8(np.zeros(300))[0], np.zeros(2, np.float32))
 
 
