@@ -266,7 +266,9 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Blockwise absmax quantisation of a flat float array: (float32 scales, int8 values),
     ``scale = absmax / 127`` per block of :data:`BLOCK` (0 for an all-zero block), values
     ``rint(x / scale)``. Computed in the array's own precision (float32 stays float32): the
-    server folds exactly what is sent, so this only decides how close the client's update is."""
+    server folds exactly what is sent, so this only decides how close the client's update is.
+    Scales are capped at :data:`MAX_SCALE` (only values within 1 % of float32's largest are
+    clipped by it); ValueError for NaN/Inf or values beyond float32's range."""
     x = np.asarray(x).reshape(-1)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
@@ -275,7 +277,10 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if n % BLOCK:
         x = np.concatenate([x, np.zeros(blocks * BLOCK - n, x.dtype)])
     body = x.reshape(blocks, BLOCK)
-    scales = (np.abs(body).max(axis=1) / 127).astype(np.float32)
+    absmax = np.abs(body).max(axis=1) if n else np.zeros(0, x.dtype)
+    if not (absmax <= np.finfo(np.float32).max).all():
+        raise ValueError("NaN/Inf values, or values beyond float32's range, cannot be quantised to int8")
+    scales = np.minimum(absmax / 127, MAX_SCALE).astype(np.float32)
     div = scales.astype(x.dtype)
     div[div == 0] = 1                                  # an all-zero block: values 0 whatever the divisor
     q = np.rint(body / div[:, None])
@@ -284,24 +289,30 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _encode_tensor(spec: TensorSpec, a: np.ndarray, encoding: Encoding) -> list[memoryview]:
-    """The encoded bytes of one float tensor, as pieces to lay end to end."""
+    """The encoded bytes of one float tensor, as pieces to lay end to end. Values the encoding
+    cannot carry are refused (found on the encoded words, so a valid tensor costs no extra pass)."""
     flat = np.ascontiguousarray(a).reshape(-1)
-    if not np.isfinite(flat).all():
-        raise ValueError(f"tensor {spec.name!r} has NaN/Inf values; they cannot be encoded as {encoding.name}")
+    if encoding is Encoding.INT8_BLOCK256:
+        try:
+            scales, values = quantize_int8(flat)
+        except ValueError as e:
+            raise ValueError(f"tensor {spec.name!r}: {e}") from None
+        return [memoryview(scales.astype("<f4").view(np.uint8)), memoryview(values.view(np.uint8))]
     if encoding is Encoding.FLOAT16:
-        big = np.abs(flat) > 65504
-        if big.any():
-            raise ValueError(f"tensor {spec.name!r} has values beyond float16's range (±65504, e.g. "
-                             f"{flat[big][0]:g}); use bfloat16 or int8")
-        return [memoryview(flat.astype("<f2").view(np.uint8))]
-    if encoding is Encoding.BFLOAT16:
+        with np.errstate(over="ignore"):                    # overflow is reported below, by tensor name
+            words = flat.astype("<f2").view("<u2")
+        exp, top, other = 0x7C00, "±65504", "bfloat16 or int8"
+    else:
         import ml_dtypes
         words = flat.astype(ml_dtypes.bfloat16).view("<u2")   # round to nearest even
-        if ((words & 0x7F80) == 0x7F80).any():
-            raise ValueError(f"tensor {spec.name!r} has values beyond bfloat16's range; use int8")
-        return [memoryview(words.view(np.uint8))]
-    scales, values = quantize_int8(flat)
-    return [memoryview(scales.astype("<f4").view(np.uint8)), memoryview(values.view(np.uint8))]
+        exp, top, other = 0x7F80, "about ±3.39e38", "int8"
+    bad = (words & exp) == exp
+    if bad.any():
+        if not np.isfinite(flat[bad]).all():
+            raise ValueError(f"tensor {spec.name!r} has NaN/Inf values; they cannot be encoded as {encoding.name}")
+        raise ValueError(f"tensor {spec.name!r} has values beyond {encoding.name.lower()}'s range ({top}; e.g. "
+                         f"{flat[bad][0]:g}); use {other}")
+    return [memoryview(words.view(np.uint8))]
 
 
 def encode_pieces(enc: EncodedLayout, arrays: Mapping[str, np.ndarray]) -> list[tuple[int, memoryview]]:

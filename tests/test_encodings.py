@@ -344,3 +344,20 @@ def test_cli_push_with_an_encoding(server, tmp_path):
         got = c.pull(rid, wait_s=30)
     assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, ["bfloat16", "int8"])],
                                  [1.0, 2.0]))
+
+
+def test_client_refuses_values_an_encoding_cannot_carry():
+    lay = {"w": np.ones(300, np.float32)}
+    enc = {nm: encoding.encoded(Layout.from_arrays(lay), encoding.parse(nm)) for nm in CODES}
+    for nm, bad, why in [("float16", 7e4, "float16's range"), ("float16", np.nan, "NaN/Inf"),
+                         ("bfloat16", np.inf, "NaN/Inf"), ("int8", np.nan, "NaN/Inf"), ("int8", -np.inf, "NaN/Inf")]:
+        arr = {"w": lay["w"].copy()}
+        arr["w"][299] = bad
+        with pytest.raises(ValueError, match=why):
+            encoding.encode_pieces(enc[nm], arr)
+    with pytest.raises(ValueError, match="float32's range"):
+        encoding.encode_pieces(encoding.encoded(Layout.from_arrays({"w": np.ones(3)}), encoding.Encoding.INT8_BLOCK256),
+                               {"w": np.array([1.0, 1e39, 2.0])})
+    # float32's largest values still quantise (scale capped, decoded values stay finite float32)
+    scales, q = encoding.quantize_int8(np.array([np.finfo(np.float32).max, 1.0], np.float32))
+    assert scales[0] == np.float32(encoding.MAX_SCALE) and np.isfinite(q[0] * np.float64(scales[0]))
