@@ -54,11 +54,14 @@ def main(argv=None) -> None:
     p.add_argument("--per-sample", type=int, default=16, help="updates folded per timed sample")
     p.add_argument("--fuse", type=int, default=8, help="updates per fold call")
     p.add_argument("--pushes", type=int, default=None, help="pushes per ingest sample")
+    p.add_argument("--chunks", default="2", help="push chunk sizes in MiB (the first is the reference)")
     args = p.parse_args(argv)
     reps = args.reps or (5 if args.quick else 7)
     pool_n = args.pool or (4 if args.quick else 8)
     n_push = args.pushes or (2 if args.quick else 4)
     per, fuse = args.per_sample, args.fuse
+    chunk_mib = [float(c) for c in args.chunks.split(",")]
+    ref_c = chunk_mib[0]
 
     base = model_arrays(args.model)
     layout = Layout.from_arrays(base)
@@ -89,16 +92,16 @@ def main(argv=None) -> None:
         return run
 
     # pre-encoded push streams (chunks built once, outside the clock)
-    wire = {nm: [bytes(encode_chunk(c)) for c in encoding.chunks(encs[nm], encoding.encode_pieces(encs[nm], updates[0]),
-                                                                2 * MiB)] for nm in NAMES}
+    wire = {(nm, c): [bytes(encode_chunk(piece)) for piece in encoding.chunks(
+        encs[nm], encoding.encode_pieces(encs[nm], updates[0]), int(c * MiB))] for nm in NAMES for c in chunk_mib}
     ids = itertools.count()
     print(f"bench_encodings: {args.model} ({layout.describe()}), fold {per} updates per sample (fuse {fuse}) from "
-          f"{pool_n} buffers per encoding, {n_push} pushes per ingest sample, {reps} reps, C kernel: "
+          f"{pool_n} buffers per encoding, {n_push} pushes per ingest sample, chunks {chunk_mib} MiB, {reps} reps, C kernel: "
           f"{have_c_kernel()}", flush=True)
     with ServerProc("lifl") as srv:
-        admin, cl = Client(srv.address), Client(srv.address, chunk_size=2 * MiB)
+        admin, cl = Client(srv.address), Client(srv.address)
 
-        def ingest_case(nm):
+        def ingest_case(nm, c):
             def run():
                 rid = admin.open_round(layout=layout, expected=n_push)
                 t0 = time.perf_counter()
@@ -106,7 +109,7 @@ def main(argv=None) -> None:
                     h = pb.PushHeader(round=rid, client_id=f"c{next(ids)}", num_examples=1.0,
                                       total_size=encs[nm].total_size, encoding=int(encs[nm].encoding))
                     layout.to_proto(h.tensors)
-                    cl.push_raw(iter([pb.PushRequest(header=h).SerializeToString(), *wire[nm]]))
+                    cl.push_raw(iter([pb.PushRequest(header=h).SerializeToString(), *wire[(nm, c)]]))
                 dt = time.perf_counter() - t0
                 admin.pull(rid, wait_s=120)
                 return dt
@@ -114,8 +117,8 @@ def main(argv=None) -> None:
 
         cases = []
         for nm in NAMES:
-            cases += [(f"fold-{nm}", fold_case(nm)), (f"ingest-{nm}", ingest_case(nm)),
-                      (f"encode-{nm}", encode_case(nm))]
+            cases += [(f"fold-{nm}", fold_case(nm)), (f"encode-{nm}", encode_case(nm))]
+            cases += [(f"ingest-{nm}" + ("" if c == ref_c else f"-{c}"), ingest_case(nm, c)) for c in chunk_mib]
         s = interleave(cases, reps)
         admin.close()
         cl.close()
@@ -126,8 +129,8 @@ def main(argv=None) -> None:
                   "bytes per update (wire / slot)": ", ".join(
                       f"{nm} {encs[nm].total_size / MiB:.2f} / {encs[nm].slot_size / MiB:.2f} MiB" for nm in NAMES),
                   "fold": f"{per} updates per sample, fuse {fuse}, {pool_n} distinct buffers per encoding, one thread",
-                  "ingest": f"{n_push} pre-encoded pushes per sample, one client stream, loopback, server in its own "
-                            "process with defaults (reject_nonfinite on)",
+                  "ingest": f"{n_push} pre-encoded pushes per sample in {ref_c:g} MiB chunks, one client stream, "
+                            "loopback, server in its own process with defaults (reject_nonfinite on)",
                   "reps (interleaved)": reps, "C kernel": have_c_kernel(), "quick": args.quick})
     fold_gbs = {nm: [per * logical / t / 1e9 for t in s[f"fold-{nm}"]] for nm in NAMES}
     slot_gbs = {nm: [per * encs[nm].slot_size / t / 1e9 for t in s[f"fold-{nm}"]] for nm in NAMES}
@@ -161,6 +164,11 @@ def main(argv=None) -> None:
         rep.add(nm, "modelled round time per update at 100 Mbit/s ÷ RAW", round_s(nm), round_s("raw"), "s",
                 goal="<= 0.3" if nm == "int8" else "", better="lower", threshold=0.3 if nm == "int8" else None,
                 ours_label=nm, peer_label="raw")
+    for c in chunk_mib[1:]:
+        for nm in NAMES:
+            ups = [n_push / t for t in s[f"ingest-{nm}-{c}"]]
+            rep.add(f"{nm} {c:g} MiB", f"ingest updates/s ÷ {ref_c:g} MiB chunks", ups, ingest_ups[nm], "updates/s",
+                    ours_label=f"{c:g} MiB", peer_label=f"{ref_c:g} MiB")
     rep.add("raw", "client encode s per update (RAW: chunking only)", s["encode-raw"], s["encode-raw"], "s",
             ours_label="raw", peer_label="raw")
     for nm in NAMES[1:]:

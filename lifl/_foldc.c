@@ -246,7 +246,7 @@ MULTIVERSION static Py_ssize_t nonfinite_f64(const double *x, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) bad += (u[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
     return bad;
 }
-static Py_ssize_t nonfinite_u16(const uint16_t *x, Py_ssize_t n, uint16_t mask) {
+MULTIVERSION static Py_ssize_t nonfinite_u16(const uint16_t *x, Py_ssize_t n, uint16_t mask) {
     Py_ssize_t bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) bad += (x[i] & mask) == mask;
     return bad;
