@@ -336,7 +336,49 @@ static PyObject *py_mean_to(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* quantize_q8(x, scales, values, max_scale) -> blocks holding NaN/Inf: blockwise absmax int8 quantisation of
+ * float32 x (ENCODING_INT8_BLOCK256, on the client): scale = min(absmax / 127, max_scale), q = rint(x / scale)
+ * clipped to +-127, in one pass over x per block (numpy needs five). A block with NaN/Inf gets scale NaN. */
+MULTIVERSION static Py_ssize_t quantize_q8_impl(const float *restrict x, Py_ssize_t n, float *restrict sc,
+                                                int8_t *restrict q, float max_scale) {
+    Py_ssize_t bad = 0;
+    for (Py_ssize_t b = 0; b * QB < n; b++) {
+        const float *xb = x + b * QB; int8_t *qb = q + b * QB;
+        Py_ssize_t m = n - b * QB < QB ? n - b * QB : QB;
+        uint32_t top = 0;
+        for (Py_ssize_t i = 0; i < m; i++) { uint32_t u; memcpy(&u, xb + i, 4); u &= 0x7fffffffu; top = u > top ? u : top; }
+        if (top >= 0x7f800000u) { sc[b] = NAN; bad++; memset(qb, 0, (size_t)m); continue; }
+        float s = f32_of_bits(top) / 127.0f;
+        if (s > max_scale) s = max_scale;
+        sc[b] = s;
+        float inv = s > 0 ? 1.0f / s : 0.0f;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            float v = rintf(xb[i] * inv);
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            qb[i] = (int8_t)v;
+        }
+    }
+    return bad;
+}
+
+static PyObject *py_quantize_q8(PyObject *self, PyObject *args) {
+    Py_buffer x, sc, q; double max_scale; Py_ssize_t bad = 0;
+    if (!PyArg_ParseTuple(args, "y*w*w*d", &x, &sc, &q, &max_scale)) return NULL;
+    Py_ssize_t n = x.len / 4;
+    if (x.len % 4 || q.len != n || sc.len != ((n + QB - 1) / QB) * 4) {
+        PyBuffer_Release(&x); PyBuffer_Release(&sc); PyBuffer_Release(&q);
+        PyErr_SetString(PyExc_ValueError, "quantize_q8: float32 x, ceil(n/256) float32 scales, n int8 values");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    bad = quantize_q8_impl((const float *)x.buf, n, (float *)sc.buf, (int8_t *)q.buf, (float)max_scale);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&x); PyBuffer_Release(&sc); PyBuffer_Release(&q);
+    return PyLong_FromSsize_t(bad);
+}
+
 static PyMethodDef METHODS[] = {
+    {"quantize_q8", py_quantize_q8, METH_VARARGS, "quantize_q8(x, scales, values, max_scale) -> bad blocks"},
     {"mean_to", py_mean_to, METH_VARARGS, "mean_to(acc, out, total_weight, kind): out = acc / w"},
     {"fold", py_fold, METH_VARARGS, "fold(acc, sources, weights, kind): acc += sum w*x (float64)."},
     {"fold_q8", py_fold_q8, METH_VARARGS, "fold_q8(acc, values, scales, weights, phase): int8 blockwise fold."},

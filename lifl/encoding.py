@@ -25,6 +25,11 @@ import numpy as np
 
 from .layout import ALIGN, Layout, TensorSpec, align, kernel_id
 
+try:
+    from . import _foldc
+except ImportError:  # pragma: no cover - built at install time when a C compiler exists
+    _foldc = None
+
 BLOCK = 256                              # int8 elements sharing one float32 scale
 MAX_SCALE = float(np.finfo(np.float32).max) / 128  # |q * scale| stays a finite float32 for any int8 q
 ENCODABLE = ("float32", "float64")       # dtypes an encoding applies to; the rest travel raw
@@ -270,6 +275,11 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Scales are capped at :data:`MAX_SCALE` (only values within 1 % of float32's largest are
     clipped by it); ValueError for NaN/Inf or values beyond float32's range."""
     x = np.asarray(x).reshape(-1)
+    if x.dtype == np.float32 and _foldc is not None:       # one pass in C
+        scales, values = np.empty(-(-x.size // BLOCK), np.float32), np.empty(x.size, np.int8)
+        if _foldc.quantize_q8(np.ascontiguousarray(x), scales, values, MAX_SCALE):
+            raise ValueError("NaN/Inf values cannot be quantised to int8")
+        return scales, values
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
     n = x.size
@@ -306,8 +316,9 @@ def _encode_tensor(spec: TensorSpec, a: np.ndarray, encoding: Encoding) -> list[
         import ml_dtypes
         words = flat.astype(ml_dtypes.bfloat16).view("<u2")   # round to nearest even
         exp, top, other = 0x7F80, "about ±3.39e38", "int8"
-    bad = (words & exp) == exp
-    if bad.any():
+    from .fold import nonfinite_in   # the vectorised scan lives with the kernels (fold imports this module)
+    if nonfinite_in(words if exp == 0x7F80 else words.view("<f2"), K_BF16 if exp == 0x7F80 else K_F16):
+        bad = (words & exp) == exp
         if not np.isfinite(flat[bad]).all():
             raise ValueError(f"tensor {spec.name!r} has NaN/Inf values; they cannot be encoded as {encoding.name}")
         raise ValueError(f"tensor {spec.name!r} has values beyond {encoding.name.lower()}'s range ({top}; e.g. "

@@ -207,16 +207,17 @@ def test_a_reused_slot_is_read_in_its_new_encoding():
     assert np.array_equal(acc, dec_bf["w"].reshape(-1))
 
 
-def test_client_side_quantiser_is_blockwise_absmax():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])   # float32: the C quantiser when built
+def test_client_side_quantiser_is_blockwise_absmax(dtype):
     rng = np.random.default_rng(1)
-    x = rng.standard_normal(1000) * np.repeat(10.0 ** rng.integers(-3, 4, 4), 256)[:1000]
+    x = (rng.standard_normal(1000) * np.repeat(10.0 ** rng.integers(-3, 4, 4), 256)[:1000]).astype(dtype)
     scales, q = encoding.quantize_int8(x)
     assert scales.shape == (4,) and q.dtype == np.int8
     absmax = np.abs(np.pad(x, (0, 24))).reshape(4, 256).max(axis=1)
     np.testing.assert_allclose(scales, absmax / 127, rtol=1e-7)
     err = np.abs(q * np.repeat(scales.astype(np.float64), 256)[:1000] - x)
     assert (err <= np.repeat(scales, 256)[:1000] * (0.5 + 1e-4)).all()   # half a step (+ float32 division)
-    assert np.array_equal(encoding.quantize_int8(np.zeros(300))[0], np.zeros(2, np.float32))
+    assert np.array_equal(encoding.quantize_int8(np.zeros(300, dtype))[0], np.zeros(2, np.float32))
 
 
 def test_encoded_sizes_follow_the_contract():
