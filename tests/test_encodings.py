@@ -1,9 +1,8 @@
 """Compressed update encodings (FLOAT16, BFLOAT16, INT8_BLOCK256): folded exactly as their decoded
 values, refused when malformed.
 
-The reference decodes the pushed bytes here, with the contract's arithmetic (64-byte aligned
-tensors; a float16 word; a bfloat16 word shifted into float32's high bits; int8 times its
-block's float32 scale), independently of lifl, and averages them in float64."""
+The reference decodes the pushed bytes with the contract's arithmetic, independently of lifl
+(``support.decode``), and averages them in float64."""
 from __future__ import annotations
 
 import subprocess
@@ -11,12 +10,11 @@ import sys
 import time
 
 import grpc
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from support import assert_matches, expect, fedavg64, perturb, small_model
+from support import assert_matches, decode, expect, fedavg64, perturb, small_model, wire_bytes
 from lifl import encoding, fold
 from lifl.client import Client
 from lifl.layout import Layout
@@ -26,40 +24,6 @@ from lifl.wire import encode_chunk
 CODES = {"raw": 1, "float16": 2, "bfloat16": 3, "int8": 4}
 BASE = small_model()
 LAYOUT = Layout.from_arrays(BASE)
-
-
-# -- the independent reference ----------------------------------------------------------------------
-def decode(arrays: dict, buf: bytes, name: str) -> dict:
-    """The decoded update: float32/float64 tensors from the encoded bytes, the rest as they are."""
-    out, pos = {}, 0
-    for k, a in arrays.items():
-        pos = -(-pos // 64) * 64
-        a = np.asarray(a)
-        n = a.size
-        if a.dtype.kind == "f" and a.dtype.itemsize >= 4 and name != "raw":
-            if name == "float16":
-                v = np.frombuffer(buf, "<f2", n, pos).astype(np.float64)
-                pos += 2 * n
-            elif name == "bfloat16":
-                v = (np.frombuffer(buf, "<u2", n, pos).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-                pos += 2 * n
-            else:
-                nb = -(-n // 256)
-                s = np.frombuffer(buf, "<f4", nb, pos).astype(np.float64)
-                q = np.frombuffer(buf, np.int8, n, pos + 4 * nb).astype(np.float64)
-                v = q * np.repeat(s, 256)[:n]
-                pos += 4 * nb + n
-            out[k] = v.reshape(a.shape)
-        else:
-            out[k] = a
-            pos += a.nbytes
-    return out
-
-
-def wire_bytes(arrays: dict, name: str) -> bytes:
-    """What Client.push sends for these arrays in this encoding (the client-side encoder)."""
-    enc = encoding.encoded(Layout.from_arrays(arrays), encoding.parse(name))
-    return b"".join(bytes(c) for c in encoding.chunks(enc, encoding.encode_pieces(enc, arrays), 1 << 20))
 
 
 def header(rid, name="int8", total=None, client="x", layout=LAYOUT, n=1.0, code=None) -> bytes:
