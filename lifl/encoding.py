@@ -23,6 +23,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from .errors import quote
 from .layout import ALIGN, Layout, TensorSpec, align, kernel_id
 
 try:
