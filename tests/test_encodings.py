@@ -326,3 +326,39 @@ def test_client_refuses_values_an_encoding_cannot_carry():
     # float32's largest values still quantise (scale capped, decoded values stay finite float32)
     scales, q = encoding.quantize_int8(np.array([np.finfo(np.float32).max, 1.0], np.float32))
     assert scales[0] == np.float32(encoding.MAX_SCALE) and np.isfinite(q[0] * np.float64(scales[0]))
+
+
+def test_a_slot_is_never_mistaken_for_another_encoding():
+    """float32[32]: RAW is 128 bytes and FLOAT16 64 + a 64-byte trailer would be 128 too; the
+    encoded slot is made one line longer so a slot's size alone tells RAW apart."""
+    lay = Layout.from_arrays({"w": np.zeros(32, np.float32)})
+    raw, f16 = (encoding.encoded(lay, encoding.parse(nm)) for nm in ("raw", "float16"))
+    assert raw.slot_size == 128 and f16.total_size == 64 and f16.slot_size == 192
+    rng = np.random.default_rng(0)
+    like = {"w": np.zeros(32, np.float32)}
+    for nm in ("raw", "float16"):
+        buf, dec = _random_slot(lay, like, nm, rng)
+        assert encoding.slot_encoding(lay, buf).encoding is encoding.parse(nm)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), sizes=st.lists(st.sampled_from([0, 1, 31, 32, 255, 256, 257, 600]), min_size=1,
+                                                  max_size=3))
+def test_random_layouts_through_the_server(server, seed, sizes):
+    rng = np.random.default_rng(seed)
+    base = {f"t{i}": np.zeros(m, np.float32 if i % 2 == 0 else np.float64) for i, m in enumerate(sizes)}
+    base["n"] = np.array([3], np.int64)
+    ups, names = [], []
+    for k in range(4):
+        nm = list(CODES)[k]
+        u = {key: (rng.standard_normal(v.shape) * 10.0 ** rng.integers(-20, 4)).astype(v.dtype) if v.dtype.kind == "f"
+             else v + k for key, v in base.items()}
+        ups.append(u)
+        names.append(nm)
+    weights = list(rng.uniform(0.5, 50, 4))
+    with Client(server.address) as c:
+        rid = c.open_round(base, expected=4)
+        for i, (u, nm, w) in enumerate(zip(ups, names, weights)):
+            c.push(rid, u, w, f"c{i}", encoding=nm)
+        got = c.pull(rid, wait_s=30)
+    assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, names)], weights))
