@@ -158,7 +158,7 @@ def write_trailer(enc: EncodedLayout, buf) -> None:
 def slot_encoding(layout: Layout, buf) -> EncodedLayout:
     """How the update in a slot (a buffer of exactly the slot's size) is encoded."""
     n = len(buf)
-    if n == max(layout.total_size, 1):
+    if n in (layout.total_size, max(layout.total_size, 1)):   # a 0-byte slot is mapped with 1 byte
         return encoded(layout, Encoding.RAW)
     if n < TRAILER:
         raise ValueError(f"a slot of {n} bytes holds no update of this {layout.total_size}-byte model")

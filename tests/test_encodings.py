@@ -362,3 +362,17 @@ def test_random_layouts_through_the_server(server, seed, sizes):
             c.push(rid, u, w, f"c{i}", encoding=nm)
         got = c.pull(rid, wait_s=30)
     assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, names)], weights))
+
+
+def test_encoded_updates_over_the_pipe_transport(make_server):
+    """The ``update_transport = "pipe"`` ablation sends each slot to the function over its socket:
+    the whole slot travels, trailer included, and the result is the same."""
+    srv = make_server(update_transport="pipe")
+    ups = [perturb(BASE, 40 + i) for i in range(4)]
+    names, weights = list(CODES), [1.0, 2.0, 3.0, 4.0]
+    with Client(srv.address) as c:
+        rid = c.open_round(BASE, expected=4)
+        for i, (u, nm, w) in enumerate(zip(ups, names, weights)):
+            c.push(rid, u, w, f"c{i}", encoding=nm)
+        got = c.pull(rid, wait_s=30)
+    assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, names)], weights))
