@@ -204,6 +204,19 @@ def _settled(c: Client, rid: int) -> None:
         time.sleep(0.02)
 
 
+def check_round(address: str, base: dict, ups: list, names: list, weights: list) -> None:
+    """Open a round, push each update in its encoding, pull: the result is the float64 FedAvg of
+    the decoded updates, and each receipt counts the encoded bytes."""
+    lay = Layout.from_arrays(base)
+    with Client(address) as c:
+        rid = c.open_round(base, expected=len(ups))
+        for i, (u, nm, w) in enumerate(zip(ups, names, weights)):
+            r = c.push(rid, u, w, f"c{i}", encoding=nm)
+            assert r.bytes_received == encoding.encoded(lay, encoding.parse(nm)).total_size
+        got = c.pull(rid, wait_s=30)
+    assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, names)], weights))
+
+
 def test_every_encoding_through_the_server_equals_the_decoded_fedavg(server):
     """Mixed encodings in one round (and extremes each encoding can carry) against a float64
     FedAvg of what was sent, decoded here."""
@@ -213,14 +226,7 @@ def test_every_encoding_through_the_server_equals_the_decoded_fedavg(server):
     ups[7]["bn.running_mean"][:] = np.linspace(-3e38, 3e38, 16)               # huge int8 scales
     names = ["raw", "float16", "bfloat16", "int8", "int8", "float16", "bfloat16", "int8"]
     weights = [3.0, 1.0, 7.5, 2.0, 11.0, 0.5, 4.0, 9.0]
-    with Client(server.address) as c:
-        rid = c.open_round(BASE, expected=len(ups))
-        for i, (u, nm, w) in enumerate(zip(ups, names, weights)):
-            r = c.push(rid, u, w, f"c{i}", encoding=nm)
-            assert r.bytes_received == encoding.encoded(LAYOUT, encoding.parse(nm)).total_size
-        got = c.pull(rid, wait_s=30)
-    decoded = [decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, names)]
-    assert_matches(got, fedavg64(decoded, weights))
+    check_round(server.address, BASE, ups, names, weights)
 
 
 def test_each_bad_encoded_push_is_refused_and_changes_nothing(make_server):
@@ -299,13 +305,13 @@ def test_cli_push_with_an_encoding(server, tmp_path):
     ups = [perturb(BASE, i) for i in range(2)]
     with Client(server.address) as c:
         rid = c.open_round(BASE, expected=2)
-        for i, (u, nm) in enumerate(zip(ups, ["bfloat16", "int8"])):
-            np.savez(tmp_path / "u.npz", **u)
-            p = subprocess.run([sys.executable, "-m", "lifl", "push", "--address", server.address, "--round", str(rid),
-                                "--client", f"c{i}", "--num-examples", str(i + 1), "--encoding", nm,
-                                str(tmp_path / "u.npz")], capture_output=True, text=True, timeout=60)
-            assert p.returncode == 0, p.stderr
-            assert f"{encoding.encoded(LAYOUT, encoding.parse(nm)).total_size} bytes" in p.stdout
+        c.push(rid, ups[0], 1.0, "c0", encoding="bfloat16")
+        np.savez(tmp_path / "u.npz", **ups[1])
+        p = subprocess.run([sys.executable, "-m", "lifl", "push", "--address", server.address, "--round", str(rid),
+                            "--client", "c1", "--num-examples", "2", "--encoding", "int8", str(tmp_path / "u.npz")],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert f"{encoding.encoded(LAYOUT, encoding.Encoding.INT8_BLOCK256).total_size} bytes" in p.stdout
         got = c.pull(rid, wait_s=30)
     assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, ["bfloat16", "int8"])],
                                  [1.0, 2.0]))
@@ -356,12 +362,7 @@ def test_random_layouts_through_the_server(server, seed, sizes):
         ups.append(u)
         names.append(nm)
     weights = list(rng.uniform(0.5, 50, 4))
-    with Client(server.address) as c:
-        rid = c.open_round(base, expected=4)
-        for i, (u, nm, w) in enumerate(zip(ups, names, weights)):
-            c.push(rid, u, w, f"c{i}", encoding=nm)
-        got = c.pull(rid, wait_s=30)
-    assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, names)], weights))
+    check_round(server.address, base, ups, names, weights)
 
 
 def test_encoded_updates_over_the_pipe_transport(make_server):
@@ -370,9 +371,4 @@ def test_encoded_updates_over_the_pipe_transport(make_server):
     srv = make_server(update_transport="pipe")
     ups = [perturb(BASE, 40 + i) for i in range(4)]
     names, weights = list(CODES), [1.0, 2.0, 3.0, 4.0]
-    with Client(srv.address) as c:
-        rid = c.open_round(BASE, expected=4)
-        for i, (u, nm, w) in enumerate(zip(ups, names, weights)):
-            c.push(rid, u, w, f"c{i}", encoding=nm)
-        got = c.pull(rid, wait_s=30)
-    assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, names)], weights))
+    check_round(srv.address, BASE, ups, names, weights)
