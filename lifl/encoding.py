@@ -238,12 +238,6 @@ def scan_received(enc: EncodedLayout, buf, start: int, end: int, nonfinite: bool
     return None, total
 
 
-def check_received(enc: EncodedLayout, buf, start: int, end: int, nonfinite: bool) -> str | None:
-    """Why the bytes in [start, end) of an update are refused, or None (:func:`scan_received`
-    without the sum of squares)."""
-    return scan_received(enc, buf, start, end, nonfinite, False)[0]
-
-
 def scale_encoded(enc: EncodedLayout, buf, factor: float) -> None:
     """Multiply every float tensor of an update in ``buf`` by ``factor`` in place, in its encoding:
     int8 scales are multiplied (the values stay), 16-bit words and raw floats are decoded, scaled

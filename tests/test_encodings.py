@@ -10,6 +10,7 @@ import sys
 import time
 
 import grpc
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -372,3 +373,57 @@ def test_encoded_updates_over_the_pipe_transport(make_server):
     ups = [perturb(BASE, 40 + i) for i in range(4)]
     names, weights = list(CODES), [1.0, 2.0, 3.0, 4.0]
     check_round(srv.address, BASE, ups, names, weights)
+
+
+def _clipped_reference(u: dict, nm: str, factor: float) -> dict:
+    """The decoded update after an L2 clip by ``factor`` applied in its encoding, computed here:
+    int8 scales × factor rounded to float32 (values unchanged); 16-bit words and raw floats decoded,
+    × factor in float64, rounded once to their own format."""
+    buf, pos = bytearray(wire_bytes(u, nm)), 0
+    raw = {}
+    for k, a in u.items():
+        pos = -(-pos // 64) * 64
+        n = a.size
+        if a.dtype.kind == "f" and a.dtype.itemsize >= 4 and nm != "raw":
+            if nm == "int8":
+                nb = -(-n // 256)
+                s = np.frombuffer(buf, "<f4", nb, pos)
+                buf[pos:pos + 4 * nb] = (s.astype(np.float64) * factor).astype("<f4").tobytes()
+                pos += 4 * nb + n
+            else:
+                dt = np.dtype("<f2") if nm == "float16" else np.dtype(ml_dtypes.bfloat16)
+                v = np.frombuffer(buf, dt, n, pos)
+                buf[pos:pos + 2 * n] = (v.astype(np.float64) * factor).astype(dt).tobytes()
+                pos += 2 * n
+            raw[k] = a
+        else:
+            raw[k] = (a.astype(np.float64) * factor).astype(a.dtype) if a.dtype.kind == "f" else a
+            pos += a.nbytes
+    return decode(raw, bytes(buf), nm)
+
+
+def test_l2_screening_sees_decoded_values_and_clips_in_the_encoding(make_server):
+    """screen_l2_max measures each update's norm over its decoded float values; clip scales it in
+    its own encoding (int8: the scales), reject refuses it and stores nothing."""
+    names = ["int8", "float16", "bfloat16", "raw"]
+    ups = [perturb(BASE, 60 + i) for i in range(4)]
+    decoded = [decode(u, wire_bytes(u, nm), nm) for u, nm in zip(ups, names)]
+    norms = [float(np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for k, v in d.items() if BASE[k].dtype.kind == "f")))
+             for d in decoded]
+    bound = min(norms) / 2
+    weights = [1.0, 2.0, 3.0, 4.0]
+    srv = make_server(screen_l2_max=bound, screen_mode="clip")
+    with Client(srv.address) as c:
+        rid = c.open_round(BASE, expected=4)
+        for i, (u, nm, w) in enumerate(zip(ups, names, weights)):
+            c.push(rid, u, w, f"c{i}", encoding=nm)
+        got = c.pull(rid, wait_s=30)
+    assert_matches(got, fedavg64([_clipped_reference(u, nm, bound / n) for u, nm, n in zip(ups, names, norms)],
+                                 weights))
+    strict = make_server(screen_l2_max=bound, screen_mode="reject")
+    with Client(strict.address, retry_s=0) as c:
+        rid = c.open_round(BASE, expected=1)
+        e = expect(grpc.StatusCode.INVALID_ARGUMENT, "L2 norm", c.push, rid, ups[0], 1.0, "x", encoding="int8")
+        assert f"{norms[0]:.6g}" in e.message     # the decoded update's norm
+        assert c.round_info(rid).accepted == 0
+        c.close_round(rid, abort=True)
