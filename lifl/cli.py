@@ -120,7 +120,7 @@ def cmd_round_info(args) -> int:
 def cmd_push(args) -> int:
     arrays = _load_npz(args.update)
     with _client(args) as c:
-        r = c.push(args.round, arrays, args.num_examples, args.client, job=args.job)
+        r = c.push(args.round, arrays, args.num_examples, args.client, job=args.job, encoding=args.encoding)
     print(f"accepted: round {r.round}, client {r.client_id}, {r.bytes_received} bytes, "
           f"{r.accepted} updates so far")
     return 0
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     remote(pu)
     pu.add_argument("--round", type=int, required=True); pu.add_argument("--client", required=True)
     pu.add_argument("--num-examples", type=float, required=True); pu.add_argument("update")
+    pu.add_argument("--encoding", default="raw", choices=("raw", "float16", "bfloat16", "int8"),
+                    help="how float32/float64 tensors travel and are held until folded (docs/encodings.md)")
     pu.set_defaults(fn=cmd_push)
 
     pl = sub.add_parser("pull", help="pull a round's aggregate to .npz")

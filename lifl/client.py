@@ -27,6 +27,7 @@ from google.rpc.status_pb2 import Status
 # the server's finalize (integers rounded to nearest, bools the weighted majority with ties False),
 # public here for code that averages on its own side and must agree with LIFL bit for bit
 from .fold import finalize_arrays  # noqa: F401
+from . import encoding as encodings
 from .layout import Layout
 from .rounds import State
 from .v1 import aggregation_pb2 as pb
@@ -149,24 +150,34 @@ class Client:
                                       response_deserializer=pb.StatusReply.FromString)
 
     # -- streams -------------------------------------------------------------------
-    def _stream(self, header_msg: bytes, layout: Layout | None, arrays) -> Iterator[bytes]:
+    def _stream(self, header_msg: bytes, layout: Layout | None, arrays, encoded=None) -> Iterator[bytes]:
         yield header_msg
-        if layout is not None:
+        if encoded is not None:
+            for piece in encodings.chunks(*encoded, self.chunk_size):
+                yield encode_chunk(piece)
+        elif layout is not None:
             for piece in layout.chunks(arrays, self.chunk_size):
                 yield encode_chunk(piece)
 
     def push(self, round: int, arrays: Mapping[str, np.ndarray], num_examples: float, client_id: str,
-             job: str = "default") -> Receipt:
-        """Stream one update; returns once the server has accepted it (not yet folded)."""
+             job: str = "default", encoding: "str | int" = "raw") -> Receipt:
+        """Stream one update; returns once the server has accepted it (not yet folded).
+
+        ``encoding`` (``raw``, ``float16``, ``bfloat16``, ``int8``: ``lifl.encoding``) compresses the
+        float32/float64 tensors on the wire and in the server's memory; ValueError if a tensor
+        cannot be encoded (NaN/Inf, or beyond float16's range)."""
         layout = Layout.from_arrays(arrays)
+        enc = encodings.encoded(layout, encodings.parse(encoding))
         header = pb.PushHeader(job=job, round=round, client_id=client_id, num_examples=float(num_examples),
-                               total_size=layout.total_size, encoding=pb.ENCODING_RAW)
+                               total_size=enc.total_size, encoding=int(enc.encoding))
         layout.to_proto(header.tensors)
         first = pb.PushRequest(header=header).SerializeToString()
+        # encoded once (a retry re-sends the same bytes); refuses what cannot be encoded before sending
+        pieces = None if enc.encoding is encodings.Encoding.RAW else (enc, encodings.encode_pieces(enc, arrays))
         give_up = time.monotonic() + self.retry_s
         while True:
             try:
-                r = self._push(self._stream(first, layout, arrays), metadata=self._md, timeout=self.timeout_s)
+                r = self._push(self._stream(first, layout, arrays, pieces), metadata=self._md, timeout=self.timeout_s)
                 return Receipt(r.round, r.client_id, r.bytes_received, r.accepted)
             except grpc.RpcError as e:
                 wait = retryable(e)

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .encoding import BLOCK, K_BF16, K_F16, K_Q8, EncodedLayout, slot_encoding
 from .layout import Layout, is_float, kernel_id, public_dtype, storage_dtype
 
 try:
@@ -42,31 +43,104 @@ def _as_f64(x: np.ndarray, kid: int) -> np.ndarray:
     return x.astype(np.float64)
 
 
-def fold_arrays(acc: np.ndarray, sources: Sequence[np.ndarray], weights: Sequence[float], kid: int) -> None:
-    """acc += Σ wₖ·xₖ for flat sources of one storage dtype (kernel id ``kid``)."""
+class Q8:
+    """Int8 blockwise values (ENCODING_INT8_BLOCK256) of a run of elements: ``values[i]`` decodes
+    to ``values[i] * scales[(i + phase) // BLOCK]`` (``phase``: the first element's place in its block).
+    Sliced like the array it stands for."""
+
+    __slots__ = ("scales", "values", "phase")
+
+    def __init__(self, scales: np.ndarray, values: np.ndarray, phase: int = 0):
+        self.scales, self.values, self.phase = scales, values, phase   # float32 of exactly their blocks; int8
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, sl: slice) -> "Q8":
+        a, b, _ = sl.indices(len(self.values))
+        b = max(a, b)
+        a0, b0 = a + self.phase, b + self.phase
+        return Q8(self.scales[a0 // BLOCK:-(-b0 // BLOCK)], self.values[a:b], a0 % BLOCK)
+
+
+#: Elements a numpy fallback decodes at once: its temporaries stay this size, never an update's.
+_TILE = 1 << 16
+
+
+def _q8_numpy(acc: np.ndarray, src: Q8, w: float) -> None:
+    for t in range(0, len(acc), _TILE):
+        part = src[t:t + _TILE]
+        n = len(part.values)
+        ws = np.repeat(part.scales.astype(np.float64) * w, BLOCK)[part.phase:part.phase + n]
+        acc[t:t + n] += ws * part.values
+
+
+def fold_arrays(acc: np.ndarray, sources: Sequence, weights: Sequence[float], kid: int) -> None:
+    """acc += Σ wₖ·xₖ for flat sources of one storage kind (kernel id ``kid``: a layout dtype's,
+    or ``encoding.K_Q8`` for :class:`Q8` sources, which all share one phase)."""
     for start in range(0, len(sources), MAX_FUSE):
         src, w = sources[start:start + MAX_FUSE], [float(x) for x in weights[start:start + MAX_FUSE]]
-        if _foldc is not None:
+        if kid == K_Q8:
+            if _foldc is not None:
+                _foldc.fold_q8(acc, [x.values for x in src], [x.scales for x in src], w,
+                               src[0].phase if src else 0)
+            else:
+                for x, wk in zip(src, w):
+                    _q8_numpy(acc, x, wk)
+        elif _foldc is not None:
             _foldc.fold(acc, src, w, kid)
         else:
             for x, wk in zip(src, w):
-                acc += wk * _as_f64(x, kid)
+                for t in range(0, len(acc), _TILE):
+                    acc[t:t + _TILE] += wk * _as_f64(x[t:t + _TILE], kid)
+
+
+_ENCODED_DTYPE = {K_F16: np.dtype("<f2"), K_BF16: np.dtype("<u2")}   # as layout stores float16 / bfloat16
 
 
 class UpdateViews:
-    """Per-tensor flat storage views of one update buffer, cached by the caller per (slot, layout)."""
+    """Per-tensor flat views of one update's slot, in the encoding the slot says it holds
+    (``encoding.slot_encoding``); cached by the caller per (slot, layout). A slot is reused by
+    later updates, possibly in another encoding of the same size: :meth:`refresh` re-reads it."""
 
-    __slots__ = ("views",)
+    __slots__ = ("views", "kids", "layout", "buf", "encoding")
 
     def __init__(self, layout: Layout, buf):
-        self.views = [np.frombuffer(buf, dtype=storage_dtype(s.dtype), count=s.numel, offset=off)
-                      for s, off in zip(layout.specs, layout.offsets)]
+        self.layout, self.buf = layout, buf
+        self._build(slot_encoding(layout, buf))
+
+    def _build(self, enc: EncodedLayout) -> None:
+        self.encoding = enc.encoding
+        self.kids = [p.kid for p in enc.parts]
+        self.views = []
+        for spec, p in zip(self.layout.specs, enc.parts):
+            if p.kid == K_Q8:
+                self.views.append(Q8(np.frombuffer(self.buf, "<f4", p.scales, p.offset),
+                                     np.frombuffer(self.buf, np.int8, spec.numel, p.values_offset)))
+            else:
+                dt = storage_dtype(spec.dtype) if p.kid == kernel_id(spec.dtype) else _ENCODED_DTYPE[p.kid]
+                self.views.append(np.frombuffer(self.buf, dt, spec.numel, p.offset))
+
+    def refresh(self) -> "UpdateViews":
+        enc = slot_encoding(self.layout, self.buf)
+        if enc.encoding != self.encoding:
+            self._build(enc)
+        return self
+
+
+def _fold_groups(out: np.ndarray, sources: list, kids: list[int], weights: list[float]) -> None:
+    """Fold sources of mixed kinds (updates in different encodings), one kernel call per kind."""
+    for kid in sorted(set(kids)):
+        sel = [i for i, k in enumerate(kids) if k == kid]
+        fold_arrays(out, [sources[i] for i in sel], [weights[i] for i in sel], kid)
 
 
 def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews], weights: Sequence[float]) -> None:
-    """Fold client updates (native layout) into a float64 accumulator of ``layout.numel`` elements."""
+    """Fold client updates (in their slots' encodings) into a float64 accumulator of ``layout.numel`` elements."""
+    updates = [u.refresh() for u in updates]
+    weights = [float(w) for w in weights]
     for i, (spec, e) in enumerate(zip(layout.specs, layout.elem_offsets)):
-        fold_arrays(acc[e:e + spec.numel], [u.views[i] for u in updates], weights, kernel_id(spec.dtype))
+        _fold_groups(acc[e:e + spec.numel], [u.views[i] for u in updates], [u.kids[i] for u in updates], weights)
 
 
 #: Elements of the float64 sum folded and committed as one piece (1 MiB: it stays in cache
@@ -141,9 +215,9 @@ def _tensor_ranges(layout: Layout) -> tuple[list[int], list[int]]:
 
 
 def add_updates(layout: Layout, updates: Sequence[UpdateViews], weights: Sequence[float]):
-    """An ``add`` for :func:`fold_in_place` over client updates in their native dtypes."""
+    """An ``add`` for :func:`fold_in_place` over client updates in their slots' encodings."""
     starts, ends = _tensor_ranges(layout)
-    kids = [kernel_id(spec.dtype) for spec in layout.specs]
+    updates = [u.refresh() for u in updates]
     weights = [float(w) for w in weights]
 
     def add(out: np.ndarray, e0: int, e1: int) -> None:
@@ -152,7 +226,8 @@ def add_updates(layout: Layout, updates: Sequence[UpdateViews], weights: Sequenc
             a, b = max(e0, starts[i]), min(e1, ends[i])
             if a < b:
                 t0 = starts[i]
-                fold_arrays(out[a - e0:b - e0], [u.views[i][a - t0:b - t0] for u in updates], weights, kids[i])
+                _fold_groups(out[a - e0:b - e0], [u.views[i][a - t0:b - t0] for u in updates],
+                             [u.kids[i] for u in updates], weights)
             i += 1
     return add
 
@@ -318,11 +393,7 @@ def scan_floats(layout: Layout, buf, start: int = 0, end: int | None = None) -> 
     lands, reading each byte once with the NaN/Inf check."""
     bad, total = [], 0.0
     for name, raw, kid in _float_pieces(layout, buf, start, end):
-        if _foldc is not None:
-            n, sq = _foldc.scan(raw, kid)
-        else:
-            x = _as_f64(raw, kid)
-            n, sq = int(np.count_nonzero(~np.isfinite(x))), float(np.einsum("i,i->", x, x))  # einsum: no BLAS threads
+        n, sq = scan_in(raw, kid)
         total += sq
         if n:
             bad.append((name, n))
@@ -343,3 +414,18 @@ def scale_floats(layout: Layout, buf, factor: float) -> None:
             for a in range(0, spec.numel, PIECE):   # cache-sized temporaries, not a float64 copy of the model
                 part = view[a:a + PIECE]
                 part[...] = (part.astype(np.float64) * factor).astype(view.dtype)
+
+
+def nonfinite_in(raw: np.ndarray, kid: int) -> int:
+    """NaN/Inf elements of a flat float array of kernel id ``kid`` (float16/bfloat16 as 16-bit words)."""
+    if _foldc is not None:
+        return _foldc.count_nonfinite(raw, kid)
+    return int(np.count_nonzero(~np.isfinite(_as_f64(raw, kid))))
+
+
+def scan_in(raw: np.ndarray, kid: int) -> tuple[int, float]:
+    """(NaN/Inf count, Σx² in float64) of a flat float array of kernel id ``kid``, in one pass."""
+    if _foldc is not None:
+        return _foldc.scan(raw, kid)
+    x = _as_f64(raw, kid)
+    return int(np.count_nonzero(~np.isfinite(x))), float(np.einsum("i,i->", x, x))  # einsum: no BLAS threads

@@ -26,7 +26,9 @@ from google.rpc.status_pb2 import Status
 from . import __version__
 from .auth import Guard, Refusal, check_scope, current, policy_of
 from .errors import LiflError, quote
-from .fold import count_nonfinite, journal_bytes, scale_floats, scan_floats
+from .encoding import EncodedLayout, Encoding, encoded, scale_encoded, scan_received, write_trailer
+from .encoding import parse as parse_encoding
+from .fold import journal_bytes
 from .layout import Layout, LayoutError
 from .rounds import State, check_weight, job_name
 from .shm import BudgetExhausted
@@ -53,8 +55,18 @@ def refusal(e: BaseException, method: str) -> LiflError:
 
 
 def check_encoding(encoding: int) -> None:
+    """Initial models are RAW (encodings are for updates)."""
     if encoding not in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_RAW):
-        raise LiflError("INVALID_ARGUMENT", f"encoding {encoding} is not supported; use ENCODING_RAW")
+        raise LiflError("INVALID_ARGUMENT", f"encoding {encoding} is not supported for a round's initial model; "
+                                            "use ENCODING_RAW (compressed encodings are for pushed updates)")
+
+
+def update_encoding(encoding: int) -> Encoding:
+    """The encoding a PushHeader names (INVALID_ARGUMENT, with the choices, if unknown)."""
+    try:
+        return parse_encoding(encoding)
+    except ValueError as e:
+        raise LiflError("INVALID_ARGUMENT", f"encoding {encoding} is not supported: {e}") from None
 
 
 def layout_of(tensors) -> Layout:
@@ -97,26 +109,22 @@ def _spec_mismatch(got: Layout, want: Layout) -> str | None:
 
 
 class ChunkScan:
-    """Called with each chunk's byte range as it lands: scans the whole 64-byte lines received
-    so far (an element never straddles one) for NaN/Inf and, when screening, adds their Σx² to
-    ``sumsq`` in the same pass (``fold.scan_floats``) over the freshly written, cache-warm bytes."""
+    """Called with each chunk's byte range as it lands: checks the whole 64-byte lines received
+    so far (an element never straddles one) — int8 block scales always, NaN/Inf when asked — and,
+    when screening, adds the decoded values' Σx² to ``sumsq`` in the same pass
+    (``encoding.scan_received``) over the freshly written, cache-warm bytes."""
 
-    def __init__(self, layout: Layout, buf, nonfinite: bool, squares: bool):
-        self.layout, self.buf, self.nonfinite, self.squares = layout, buf, nonfinite, squares
+    def __init__(self, enc: EncodedLayout, buf, nonfinite: bool, squares: bool):
+        self.enc, self.buf, self.nonfinite, self.squares = enc, buf, nonfinite, squares
         self.checked, self.sumsq = 0, 0.0
 
     def __call__(self, start: int, end: int) -> None:
-        upto = end - end % 64 if end < self.layout.total_size else end
-        if self.squares:
-            bad, sq = scan_floats(self.layout, self.buf, self.checked, upto)
-            self.sumsq += sq
-        else:
-            bad = count_nonfinite(self.layout, self.buf, self.checked, upto)
+        upto = end - end % 64 if end < self.enc.total_size else end
+        why, sq = scan_received(self.enc, self.buf, self.checked, upto, self.nonfinite, self.squares)
+        self.sumsq += sq
         self.checked = upto
-        if bad and self.nonfinite:
-            name, n = bad[0]
-            raise LiflError("INVALID_ARGUMENT", f"tensor {quote(name)} has {n} NaN/Inf values; "
-                                                "the update was rejected (reject_nonfinite is on)")
+        if why:
+            raise LiflError("INVALID_ARGUMENT", why)
 
 
 class Gateway:
@@ -237,36 +245,37 @@ class Gateway:
         h = self._first(it, pb.PushRequest, "PushHeader")
         check_scope(current(), job_name(h.job), h.round, h.client_id)
         check_weight(h.num_examples)
-        check_encoding(h.encoding)
+        encoding = update_encoding(h.encoding)
         run = self.dispatcher.get(h.job, h.round)
         want = run.round.layout
         got = layout_of(h.tensors)
         diff = _spec_mismatch(got, want)
         if diff:
             raise LiflError("INVALID_ARGUMENT", f"round {h.round}: {diff}")
-        if h.total_size != want.total_size:
-            raise LiflError("INVALID_ARGUMENT", f"total_size {h.total_size} != {want.total_size}, the size of the "
-                                                "round's model in the flat layout (64-byte aligned tensors)")
+        enc = encoded(want, encoding)
+        if h.total_size != enc.total_size:
+            raise LiflError("INVALID_ARGUMENT", f"total_size {h.total_size} != {enc.total_size}, {enc.describe()}")
         self.dispatcher.begin_push(h.job, h.round, h.client_id)  # dedup + state
         slot = None
         accepted = False
         try:
             try:
-                slot = self.arena.acquire_slot(want.total_size, timeout=self.config.admission_timeout_s)
+                slot = self.arena.acquire_slot(enc.slot_size, timeout=self.config.admission_timeout_s)
             except BudgetExhausted as e:
                 raise LiflError("RESOURCE_EXHAUSTED", f"{e}; retry later", retry_after_s=0.5) from None
             self.metrics.slots_in_use.set(self.arena.stats().slots_in_use)
-            dst = slot.array(np.uint8, want.total_size)
-            scan = self._scanner(want, slot.buf)
+            dst = slot.array(np.uint8, enc.total_size)
+            scan = self._scanner(enc, slot.buf)
             self._receive(it, dst, pb.PushRequest, "update", check=lambda: self.dispatcher.check_open(run),
                           on_chunk=scan)
             if scan is not None:
-                self._screen(want, slot.buf, scan.sumsq)
+                self._screen(enc, slot.buf, scan.sumsq)
+            write_trailer(enc, slot.buf)
             self.dispatcher.check_open(run)
             n_acc = self.dispatcher.accept(run, h.client_id, slot.name, h.num_examples)
             accepted = True
-            self.metrics.bytes_ingested.inc(want.total_size)
-            return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=want.total_size,
+            self.metrics.bytes_ingested.inc(enc.total_size)
+            return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size,
                                 accepted=n_acc)
         except LiflError:
             raise
@@ -278,13 +287,14 @@ class Gateway:
                 if slot is not None:
                     self.arena.release_slot(slot.name)
 
-    def _scanner(self, layout: Layout, buf) -> "ChunkScan | None":
-        """The check each landed chunk gets (None: none): NaN/Inf (``reject_nonfinite``) and the
-        running Σx² for the L2 screen (``screen_l2_max``)."""
+    def _scanner(self, enc: EncodedLayout, buf) -> "ChunkScan | None":
+        """The check each landed chunk gets (None: none): int8 block scales (always), NaN/Inf
+        (``reject_nonfinite``) and the running Σx² for the L2 screen (``screen_l2_max``)."""
         nonfinite, screen = self.config.reject_nonfinite, self.config.screen_l2_max > 0
-        return ChunkScan(layout, buf, nonfinite, screen) if nonfinite or screen else None
+        needed = nonfinite or screen or enc.encoding is Encoding.INT8_BLOCK256
+        return ChunkScan(enc, buf, nonfinite, screen) if needed else None
 
-    def _screen(self, layout: Layout, buf, sumsq: float) -> None:
+    def _screen(self, enc: EncodedLayout, buf, sumsq: float) -> None:
         """Apply the L2-norm bound to a whole received update: reject it, or scale its float
         tensors so that their norm is the bound (before the engine ever sees it)."""
         bound = self.config.screen_l2_max
@@ -294,7 +304,7 @@ class Gateway:
         if norm <= bound:
             return
         if self.config.screen_mode == "clip" and math.isfinite(norm):
-            scale_floats(layout, buf, bound / norm)
+            scale_encoded(enc, buf, bound / norm)
             self.metrics.updates_screened.labels("clipped").inc()
             return
         self.metrics.updates_screened.labels("rejected").inc()

@@ -102,3 +102,41 @@ def expect(code, match, fn, *a, **kw):
     assert ei.value.code == code, ei.value
     assert match in ei.value.message, ei.value.message
     return ei.value
+
+
+# -- compressed update encodings (tests/test_encodings.py, tests/ray) ----------------------------------
+def decode(arrays: dict, buf: bytes, name: str) -> dict:
+    """The decoded update: float32/float64 tensors from the encoded bytes, the rest as they are.
+    Independent of lifl: the contract's arithmetic (64-byte aligned tensors; a float16 word; a
+    bfloat16 word shifted into float32's high bits; int8 times its 256-block's float32 scale)."""
+    out, pos = {}, 0
+    for k, a in arrays.items():
+        pos = -(-pos // 64) * 64
+        a = np.asarray(a)
+        n = a.size
+        if a.dtype.kind == "f" and a.dtype.itemsize >= 4 and name != "raw":
+            if name == "float16":
+                v = np.frombuffer(buf, "<f2", n, pos).astype(np.float64)
+                pos += 2 * n
+            elif name == "bfloat16":
+                v = (np.frombuffer(buf, "<u2", n, pos).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+                pos += 2 * n
+            else:
+                nb = -(-n // 256)
+                s = np.frombuffer(buf, "<f4", nb, pos).astype(np.float64)
+                q = np.frombuffer(buf, np.int8, n, pos + 4 * nb).astype(np.float64)
+                v = q * np.repeat(s, 256)[:n]
+                pos += 4 * nb + n
+            out[k] = v.reshape(a.shape)
+        else:
+            out[k] = a
+            pos += a.nbytes
+    return out
+
+
+def wire_bytes(arrays: dict, name: str) -> bytes:
+    """What Client.push sends for these arrays in this encoding (the client-side encoder)."""
+    from lifl import encoding
+    from lifl.layout import Layout
+    enc = encoding.encoded(Layout.from_arrays(arrays), encoding.parse(name))
+    return b"".join(bytes(c) for c in encoding.chunks(enc, encoding.encode_pieces(enc, arrays), 1 << 20))

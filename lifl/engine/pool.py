@@ -183,10 +183,11 @@ class FunctionPool:
 
     def _inline(self, cmd: dict, task) -> list:
         """The ``update_transport = "pipe"`` ablation: the updates' bytes go with the command."""
-        size = task.run.round.layout.total_size
-        cmd["inline"] = [[name, size] for name, _ in cmd["updates"]]
-        self.metrics.pipe_bytes.inc(size * len(cmd["updates"]))
-        return [self.runtime.store_of(name).get(name).buf[:size] for name, _ in cmd["updates"]]
+        # whole slots: an encoded update's slot is its encoded bytes and the trailer naming the encoding
+        bufs = [self.runtime.store_of(name).get(name).buf for name, _ in cmd["updates"]]
+        cmd["inline"] = [[name, len(b)] for (name, _), b in zip(cmd["updates"], bufs)]
+        self.metrics.pipe_bytes.inc(sum(len(b) for b in bufs))
+        return bufs
 
     def finished(self, fn: PooledFunction):
         """The function replied: its current task, now off it."""

@@ -28,6 +28,7 @@ NODE_ROOT_CERT = "lifl-root-cert"  # path to a PEM root certificate -> TLS
 NODE_CHUNK_MIB = "lifl-chunk-mib"  # push chunk size in MiB (default 2)
 NODE_TIMEOUT_S = "lifl-timeout-s"  # per-call timeout (default: none; push retries on RESOURCE_EXHAUSTED)
 NODE_ENABLED = "lifl-enabled"      # false: the mod passes every message through (default true)
+NODE_ENCODING = "lifl-encoding"    # update encoding: raw (default), float16, bfloat16, int8 (docs/encodings.md)
 
 # Flower error replies produced by the mod carry ERROR_CODE_BASE + the numeric
 # gRPC status (UNAVAILABLE -> 1014, INVALID_ARGUMENT -> 1003, ...). The reason

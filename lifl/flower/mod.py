@@ -23,7 +23,8 @@ is ``1000 + gRPC status`` and whose reason is ``"LIFL <STATUS>: <message>"`` —
 never a silent drop.
 
 Settings, first match wins: node config (``lifl-address``, ``lifl-token``,
-``lifl-root-cert``, ``lifl-chunk-mib``, ``lifl-timeout-s``), then what the
+``lifl-root-cert``, ``lifl-chunk-mib``, ``lifl-timeout-s``, ``lifl-encoding``: ``raw``,
+``float16``, ``bfloat16`` or ``int8``, see docs/encodings.md), then what the
 strategy put in the message (``lifl.address``), then the run config (same
 ``lifl-*`` keys).
 
@@ -45,6 +46,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 
 from ..client import MiB, Client, RpcFailure
+from ..encoding import parse as parse_encoding
 from ..layout import Layout
 from . import config as K
 
@@ -271,6 +273,10 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     chunk_mib = float(K.setting(K.NODE_CHUNK_MIB, node, run, default=2))
     timeout = K.setting(K.NODE_TIMEOUT_S, node, run)
     timeout = float(timeout) if timeout is not None else None
+    try:
+        encoding = parse_encoding(str(K.setting(K.NODE_ENCODING, node, run, default="raw")))
+    except ValueError as e:
+        return _error_reply(msg, grpc.StatusCode.INVALID_ARGUMENT, f"bad {K.NODE_ENCODING} setting: {e}")
     rid, job = int(cfg[K.ROUND]), str(cfg.get(K.JOB, "default"))
     weight_key = str(cfg.get(K.WEIGHT_KEY, "num-examples"))
     arrays_key = str(cfg.get(K.ARRAYS_KEY, "arrays"))
@@ -316,7 +322,8 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
             raise _ModFailure(grpc.StatusCode.INVALID_ARGUMENT,
                               f"the reply has no numeric weighting metric {weight_key!r} in its MetricRecord")
         update = arrays_to_numpy(records[name])
-        receipt = client.push(rid, update, num_examples=float(weight), client_id=client_id, job=job)
+        receipt = client.push(rid, update, num_examples=float(weight), client_id=client_id, job=job,
+                              encoding=encoding)
         del update
         release_heap()
     except RpcFailure as e:

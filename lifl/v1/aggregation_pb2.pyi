@@ -11,6 +11,9 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENCODING_UNSPECIFIED: _ClassVar[Encoding]
     ENCODING_RAW: _ClassVar[Encoding]
+    ENCODING_FLOAT16: _ClassVar[Encoding]
+    ENCODING_BFLOAT16: _ClassVar[Encoding]
+    ENCODING_INT8_BLOCK256: _ClassVar[Encoding]
 
 class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,6 +30,9 @@ class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUND_STATE_FAILED: _ClassVar[RoundState]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_RAW: Encoding
+ENCODING_FLOAT16: Encoding
+ENCODING_BFLOAT16: Encoding
+ENCODING_INT8_BLOCK256: Encoding
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_RESULT: ModelKind
 MODEL_KIND_INITIAL: ModelKind

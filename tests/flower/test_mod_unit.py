@@ -449,3 +449,27 @@ def test_strategy_says_when_lifl_cannot_be_reached(task_identity, caplog):
         s.summary()
     assert "deadline none," in caplog.text and "nones" not in caplog.text
     s.close()
+
+
+def test_run_config_encoding_pushes_int8_and_a_bad_one_is_an_error_reply(server):
+    """``lifl-encoding`` (node or run config) picks the update encoding; the result is the mean of
+    the decoded int8 update, and an unknown name is refused before anything is sent."""
+    from lifl import encoding
+    from lifl.layout import Layout
+    upd = model(5)
+    with Client(server.address) as c:
+        rid = c.open_round(model(), expected=1)
+        bad = lifl_mod(train_msg(lifl_cfg(rid, server.address), model()), ctx(run_config={K.NODE_ENCODING: "int3"}),
+                       handler(upd))
+        assert bad.has_error() and bad.error.code == error_code(grpc.StatusCode.INVALID_ARGUMENT)
+        assert "lifl-encoding" in bad.error.reason and "int8" in bad.error.reason
+        reply = lifl_mod(train_msg(lifl_cfg(rid, server.address), model()), ctx(run_config={K.NODE_ENCODING: "int8"}),
+                         handler(upd))
+        assert not reply.has_error(), reply.error
+        enc = encoding.encoded(Layout.from_arrays(upd), encoding.Encoding.INT8_BLOCK256)
+        assert reply.content.config_records[K.RECEIPT]["bytes"] == enc.total_size
+        got = c.pull(rid, wait_s=30)
+    for k, v in upd.items():   # one block per tensor: q * absmax/127 (decoded independently)
+        scale = np.float32(np.abs(v).max() / 127)
+        q = np.clip(np.rint(v.astype(np.float64) / np.float64(scale)), -127, 127)
+        np.testing.assert_allclose(got[k], q * np.float64(scale), rtol=1e-6)

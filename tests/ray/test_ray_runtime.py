@@ -337,3 +337,20 @@ def test_a_node_that_joins_is_used_and_one_that_leaves_idle_is_no_loss(ray_serve
         rid = admin.open_round(base, expected=3)
         _push_spread(srv, rid, updates[:3], weights[:3])
         assert_matches(admin.pull(rid, wait_s=60), fedavg64(updates[:3], weights[:3]))
+def test_encoded_updates_through_node_gateways_are_exact(ray_server):
+    """Each node's gateway takes encoded pushes into its own shared memory; the actors there fold
+    them from the slots (the encoding travels in the slot, nothing else changes)."""
+    from support import decode, wire_bytes
+    srv = ray_server()
+    base = small_model(3)
+    updates = [perturb(base, 200 + s) for s in range(6)]
+    weights = [2.0, 1.0, 4.0, 3.0, 5.0, 1.5]
+    names = ["int8", "float16", "bfloat16", "int8", "raw", "bfloat16"]
+    gws = sorted(srv.gateways().items())
+    with Client(srv.address) as admin:
+        rid = admin.open_round(base, expected=len(updates))
+        for i, (u, w, nm) in enumerate(zip(updates, weights, names)):
+            with Client(gws[i % len(gws)][1]) as c:
+                c.push(rid, u, w, f"c{i}", encoding=nm)
+        got = admin.pull(rid, wait_s=60)
+    assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(updates, names)], weights))
