@@ -56,7 +56,7 @@ class Staleness:
     exponent: float = 0.5       # a, polynomial only
     mean: float = 0.0           # τ̄: the staleness that weighs 1
     cutoff: int = 0             # 0 = none; τ > cutoff weighs cutoff_weight
-    cutoff_weight: float = 0.0
+    cutoff_weight: float = 0.01   # used only with a cutoff
 
     def validate(self) -> "Staleness":
         if self.kind not in STALENESS_KINDS:
@@ -68,8 +68,9 @@ class Staleness:
             raise LiflError("INVALID_ARGUMENT", f"mean staleness must be >= 0, got {self.mean}")
         if self.cutoff < 0:
             raise LiflError("INVALID_ARGUMENT", f"staleness cutoff must be >= 0 (0 = none), got {self.cutoff}")
-        if not (math.isfinite(self.cutoff_weight) and 0.0 <= self.cutoff_weight <= 1.0):
-            raise LiflError("INVALID_ARGUMENT", f"cutoff weight must be in [0, 1], got {self.cutoff_weight}")
+        if self.cutoff and not (math.isfinite(self.cutoff_weight) and 0.0 < self.cutoff_weight <= 1.0):
+            # > 0: an accepted update always counts (a zero weight would be an update folded as nothing)
+            raise LiflError("INVALID_ARGUMENT", f"cutoff weight must be in (0, 1], got {self.cutoff_weight}")
         return self
 
     def __call__(self, tau: int) -> float:
@@ -149,13 +150,19 @@ class BufferedJob:
     def open_buffer(self) -> int:
         return self._open
 
+    def factor(self, tau: int) -> float:
+        """s(τ): the weight factor an update ``tau`` versions stale gets."""
+        return self._weigh(tau)
+
     def check(self, client: str, base: int) -> int:
-        """Refuse early (at a push's header) what :meth:`accept` would refuse now; returns τ."""
+        """Refuse early (at a push's header) what :meth:`accept` would refuse now; returns τ.
+        Each refusal as too stale is counted once (``refused_stale``)."""
         if base > self.latest:
             raise LiflError("OUT_OF_RANGE", f"base version {base} has not been published; "
                                             f"the current version is {self.latest}: pull it and train on it")
         tau = self.latest - base
         if self.spec.max_staleness and tau > self.spec.max_staleness:
+            self.refused_stale += 1
             raise LiflError("FAILED_PRECONDITION",
                             f"update on version {base} is {tau} versions stale (max {self.spec.max_staleness}); "
                             f"the current version is {self.latest}: pull it and train again")
@@ -167,12 +174,7 @@ class BufferedJob:
 
     def accept(self, client: str, base: int, weight: float) -> Ticket:
         """An update fully arrived: accept it into the open buffer, or refuse it (nothing changes)."""
-        try:
-            tau = self.check(client, base)
-        except LiflError as e:
-            if e.code == "FAILED_PRECONDITION":
-                self.refused_stale += 1
-            raise
+        tau = self.check(client, base)
         self._members.add(client)
         pos = len(self._members)
         seals = pos == self.spec.buffer_size
