@@ -27,21 +27,11 @@ import numpy as np
 from .engine.buffered import AsyncSpec, BufferedJob, Ticket
 from .engine.optimizers import state_nbytes, state_over, step
 from .errors import LiflError, quote
-from .fold import _as_f64
-from .layout import Layout, is_float, kernel_id
+from .fold import as_f64 as to_f64
+from .layout import Layout, is_float
 from .shm import Segment
 
 log = logging.getLogger("lifl.async")
-
-
-def to_f64(layout: Layout, buf, out: np.ndarray) -> np.ndarray:
-    """The model in ``buf`` (flat layout) as one float64 vector, tensors in layout order."""
-    views = layout.views(buf, public=False)
-    pos = 0
-    for s in layout.specs:
-        out[pos:pos + s.numel] = _as_f64(views[s.name].reshape(-1), kernel_id(s.dtype))
-        pos += s.numel
-    return out
 
 
 def from_f64(layout: Layout, x: np.ndarray, buf) -> None:

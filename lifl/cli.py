@@ -95,8 +95,9 @@ def cmd_round_open(args) -> int:
     if model is None and not args.from_round:
         raise SystemExit("lifl: round open needs --model FILE.npz or --from-round R")
     with _client(args) as c:
+        opt = _optimizer_of(args)
         rid = c.open_round(model, expected=args.expected, quorum=args.quorum, deadline_s=args.deadline,
-                           job=args.job, from_round=args.from_round)
+                           job=args.job, from_round=args.from_round, optimizer=None if opt.is_identity else opt)
         st = c.round_info(rid, job=args.job)
     _print(_round_json(st), args.json, str(rid))
     return 0
@@ -125,12 +126,10 @@ def _job_human(st) -> str:
 
 def cmd_job_open(args) -> int:
     from .engine.buffered import AsyncSpec, Staleness
-    from .engine.optimizers import ServerOptimizer
     if not args.async_:
         raise SystemExit("lifl: job open opens asynchronous jobs (--async); synchronous jobs use `lifl round open`")
     model = _load_npz(args.model)
-    opt = ServerOptimizer.of(args.optimizer, lr=args.server_lr, momentum=args.momentum, beta1=args.beta1,
-                             beta2=args.beta2, tau=args.tau)
+    opt = _optimizer_of(args)
     spec = AsyncSpec(buffer_size=args.buffer_size, concurrency=args.concurrency, max_staleness=args.max_staleness,
                      staleness=Staleness(args.staleness, args.staleness_exponent, cutoff=args.staleness_cutoff,
                                          cutoff_weight=args.cutoff_weight),
@@ -265,6 +264,20 @@ def add_token_parser(sub) -> None:
     i.set_defaults(fn=cmd_token_issue)
 
 
+def optimizer_args(sp) -> None:
+    sp.add_argument("--optimizer", default="sgd", choices=["sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad"],
+                    help="server optimizer applied at finalize, float64 (docs/async.md)")
+    sp.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: the optimizer's)")
+    sp.add_argument("--momentum", type=float, default=None); sp.add_argument("--beta1", type=float, default=None)
+    sp.add_argument("--beta2", type=float, default=None); sp.add_argument("--tau", type=float, default=None)
+
+
+def _optimizer_of(args):
+    from .engine.optimizers import ServerOptimizer
+    return ServerOptimizer.of(args.optimizer, lr=args.server_lr, momentum=args.momentum, beta1=args.beta1,
+                              beta2=args.beta2, tau=args.tau)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lifl", description="LIFL: serverless aggregation of FL updates")
     sub = p.add_subparsers(dest="command", required=True)
@@ -302,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--expected", type=int, required=True)
     o.add_argument("--quorum", type=int, default=0, help="minimum updates to aggregate at the deadline (default: all)")
     o.add_argument("--deadline", type=float, default=0.0, help="seconds until the round closes (0 = none)")
+    optimizer_args(o)
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=cmd_round_open)
     c = r.add_parser("close", help="close now (aggregate on quorum) or --abort")
@@ -326,10 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     jo.add_argument("--staleness-cutoff", type=int, default=0, help="staler updates weigh --cutoff-weight (0 = none)")
     jo.add_argument("--cutoff-weight", type=float, default=0.01)
     jo.add_argument("--keep-versions", type=int, default=4, help="versions kept pullable")
-    jo.add_argument("--optimizer", default="sgd", choices=["sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
-    jo.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: the optimizer's)")
-    jo.add_argument("--momentum", type=float, default=None); jo.add_argument("--beta1", type=float, default=None)
-    jo.add_argument("--beta2", type=float, default=None); jo.add_argument("--tau", type=float, default=None)
+    optimizer_args(jo)
     jo.add_argument("--json", action="store_true")
     jo.set_defaults(fn=cmd_job_open)
     ji = j.add_parser("info", help="an asynchronous job's version and buffer")

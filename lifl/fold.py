@@ -42,6 +42,14 @@ def _as_f64(x: np.ndarray, kid: int) -> np.ndarray:
     return x.astype(np.float64)
 
 
+def as_f64(layout: Layout, buf, out: np.ndarray) -> np.ndarray:
+    """The model in ``buf`` (flat layout) as one float64 vector (the accumulator's element order)."""
+    views = layout.views(buf, public=False)
+    for s, e in zip(layout.specs, layout.elem_offsets):
+        out[e:e + s.numel] = _as_f64(views[s.name].reshape(-1), kernel_id(s.dtype))
+    return out
+
+
 def fold_arrays(acc: np.ndarray, sources: Sequence[np.ndarray], weights: Sequence[float], kid: int) -> None:
     """acc += Σ wₖ·xₖ for flat sources of one storage dtype (kernel id ``kid``)."""
     for start in range(0, len(sources), MAX_FUSE):

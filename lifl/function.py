@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from . import fold
+from .engine.optimizers import ServerOptimizer, step_once
 from .layout import Layout
 from .shm import Segment
 
@@ -108,11 +109,23 @@ class Function:
             layout = self.layouts[cmd["layout"]]
             t0 = time.perf_counter()
             acc, out = self.acc(cmd["acc"], layout), self.seg(cmd["out"]).buf
-            if "gen" in cmd:
+            st = cmd.get("step")
+            if "gen" in cmd and st is not None:   # a server step needs the whole sum: fold first, then step
+                fold.fold_in_place(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
+                                   self._inputs(cmd, layout))
+            elif "gen" in cmd:
                 fold.fold_and_finalize(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
                                        self._inputs(cmd, layout), layout, cmd["weight"], out)
-            else:
-                fold.finalize(acc, layout, cmd["weight"], out)
+                return {"seconds": time.perf_counter() - t0}
+            weight = cmd["weight"]
+            if st is not None:   # server optimizer, float64: x = initial, d = mean − x, step (exactly once)
+                opt = ServerOptimizer(**st["opt"])
+                x = fold.as_f64(layout, self.seg(st["base"]).buf, np.empty(layout.numel, np.float64))
+                d = np.divide(acc, weight)
+                d -= x
+                step_once(opt, self.seg(st["state"]).buf, layout.numel, int(st["t"]), x, d)
+                acc, weight = x, 1.0
+            fold.finalize(acc, layout, weight, out)
             return {"seconds": time.perf_counter() - t0}
         if op == "forget":
             for name in cmd["segments"]:

@@ -9,6 +9,7 @@ client retries those by itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from . import __version__
 from .auth import Guard, Refusal, check_scope, current, policy_of
 from .async_jobs import AsyncJob, AsyncJobs
 from .async_proto import optimizer_from_proto, spec_from_proto
+from .engine.optimizers import ServerOptimizer, pingpong_nbytes
 from .errors import LiflError, quote
 from .fold import count_nonfinite, journal_bytes, scale_floats, scan_floats
 from .layout import Layout, LayoutError
@@ -144,6 +146,8 @@ class Gateway:
         # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
         self._pull_sends = threading.BoundedSemaphore(max(1, config.pull_buffer_mb * 2**20 // PULL_CHUNK))
         self.asyncs = AsyncJobs(arena, dispatcher, metrics)
+        self._opt_states: dict[str, tuple] = {}     # job -> (optimizer, numel, state segment)
+        self._opt_lock = threading.Lock()
 
     def close(self) -> None:
         """Stop what the gateway runs by itself (asynchronous jobs' publishers)."""
@@ -414,9 +418,12 @@ class Gateway:
             raise LiflError("INVALID_ARGUMENT", f"unknown job mode {h.mode}; use JOB_MODE_SYNC or JOB_MODE_ASYNC")
         if h.HasField("async_options"):
             raise LiflError("INVALID_ARGUMENT", "async_options are for mode JOB_MODE_ASYNC only")
-        if h.HasField("optimizer") and not optimizer_from_proto(h.optimizer).is_identity:
-            raise LiflError("UNIMPLEMENTED", "server optimizers on synchronous rounds are not applied by this "
-                                             "server yet; use an asynchronous job, or Flower's strategy "
+        opt = optimizer_from_proto(h.optimizer) if h.HasField("optimizer") else None
+        if opt is not None and opt.is_identity:
+            opt = None
+        if opt is not None and self.config.runtime != "local":
+            raise LiflError("UNIMPLEMENTED", "server optimizers on synchronous rounds need the local runtime on "
+                                             "this server; use an asynchronous job, or Flower's strategy "
                                              "(lifl.flower) for FedAvgM/FedAdam/FedYogi/FedAdagrad rounds")
         if self.asyncs.get(job) is not None:
             raise LiflError("FAILED_PRECONDITION", f"job {quote(job)} is asynchronous: it has versions, not rounds; "
@@ -441,13 +448,33 @@ class Gateway:
                                   "initial model")
                 elif next(it, None) is not None:
                     raise LiflError("INVALID_ARGUMENT", "model chunks sent but total_size is 0")
+            step = None
+            if opt is not None:
+                if initial is None:
+                    raise LiflError("INVALID_ARGUMENT", "a server optimizer steps from the round's initial model: "
+                                                        "stream it after the header or open with from_round")
+                step = self._optimizer_step(job, opt, layout, initial.name)
             rnd = self.dispatcher.open_round(job, layout, h.expected, h.quorum, h.deadline_seconds, initial,
-                                             from_round=h.from_round)
+                                             from_round=h.from_round, step=step)
         except BaseException:
             if initial is not None:
                 self.arena.free(initial.name)
             raise
         return round_info(self.dispatcher.get(job, rnd.id))
+
+    def _optimizer_step(self, job: str, opt: ServerOptimizer, layout: Layout, base: str) -> dict:
+        """The finalize step of a round of ``job``: its optimizer state (shared memory, double
+        buffered) carries over from the job's previous round when the optimizer and model size
+        are the same, else it starts afresh."""
+        with self._opt_lock:
+            held = self._opt_states.get(job)
+            if held is None or held[0] != opt or held[1] != layout.numel:
+                if held is not None:
+                    self.arena.free(held[2].name)
+                seg = self.arena.segment(pingpong_nbytes(opt, layout.numel))
+                seg.array(np.uint8)[:] = 0
+                self._opt_states[job] = held = (opt, layout.numel, seg)
+        return {"opt": dataclasses.asdict(opt), "base": base, "state": held[2].name}
 
     def _open_async(self, h: pb.OpenRoundHeader, job: str, it) -> pb.RoundInfo:
         spec = spec_from_proto(h.async_options, h.optimizer if h.HasField("optimizer") else None)

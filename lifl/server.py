@@ -52,6 +52,7 @@ class EmbeddedServer:
         self._given_runtime = runtime
         self.runtime = None
         self.dispatcher: Dispatcher | None = None
+        self._gateway: Gateway | None = None
         self.grpc: grpc.Server | None = None
         self.port = 0
         self.metrics_port = -1
@@ -170,7 +171,7 @@ class EmbeddedServer:
             server.stop(grace).wait()
 
     def _stop_engine(self) -> None:
-        gateway, self._gateway = getattr(self, "_gateway", None), None
+        gateway, self._gateway = self._gateway, None
         if gateway is not None:
             gateway.close()
         dispatcher, runtime, self.dispatcher, self.runtime = self.dispatcher, self.runtime, None, None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import numpy as np
+
 from .. import fold
 from ..errors import LiflError, quote
 from ..rounds import State
@@ -180,6 +182,8 @@ class RoundDriver:
             fn.role = role
             if isinstance(cmd, Finalize):
                 run.result = self.arena.result_segment(run.round.layout.total_size)
+                if run.step is not None and "t" not in run.step:   # re-sends keep the step they follow
+                    run.step["t"] = int(self.arena.get(run.step["state"]).array(np.uint64, 1)[0])
             self.enqueue(fn, Task(cmd, run))
 
     def _committed(self, run: RoundRun, fn: PooledFunction, cmd: Command, secs: float) -> None:

@@ -175,3 +175,33 @@ def step(opt: ServerOptimizer, state: OptimizerState, x: np.ndarray, d: np.ndarr
             w *= lr
         xs += w
     state.steps[0] = t
+
+
+# -- exactly once: a double-buffered state for steps that a replacement function may re-run ----------
+def pingpong_nbytes(opt: ServerOptimizer, n: int) -> int:
+    """Bytes of a double-buffered state (:func:`step_once`): the step counter and two copies."""
+    return _HEADER + 2 * 8 * opt.vectors * n
+
+
+def step_once(opt: ServerOptimizer, buf, n: int, t_before: int, x: np.ndarray, d: np.ndarray) -> None:
+    """Step ``t_before + 1`` over a double-buffered state, idempotent: it reads the copy of step
+    ``t_before`` and writes the other, then commits the counter; a command re-run after a crash
+    (or after its reply was lost) reads the same untouched copy and gives the same ``x``."""
+    mv = memoryview(buf).cast("B")
+    if len(mv) < pingpong_nbytes(opt, n):
+        raise ValueError(f"optimizer state needs {pingpong_nbytes(opt, n)} bytes, buffer has {len(mv)}")
+    steps = np.frombuffer(mv, dtype=np.uint64, count=1)
+    if int(steps[0]) not in (t_before, t_before + 1):
+        raise ValueError(f"optimizer state is at step {int(steps[0])}, this step follows step {t_before}")
+    size = 8 * opt.vectors * n
+
+    def copy(k: int) -> list[np.ndarray]:
+        off = _HEADER + size * k
+        return [np.frombuffer(mv, dtype=np.float64, count=n, offset=off + 8 * n * i) for i in range(opt.vectors)]
+
+    src, dst = copy(t_before % 2), copy((t_before + 1) % 2)
+    for a, b in zip(src, dst):
+        np.copyto(b, a)
+    st = OptimizerState(np.array([t_before], np.uint64), dst[0] if dst else None, dst[1] if len(dst) > 1 else None)
+    step(opt, st, x, d)
+    steps[0] = t_before + 1

@@ -132,8 +132,6 @@ def test_refusals_name_the_current_version_and_change_nothing(make_server):
         expect(grpc.StatusCode.INVALID_ARGUMENT, "is not asynchronous", c.pull_version, "latest", job="sync")
         expect(grpc.StatusCode.INVALID_ARGUMENT, "not floating point", c.open_async,
                {"n": np.arange(3, dtype=np.int64)}, job="ints")
-        expect(grpc.StatusCode.UNIMPLEMENTED, "server optimizers on synchronous rounds", c.open_round, x0,
-               expected=1, job="sync2", optimizer=ServerOptimizer.of("fedadam"))
         h = pb.OpenRoundHeader(job="opts", mode=pb.JOB_MODE_ASYNC, total_size=64)
         h.async_options.staleness = "hinge"
         with grpc.insecure_channel(srv.address) as ch, pytest.raises(grpc.RpcError) as e:
@@ -178,3 +176,20 @@ def test_cli_job_open_push_pull_latest(server, tmp_path, capsys):
     assert "version 1, buffer 0/1, 1 updates accepted" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--version takes 'latest' or a version number"):
         cli_main(["pull", *a, "--version", "-2", "-o", str(tmp_path / "v.npz")])
+
+
+def test_cli_round_open_with_a_server_optimizer(server, tmp_path, capsys):
+    x0, m = model(5), model(6)
+    np.savez(tmp_path / "x0.npz", **x0)
+    np.savez(tmp_path / "m.npz", **m)
+    a = ["--address", server.address, "--job", "cli"]
+    assert cli_main(["round", "open", *a, "--model", str(tmp_path / "x0.npz"), "--expected", "1",
+                     "--optimizer", "sgd", "--server-lr", "0.25"]) == 0
+    rid = int(capsys.readouterr().out.strip())
+    assert cli_main(["push", *a, "--round", str(rid), "--client", "p", "--num-examples", "2",
+                     str(tmp_path / "m.npz")]) == 0
+    assert cli_main(["pull", *a, "--round", str(rid), "--wait", "30", "-o", str(tmp_path / "r.npz")]) == 0
+    with np.load(tmp_path / "r.npz") as z:
+        for k in SHAPES:    # one update: mean = m, x1 = x0 + 0.25·(m − x0)
+            x = x0[k].astype(np.float64)
+            np.testing.assert_allclose(z[k], x + 0.25 * (m[k].astype(np.float64) - x), rtol=1e-6)
