@@ -57,6 +57,8 @@ class AsyncJob:
     accepted: int = 0
     total_weight: float = 0.0
     failed: str = ""
+    work: np.ndarray | None = None          # the publisher's float64 work vector, reused
+    closed: threading.Event = field(default_factory=threading.Event)
     opened: float = field(default_factory=time.time)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -167,8 +169,38 @@ class AsyncJobs:
         if e.code == "FAILED_PRECONDITION":
             self.metrics.refused_stale.labels(aj.name).inc()
 
+    def close_job(self, name: str) -> AsyncJob:
+        """An operator closes the job: no more pushes, the open buffer is discarded, its
+        publisher stops and its shared memory is given back; the name may be opened again."""
+        with self._lock:
+            aj = self._jobs.pop(name, None)
+        if aj is None:
+            raise LiflError("NOT_FOUND", f"no asynchronous job {quote(name)} is open")
+        with aj.cond:
+            aj.closed.set()
+            aj.cond.notify_all()
+            rids = list(aj.rounds.values())
+        for rid in rids:
+            try:
+                self.dispatcher.close_round(aj.name, rid, abort=True)
+            except LiflError:       # already finished
+                pass
+        for t in [t for t in self._threads if t.name == f"lifl-fedbuff-{name[:16]}"]:
+            t.join(timeout=5.0)
+        with aj.cond:
+            for seg in [aj.x_seg, aj.opt_seg]:
+                self.arena.free(seg.name)
+            for seg in aj.versions.values():
+                self.arena.release_scratch(seg.name)
+            aj.versions.clear()
+        log.info("asynchronous job %s closed at version %d", quote(name), aj.job.latest)
+        return aj
+
     @staticmethod
     def _check_alive(aj: AsyncJob) -> None:
+        if aj.closed.is_set():
+            raise LiflError("FAILED_PRECONDITION", f"asynchronous job {quote(aj.name)} was closed at version "
+                                                   f"{aj.job.latest}")
         if aj.failed:
             raise LiflError("FAILED_PRECONDITION", f"asynchronous job {quote(aj.name)} failed at version "
                                                    f"{aj.job.latest}: {aj.failed}")
@@ -176,20 +208,21 @@ class AsyncJobs:
     # -- publishing ---------------------------------------------------------------------------
     def _publisher(self, aj: AsyncJob) -> None:
         b = 1
-        while not self._stop.is_set():
+        stopped = lambda: self._stop.is_set() or aj.closed.is_set()   # noqa: E731
+        while not stopped():
             with aj.cond:
-                while not self._stop.is_set() and aj.job.open_buffer <= b:
+                while not stopped() and aj.job.open_buffer <= b:
                     aj.cond.wait(0.5)
-                if self._stop.is_set():
+                if stopped():
                     return
                 rid = aj.rounds.pop(b)
                 w, ws = aj.weights.pop(b)
             try:
-                with self.dispatcher.model(aj.name, rid, False, 3600.0, alive=lambda: not self._stop.is_set()) \
+                with self.dispatcher.model(aj.name, rid, False, 3600.0, alive=lambda: not stopped()) \
                         as (_run, seg):
                     self._publish(aj, b, seg, ws / w)
             except Exception as e:   # the tree failed this buffer: the job cannot go on exactly
-                if self._stop.is_set():
+                if stopped():
                     return
                 with aj.cond:
                     aj.failed = f"buffer {b} (round {rid}) failed: {e}"
@@ -200,17 +233,19 @@ class AsyncJobs:
 
     def _publish(self, aj: AsyncJob, version: int, mean_seg: Segment, scale: float) -> None:
         n = aj.numel
-        d = to_f64(aj.layout, mean_seg.buf, np.empty(n, np.float64))
+        if aj.work is None:
+            aj.work = np.empty(n, np.float64)
+        d = to_f64(aj.layout, mean_seg.buf, aj.work)
         d *= scale
         x = aj.x_seg.array(np.float64, n)
         step(aj.spec.optimizer, state_over(aj.spec.optimizer, aj.opt_seg.buf, n), x, d)
-        seg = self.arena.segment(aj.layout.total_size)
+        seg = self.arena.scratch(aj.layout.total_size)     # a dropped version's segment when one is free
         from_f64(aj.layout, x, seg.buf)
         with aj.cond:
             aj.versions[version] = seg
             aj.job.published(version)
             for v in [v for v in aj.versions if v not in aj.job.kept()]:
-                self.arena.free(aj.versions.pop(v).name)
+                self.arena.release_scratch(aj.versions.pop(v).name)   # a reader still streaming it frees it last
             aj.cond.notify_all()
         self.metrics.versions_published.labels(aj.name).inc()
         log.info("asynchronous job %s published version %d", quote(aj.name), version)
@@ -223,6 +258,8 @@ class AsyncJobs:
         version not yet published."""
         give_up = time.monotonic() + wait_s
         with aj.cond:
+            if aj.closed.is_set():
+                self._check_alive(aj)
             while version is not None and version > aj.job.latest and not aj.failed and alive():
                 left = give_up - time.monotonic()
                 if left <= 0:

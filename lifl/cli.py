@@ -140,6 +140,13 @@ def cmd_job_open(args) -> int:
     return 0
 
 
+def cmd_job_close(args) -> int:
+    with _client(args) as c:
+        st = c.close_job(job=args.job)
+    _print(_round_json(st), args.json, _job_human(st))
+    return 0
+
+
 def cmd_job_info(args) -> int:
     with _client(args) as c:
         st = c.round_info(0, job=args.job)
@@ -343,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimizer_args(jo)
     jo.add_argument("--json", action="store_true")
     jo.set_defaults(fn=cmd_job_open)
+    jc = j.add_parser("close", help="close an asynchronous job (its open buffer is discarded)")
+    remote(jc); jc.add_argument("--json", action="store_true"); jc.set_defaults(fn=cmd_job_close)
     ji = j.add_parser("info", help="an asynchronous job's version and buffer")
     remote(ji); ji.add_argument("--json", action="store_true"); ji.set_defaults(fn=cmd_job_info)
 

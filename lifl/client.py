@@ -277,6 +277,10 @@ class Client:
     def close_round(self, round: int, abort: bool = False, job: str = "default") -> RoundStatus:
         return RoundStatus.from_proto(self._call(self._close, pb.CloseRoundRequest(job=job, round=round, abort=abort)))
 
+    def close_job(self, job: str = "default") -> RoundStatus:
+        """Close an asynchronous job: its open buffer is discarded, its memory given back."""
+        return self.close_round(0, job=job)
+
     def job_info(self, job: str = "default") -> RoundStatus:
         """An asynchronous job's state: version, buffer fill, updates accepted and refused."""
         return self.round_info(0, job=job)

@@ -60,6 +60,7 @@ class Function:
         self.views: dict[tuple[str, int], fold.UpdateViews] = {}
         self.given: dict[str, np.ndarray] = {}
         self.local_prefixes = local_prefixes
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None   # a server step's x and d, reused
 
     def seg(self, name: str) -> "Segment | _Given":
         if name in self.given:
@@ -70,6 +71,13 @@ class Function:
         if s is None:
             s = self.segments[name] = Segment.attach(name)
         return s
+
+    def scratch64(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two float64 work vectors of ``n`` elements, kept for the next round (no page faults on
+        the finalize path once warm)."""
+        if self._scratch is None or self._scratch[0].size != n:
+            self._scratch = (np.empty(n, np.float64), np.empty(n, np.float64))
+        return self._scratch
 
     def acc(self, name: str, layout: Layout) -> np.ndarray:
         return self.seg(name).array(np.float64, layout.numel)
@@ -120,8 +128,9 @@ class Function:
             weight = cmd["weight"]
             if st is not None:   # server optimizer, float64: x = initial, d = mean − x, step (exactly once)
                 opt = ServerOptimizer(**st["opt"])
-                x = fold.as_f64(layout, self.seg(st["base"]).buf, np.empty(layout.numel, np.float64))
-                d = np.divide(acc, weight)
+                x, d = self.scratch64(layout.numel)
+                fold.as_f64(layout, self.seg(st["base"]).buf, x)
+                np.divide(acc, weight, out=d)
                 d -= x
                 step_once(opt, self.seg(st["state"]).buf, layout.numel, int(st["t"]), x, d)
                 acc, weight = x, 1.0

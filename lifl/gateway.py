@@ -92,12 +92,13 @@ def async_info(aj: AsyncJob) -> pb.RoundInfo:
     """An asynchronous job as a RoundInfo (round 0, mode ASYNC)."""
     with aj.cond:
         info = pb.RoundInfo(job=aj.name, round=0, mode=pb.JOB_MODE_ASYNC,
-                            state=int(State.FAILED if aj.failed else State.OPEN), accepted=aj.accepted,
+                            state=int(State.DONE if aj.closed.is_set() else State.FAILED if aj.failed
+                                      else State.OPEN), accepted=aj.accepted,
                             total_weight=aj.total_weight, opened_unix=aj.opened, version=aj.job.latest,
                             buffer_fill=aj.job.buffer_fill, buffer_size=aj.spec.buffer_size,
                             refused_stale=aj.job.refused_stale,
-                            detail=aj.failed or f"version {aj.job.latest}, buffer {aj.job.buffer_fill}/"
-                                                f"{aj.spec.buffer_size}")
+                            detail=aj.failed or ("closed by an operator; " if aj.closed.is_set() else "")
+                            + f"version {aj.job.latest}, buffer {aj.job.buffer_fill}/{aj.spec.buffer_size}")
     aj.layout.to_proto(info.tensors)
     return info
 
@@ -509,6 +510,8 @@ class Gateway:
 
     def close_round(self, req: pb.CloseRoundRequest, context) -> pb.RoundInfo:
         check_scope(current(), job_name(req.job))
+        if req.round == 0 and self.asyncs.get(job_name(req.job)) is not None:
+            return async_info(self.asyncs.close_job(job_name(req.job)))
         self.dispatcher.close_round(req.job, req.round, req.abort)
         return round_info(self.dispatcher.get(req.job, req.round))
 

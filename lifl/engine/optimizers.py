@@ -132,9 +132,15 @@ def new_state(opt: ServerOptimizer, n: int) -> OptimizerState:
 
 def step(opt: ServerOptimizer, state: OptimizerState, x: np.ndarray, d: np.ndarray) -> None:
     """Apply one server step in place: ``x`` (float64) moves along ``d`` (float64, same size)."""
+    _step(opt, state.t + 1, x, d, state.m, state.v, state.m, state.v)
+    state.steps[0] = state.t + 1
+
+
+def _step(opt: ServerOptimizer, t: int, x: np.ndarray, d: np.ndarray, m_in, v_in, m_out, v_out) -> None:
+    """Step ``t`` (1-based): moments read from ``*_in``, written to ``*_out`` (the same arrays
+    for an in-place step), in blocks so temporaries stay in cache."""
     if x.dtype != np.float64 or d.dtype != np.float64 or x.shape != d.shape or x.ndim != 1:
         raise ValueError("step takes two 1-D float64 arrays of the same size")
-    t = state.t + 1
     k = opt.kind
     if k == "fedadam":
         lr = opt.lr * math.sqrt(1 - opt.beta2 ** (t + 1)) / (1 - opt.beta1 ** (t + 1))
@@ -142,39 +148,41 @@ def step(opt: ServerOptimizer, state: OptimizerState, x: np.ndarray, d: np.ndarr
         lr = opt.lr
     n = x.shape[0]
     tmp = np.empty(min(n, _BLOCK), dtype=np.float64)
+    tmp2 = np.empty(min(n, _BLOCK), dtype=np.float64) if k == "fedyogi" else None
     for lo in range(0, n, _BLOCK):
         hi = min(n, lo + _BLOCK)
         xs, ds, w = x[lo:hi], d[lo:hi], tmp[: hi - lo]
         if k == "sgd":
             np.multiply(ds, lr, out=w)
         elif k == "fedavgm":
-            m = state.m[lo:hi]
-            m *= opt.momentum
+            m = m_out[lo:hi]
+            np.multiply(m_in[lo:hi], opt.momentum, out=m)
             m += ds
             np.multiply(m, lr, out=w)
         else:
-            m, v = state.m[lo:hi], state.v[lo:hi]
-            m *= opt.beta1
+            m, v, vi = m_out[lo:hi], v_out[lo:hi], v_in[lo:hi]
+            np.multiply(m_in[lo:hi], opt.beta1, out=m)
             np.multiply(ds, 1.0 - opt.beta1, out=w)
             m += w
             np.multiply(ds, ds, out=w)                       # d²
             if k == "fedadam":
-                v *= opt.beta2
                 w *= 1.0 - opt.beta2
+                np.multiply(vi, opt.beta2, out=v)
                 v += w
             elif k == "fedyogi":
-                s = np.sign(np.subtract(v, w))
+                s = tmp2[: hi - lo]
+                np.subtract(vi, w, out=s)
+                np.sign(s, out=s)
                 w *= s
                 w *= 1.0 - opt.beta2
-                v -= w
+                np.subtract(vi, w, out=v)
             else:                                            # fedadagrad
-                v += w
+                np.add(vi, w, out=v)
             np.sqrt(v, out=w)
             w += opt.tau
             np.divide(m, w, out=w)
             w *= lr
         xs += w
-    state.steps[0] = t
 
 
 # -- exactly once: a double-buffered state for steps that a replacement function may re-run ----------
@@ -200,8 +208,7 @@ def step_once(opt: ServerOptimizer, buf, n: int, t_before: int, x: np.ndarray, d
         return [np.frombuffer(mv, dtype=np.float64, count=n, offset=off + 8 * n * i) for i in range(opt.vectors)]
 
     src, dst = copy(t_before % 2), copy((t_before + 1) % 2)
-    for a, b in zip(src, dst):
-        np.copyto(b, a)
-    st = OptimizerState(np.array([t_before], np.uint64), dst[0] if dst else None, dst[1] if len(dst) > 1 else None)
-    step(opt, st, x, d)
+    m_in, v_in = (src + [None, None])[:2]
+    m_out, v_out = (dst + [None, None])[:2]
+    _step(opt, t_before + 1, x, d, m_in, v_in, m_out, v_out)
     steps[0] = t_before + 1

@@ -147,11 +147,19 @@ def test_refusals_name_the_current_version_and_change_nothing(make_server):
         status = c.status()
         row = [r for r in status.rounds if r.mode == pb.JOB_MODE_ASYNC]
         assert [(r.job, r.version) for r in row] == [("fb", 3)]
+        # closing: the open buffer is discarded, the name has no asynchronous job, and may be opened again
+        push(7, "a", 3)
+        closed = c.close_job("fb")
+        assert (closed.state, closed.version, closed.buffer_fill) == ("done", 3, 1)
+        expect(grpc.StatusCode.INVALID_ARGUMENT, "has no asynchronous job open", c.push, 0, d[0], 1.0, "b",
+               job="fb", base_version=3)
+        expect(grpc.StatusCode.NOT_FOUND, "round 0 of job 'fb' does not exist", c.close_job, "fb")
+        assert c.open_async(x0, spec, job="fb").version == 0
     text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
     assert 'lifl_async_versions_published_total{job="fb"} 3.0' in text
     assert 'lifl_async_refused_stale_total{job="fb"} 1.0' in text
-    assert 'lifl_async_staleness_count{job="fb"} 6.0' in text
-    assert 'lifl_async_staleness_bucket{job="fb",le="0.0"} 5.0' in text    # b's second update was 1 stale
+    assert 'lifl_async_staleness_count{job="fb"} 7.0' in text
+    assert 'lifl_async_staleness_bucket{job="fb",le="0.0"} 6.0' in text    # b's second update was 1 stale
 
 
 def test_cli_job_open_push_pull_latest(server, tmp_path, capsys):
