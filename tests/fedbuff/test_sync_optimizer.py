@@ -28,9 +28,10 @@ def _flower(kind, initial, kw):
                                                                                       eta=kw["lr"])
 
 
-@pytest.mark.parametrize("kind,kw", [("fedadam", dict(lr=0.05)), ("fedavgm", dict(lr=0.7, momentum=0.9))])
-def test_rounds_equal_flower_strategy(make_server, kind, kw):
-    srv = make_server(leaves=2, workers=2)
+@pytest.mark.parametrize("kind,kw,leaves", [("fedadam", dict(lr=0.05), 2),            # top folds children, steps
+                                            ("fedavgm", dict(lr=0.7, momentum=0.9), 1)])  # one leaf: last fold + step
+def test_rounds_equal_flower_strategy(make_server, kind, kw, leaves):
+    srv = make_server(leaves=leaves, workers=2)
     rng = np.random.default_rng(5)
     x = {k: rng.normal(size=s) for k, s in SHAPES.items()}            # float64 model
     strategy = _flower(kind, list(x.values()), kw)
