@@ -201,3 +201,37 @@ def test_cli_round_open_with_a_server_optimizer(server, tmp_path, capsys):
         for k in SHAPES:    # one update: mean = m, x1 = x0 + 0.25·(m − x0)
             x = x0[k].astype(np.float64)
             np.testing.assert_allclose(z[k], x + 0.25 * (m[k].astype(np.float64) - x), rtol=1e-6)
+
+
+def test_function_killed_mid_fold_nothing_folded_twice_nothing_lost(make_server):
+    """Functions pause after each fold, before replying; we SIGKILL busy ones while deltas stream in.
+    Every version still equals the independent FedBuff: a fold is re-run exactly once, never lost."""
+    import os
+    import signal
+    import time
+
+    srv = make_server(workers=2, leaves=2, fan_in=2, fault_fold_delay_s=0.15)
+    x0 = model(7)
+    K = 4
+    spec = AsyncSpec(buffer_size=K, concurrency=K, optimizer=ServerOptimizer.of("fedavgm", lr=0.9, momentum=0.5))
+    ref = Reference(flat(x0), K, K, "constant", 0.5, 0, 0.0, 0, FlowerStep("fedavgm", flat(x0), lr=0.9,
+                                                                           momentum=0.5))
+    rng = np.random.default_rng(3)
+    killed = 0
+    with Client(srv.address) as c:
+        c.open_async(x0, spec, job="fb")
+        for v in range(2):
+            for i in range(K):
+                d, w = unflat(rng.normal(scale=0.1, size=flat(x0).size)), float(i + 1)
+                c.push(0, d, w, f"c{i}", job="fb", base_version=v)
+                assert ref.push(f"c{i}", v, w, flat(d)) == "OK"
+                time.sleep(0.05)
+                busy = [x for x in c.status().workers if x.state == "busy"]
+                if busy and killed < 3:
+                    os.kill(busy[0].pid, signal.SIGKILL)
+                    killed += 1
+            c.pull_version(v + 1, job="fb", wait_s=60)
+        for v in (1, 2):
+            np.testing.assert_allclose(flat(c.pull_version(v, job="fb")[1]), ref.versions[v], rtol=1e-6, atol=1e-7)
+    assert killed >= 1
+    assert srv.metrics.registry.get_sample_value("lifl_tasks_retried_total") >= 1
