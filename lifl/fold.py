@@ -46,7 +46,11 @@ def as_f64(layout: Layout, buf, out: np.ndarray) -> np.ndarray:
     """The model in ``buf`` (flat layout) as one float64 vector (the accumulator's element order)."""
     views = layout.views(buf, public=False)
     for s, e in zip(layout.specs, layout.elem_offsets):
-        out[e:e + s.numel] = _as_f64(views[s.name].reshape(-1), kernel_id(s.dtype))
+        src, kid = views[s.name].reshape(-1), kernel_id(s.dtype)
+        if kid == 3:            # bfloat16 raw words
+            out[e:e + s.numel] = _as_f64(src, kid)
+        else:                   # one pass, no temporary
+            np.copyto(out[e:e + s.numel], src, casting="unsafe")
     return out
 
 
