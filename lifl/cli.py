@@ -1,4 +1,5 @@
-"""The ``lifl`` command line: serve, round open/close/info, push, pull, status, demo, bench, sim.
+"""The ``lifl`` command line: serve, round open/close/info, job open/info (asynchronous), push, pull,
+status, demo, bench, sim.
 
 Models are ``.npz`` files (tensor name -> array) so any tool can produce and
 check them. Every failure exits non-zero with one line on stderr.
@@ -94,8 +95,9 @@ def cmd_round_open(args) -> int:
     if model is None and not args.from_round:
         raise SystemExit("lifl: round open needs --model FILE.npz or --from-round R")
     with _client(args) as c:
+        opt = _optimizer_of(args)
         rid = c.open_round(model, expected=args.expected, quorum=args.quorum, deadline_s=args.deadline,
-                           job=args.job, from_round=args.from_round)
+                           job=args.job, from_round=args.from_round, optimizer=None if opt.is_identity else opt)
         st = c.round_info(rid, job=args.job)
     _print(_round_json(st), args.json, str(rid))
     return 0
@@ -117,21 +119,79 @@ def cmd_round_info(args) -> int:
     return 0
 
 
+def _job_human(st) -> str:
+    return (f"job {st.job} (asynchronous): {st.state}, version {st.version}, buffer {st.buffer_fill}/"
+            f"{st.buffer_size}, {st.accepted} updates accepted, {st.refused_stale} refused as stale")
+
+
+def cmd_job_open(args) -> int:
+    from .engine.buffered import AsyncSpec, Staleness
+    if not args.async_:
+        raise SystemExit("lifl: job open opens asynchronous jobs (--async); synchronous jobs use `lifl round open`")
+    model = _load_npz(args.model)
+    opt = _optimizer_of(args)
+    spec = AsyncSpec(buffer_size=args.buffer_size, concurrency=args.concurrency, max_staleness=args.max_staleness,
+                     staleness=Staleness(args.staleness, args.staleness_exponent, cutoff=args.staleness_cutoff,
+                                         cutoff_weight=args.cutoff_weight),
+                     mean_staleness=args.mean_staleness, optimizer=opt, keep_versions=args.keep_versions)
+    with _client(args) as c:
+        st = c.open_async(model, spec, job=args.job)
+    _print(_round_json(st), args.json, _job_human(st))
+    return 0
+
+
+def cmd_job_close(args) -> int:
+    with _client(args) as c:
+        st = c.close_job(job=args.job)
+    _print(_round_json(st), args.json, _job_human(st))
+    return 0
+
+
+def cmd_job_info(args) -> int:
+    with _client(args) as c:
+        st = c.round_info(0, job=args.job)
+    _print(_round_json(st), args.json, _job_human(st) if st.mode == "async" else f"job {st.job}: {st.detail}")
+    return 0
+
+
 def cmd_push(args) -> int:
     arrays = _load_npz(args.update)
+    if args.round is None and args.base_version is None:
+        raise SystemExit("lifl: push needs --round R (synchronous) or --base-version V (asynchronous job)")
     with _client(args) as c:
-        r = c.push(args.round, arrays, args.num_examples, args.client, job=args.job, encoding=args.encoding)
+        r = c.push(args.round or 0, arrays, args.num_examples, args.client, job=args.job, encoding=args.encoding,
+                   base_version=args.base_version)
+    if args.base_version is not None:
+        print(f"accepted: into the buffer of version {r.version} (staleness {r.staleness}), client "
+              f"{r.client_id}, {r.bytes_received} bytes, {r.accepted} in the buffer")
+        return 0
     print(f"accepted: round {r.round}, client {r.client_id}, {r.bytes_received} bytes, "
           f"{r.accepted} updates so far")
     return 0
 
 
 def cmd_pull(args) -> int:
+    if (args.round is None) == (args.version is None):
+        raise SystemExit("lifl: pull needs one of --round R or --version latest|N (asynchronous job)")
     with _client(args) as c:
-        arrays = c.pull(args.round, wait_s=args.wait, initial=args.initial, job=args.job)
+        if args.version is not None:
+            v = args.version if args.version == "latest" else _version_number(args.version)
+            version, arrays = c.pull_version(v, job=args.job)
+        else:
+            arrays = c.pull(args.round, wait_s=args.wait, initial=args.initial, job=args.job)
     np.savez(args.output, **arrays)
-    print(f"wrote {args.output}: {len(arrays)} tensors")
+    print(f"wrote {args.output}: {len(arrays)} tensors" + (f" (version {version})" if args.version else ""))
     return 0
+
+
+def _version_number(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise SystemExit(f"lifl: --version takes 'latest' or a version number >= 0, got {text!r}")
+    return v
 
 
 def cmd_status(args) -> int:
@@ -151,7 +211,13 @@ def cmd_status(args) -> int:
         print(f"{w.id:10} {w.node:14} {w.pid:7} {w.role:8} {w.state:6} {w.folds:7} {w.updates_folded:8}")
     print(f"{'round':>6} {'job':12} {'state':12} {'accepted':>9} {'weight':>10} {'post-arrival':>13}  detail")
     from .rounds import State
+    from .v1 import aggregation_pb2 as pb
     for r in rep.rounds:
+        if r.mode == pb.JOB_MODE_ASYNC:
+            state = State(r.state).name.lower() if r.state else "?"
+            print(f"{'async':>6} {r.job[:12]:12} {state:12} {r.accepted:9} {r.total_weight:10g} {'':>13}  "
+                  f"version {r.version}, buffer {r.buffer_fill}/{r.buffer_size}, {r.refused_stale} refused stale")
+            continue
         state = State(r.state).name.lower() if r.state else "?"
         print(f"{r.round:6} {r.job[:12]:12} {state:12} {f'{r.accepted}/{r.expected}':>9} {r.total_weight:10g} "
               f"{r.post_arrival_seconds * 1000:11.1f}ms  {r.detail}")
@@ -205,6 +271,20 @@ def add_token_parser(sub) -> None:
     i.set_defaults(fn=cmd_token_issue)
 
 
+def optimizer_args(sp) -> None:
+    sp.add_argument("--optimizer", default="sgd", choices=["sgd", "fedavgm", "fedadam", "fedyogi", "fedadagrad"],
+                    help="server optimizer applied at finalize, float64 (docs/async.md)")
+    sp.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: the optimizer's)")
+    sp.add_argument("--momentum", type=float, default=None); sp.add_argument("--beta1", type=float, default=None)
+    sp.add_argument("--beta2", type=float, default=None); sp.add_argument("--tau", type=float, default=None)
+
+
+def _optimizer_of(args):
+    from .engine.optimizers import ServerOptimizer
+    return ServerOptimizer.of(args.optimizer, lr=args.server_lr, momentum=args.momentum, beta1=args.beta1,
+                              beta2=args.beta2, tau=args.tau)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lifl", description="LIFL: serverless aggregation of FL updates")
     sub = p.add_subparsers(dest="command", required=True)
@@ -242,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--expected", type=int, required=True)
     o.add_argument("--quorum", type=int, default=0, help="minimum updates to aggregate at the deadline (default: all)")
     o.add_argument("--deadline", type=float, default=0.0, help="seconds until the round closes (0 = none)")
+    optimizer_args(o)
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=cmd_round_open)
     c = r.add_parser("close", help="close now (aggregate on quorum) or --abort")
@@ -251,17 +332,44 @@ def build_parser() -> argparse.ArgumentParser:
     remote(i); i.add_argument("--round", type=int, required=True); i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_round_info)
 
+    j = sub.add_parser("job", help="open or inspect an asynchronous (FedBuff) job").add_subparsers(
+        dest="action", required=True)
+    jo = j.add_parser("open", help="open an asynchronous job at version 0 = --model (docs/async.md)")
+    remote(jo)
+    jo.add_argument("--async", dest="async_", action="store_true", help="asynchronous buffered aggregation (FedBuff)")
+    jo.add_argument("--model", required=True, help="initial model .npz (version 0)")
+    jo.add_argument("--buffer-size", type=int, default=10, help="K: updates per published version")
+    jo.add_argument("--concurrency", type=int, default=10, help="clients meant to train at once")
+    jo.add_argument("--max-staleness", type=int, default=0, help="refuse staler updates (0 = no limit)")
+    jo.add_argument("--staleness", choices=["constant", "polynomial"], default="constant")
+    jo.add_argument("--staleness-exponent", type=float, default=0.5, help="a in (τ̄+1)^a/(τ+1)^a")
+    jo.add_argument("--mean-staleness", type=float, default=None, help="τ̄, weighs 1 (default (concurrency-1)/K)")
+    jo.add_argument("--staleness-cutoff", type=int, default=0, help="staler updates weigh --cutoff-weight (0 = none)")
+    jo.add_argument("--cutoff-weight", type=float, default=0.01)
+    jo.add_argument("--keep-versions", type=int, default=4, help="versions kept pullable")
+    optimizer_args(jo)
+    jo.add_argument("--json", action="store_true")
+    jo.set_defaults(fn=cmd_job_open)
+    jc = j.add_parser("close", help="close an asynchronous job (its open buffer is discarded)")
+    remote(jc); jc.add_argument("--json", action="store_true"); jc.set_defaults(fn=cmd_job_close)
+    ji = j.add_parser("info", help="an asynchronous job's version and buffer")
+    remote(ji); ji.add_argument("--json", action="store_true"); ji.set_defaults(fn=cmd_job_info)
+
     pu = sub.add_parser("push", help="push one update (.npz)")
     remote(pu)
-    pu.add_argument("--round", type=int, required=True); pu.add_argument("--client", required=True)
+    pu.add_argument("--round", type=int, default=None)
+    pu.add_argument("--base-version", type=int, default=None, help="asynchronous job: the version trained on "
+                                                                   "(the update is then a delta)")
+    pu.add_argument("--client", required=True)
     pu.add_argument("--num-examples", type=float, required=True); pu.add_argument("update")
     pu.add_argument("--encoding", default="raw", choices=("raw", "float16", "bfloat16", "int8"),
                     help="how float32/float64 tensors travel and are held until folded (docs/encodings.md)")
     pu.set_defaults(fn=cmd_push)
 
-    pl = sub.add_parser("pull", help="pull a round's aggregate to .npz")
+    pl = sub.add_parser("pull", help="pull a round's aggregate (or an asynchronous job's version) to .npz")
     remote(pl)
-    pl.add_argument("--round", type=int, required=True)
+    pl.add_argument("--round", type=int, default=None)
+    pl.add_argument("--version", default=None, help="asynchronous job: 'latest' or a kept version number")
     pl.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the result")
     pl.add_argument("--initial", action="store_true", help="the model the round was opened with")
     pl.add_argument("-o", "--output", required=True)

@@ -5,6 +5,11 @@
         c.push(rid, arrays, num_examples=128, client_id="phone-7")
         global_arrays = c.pull(rid, wait_s=60)
 
+    # asynchronous (FedBuff) job: no rounds; push deltas on a version, pull versions
+        c.open_async(initial_arrays, AsyncSpec(buffer_size=10), job="jobA")
+        v, model = c.pull_version("latest", job="jobA")
+        c.push(0, delta_arrays, num_examples=128, client_id="phone-7", job="jobA", base_version=v)
+
 Updates stream as the flat layout in ``chunk_size`` pieces straight from the
 arrays (no whole-model copy). A push is retried for up to ``retry_s`` only when the
 server said a retry may succeed (:func:`retryable`): RESOURCE_EXHAUSTED with its
@@ -28,6 +33,9 @@ from google.rpc.status_pb2 import Status
 # public here for code that averages on its own side and must agree with LIFL bit for bit
 from .fold import finalize_arrays  # noqa: F401
 from . import encoding as encodings
+from .async_proto import optimizer_to_proto, spec_to_proto
+from .engine.buffered import AsyncSpec
+from .engine.optimizers import ServerOptimizer
 from .layout import Layout
 from .rounds import State
 from .v1 import aggregation_pb2 as pb
@@ -50,6 +58,8 @@ class Receipt:
     client_id: str
     bytes_received: int
     accepted: int
+    version: int = 0        # asynchronous jobs: the version this update's buffer publishes
+    staleness: int = 0      # asynchronous jobs: versions published since its base
 
 
 @dataclass(frozen=True)
@@ -64,12 +74,19 @@ class RoundStatus:
     total_weight: float
     detail: str
     post_arrival_seconds: float
+    mode: str = "sync"
+    version: int = 0         # asynchronous jobs: newest published version
+    buffer_fill: int = 0
+    buffer_size: int = 0
+    refused_stale: int = 0
 
     @classmethod
     def from_proto(cls, r: pb.RoundInfo) -> "RoundStatus":
         state = State(r.state).name.lower() if r.state else "unknown"
+        mode = "async" if r.mode == pb.JOB_MODE_ASYNC else "sync"
         return cls(r.job, r.round, state, r.expected, r.quorum, r.accepted, r.in_flight, r.total_weight,
-                   r.detail, r.post_arrival_seconds)
+                   r.detail, r.post_arrival_seconds, mode, r.version, r.buffer_fill, r.buffer_size,
+                   r.refused_stale)
 
 
 def _failure(e: grpc.RpcError) -> RpcFailure:
@@ -160,16 +177,17 @@ class Client:
                 yield encode_chunk(piece)
 
     def push(self, round: int, arrays: Mapping[str, np.ndarray], num_examples: float, client_id: str,
-             job: str = "default", encoding: "str | int" = "raw") -> Receipt:
+             job: str = "default", encoding: "str | int" = "raw", base_version: int | None = None) -> Receipt:
         """Stream one update; returns once the server has accepted it (not yet folded).
 
         ``encoding`` (``raw``, ``float16``, ``bfloat16``, ``int8``: ``lifl.encoding``) compresses the
         float32/float64 tensors on the wire and in the server's memory; ValueError if a tensor
-        cannot be encoded (NaN/Inf, or beyond float16's range)."""
+        cannot be encoded (NaN/Inf, or beyond float16's range). Asynchronous jobs: ``arrays`` is a
+        delta against ``base_version`` (``round`` is ignored)."""
         layout = Layout.from_arrays(arrays)
         enc = encodings.encoded(layout, encodings.parse(encoding))
         header = pb.PushHeader(job=job, round=round, client_id=client_id, num_examples=float(num_examples),
-                               total_size=enc.total_size, encoding=int(enc.encoding))
+                               total_size=enc.total_size, encoding=int(enc.encoding), base_version=base_version)
         layout.to_proto(header.tensors)
         first = pb.PushRequest(header=header).SerializeToString()
         # encoded once (a retry re-sends the same bytes); refuses what cannot be encoded before sending
@@ -178,7 +196,7 @@ class Client:
         while True:
             try:
                 r = self._push(self._stream(first, layout, arrays, pieces), metadata=self._md, timeout=self.timeout_s)
-                return Receipt(r.round, r.client_id, r.bytes_received, r.accepted)
+                return Receipt(r.round, r.client_id, r.bytes_received, r.accepted, r.version, r.staleness)
             except grpc.RpcError as e:
                 wait = retryable(e)
                 if wait is not None and time.monotonic() + wait < give_up:
@@ -199,7 +217,23 @@ class Client:
         """The round's aggregate (or the model it was opened with), as arrays over one buffer."""
         req = pb.PullRequest(job=job, round=round, wait_seconds=wait_s,
                              kind=pb.MODEL_KIND_INITIAL if initial else pb.MODEL_KIND_RESULT)
-        timeout = None if self.timeout_s is None else self.timeout_s + wait_s
+        return self._pull_model(req)[1]
+
+    def pull_version(self, version: int | str = "latest", job: str = "default", wait_s: float = 0.0
+                     ) -> tuple[int, dict[str, np.ndarray]]:
+        """An asynchronous job's model: ``"latest"`` or a kept version number (waiting up to
+        ``wait_s`` for one not yet published); returns (version, arrays)."""
+        if version == "latest":
+            req = pb.PullRequest(job=job, latest=True)
+        elif isinstance(version, int) and version >= 0:
+            req = pb.PullRequest(job=job, version=version, wait_seconds=wait_s)
+        else:
+            raise ValueError(f"version must be 'latest' or a version number >= 0, got {version!r}")
+        head, arrays = self._pull_model(req)
+        return head.version, arrays
+
+    def _pull_model(self, req: pb.PullRequest) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
+        timeout = None if self.timeout_s is None else self.timeout_s + req.wait_seconds
         try:
             stream = self._pull(req, metadata=self._md, timeout=timeout)
             head = pb.PullChunk.FromString(next(stream)).header
@@ -214,15 +248,29 @@ class Client:
             raise _failure(e) from None
         if pos != layout.total_size:
             raise RpcFailure(grpc.StatusCode.DATA_LOSS, f"model stream ended after {pos} of {layout.total_size} bytes")
-        return layout.views(buf)
+        return head, layout.views(buf)
 
     # -- rounds ------------------------------------------------------------------------
     def open_round(self, model: Mapping[str, np.ndarray] | None = None, expected: int = 1, quorum: int = 0,
                    deadline_s: float = 0.0, job: str = "default", from_round: int = 0,
-                   layout: Layout | None = None) -> int:
-        """Open a round; the model (or ``layout`` alone, or ``from_round``'s result) fixes its tensor specs."""
+                   layout: Layout | None = None, optimizer: ServerOptimizer | None = None) -> int:
+        """Open a round; the model (or ``layout`` alone, or ``from_round``'s result) fixes its tensor specs.
+
+        ``optimizer``: a server optimizer applied at finalize (default: the plain weighted mean)."""
         h = pb.OpenRoundHeader(job=job, expected=expected, quorum=quorum, deadline_seconds=deadline_s,
                                from_round=from_round, encoding=pb.ENCODING_RAW)
+        if optimizer is not None:
+            optimizer_to_proto(optimizer.validate(), h.optimizer)
+        return self._open_with(h, model, layout).round
+
+    def open_async(self, model: Mapping[str, np.ndarray], spec: AsyncSpec | None = None,
+                   job: str = "default") -> RoundStatus:
+        """Open an asynchronous (FedBuff) job at version 0 = ``model``; see docs/async.md."""
+        h = pb.OpenRoundHeader(job=job, mode=pb.JOB_MODE_ASYNC, encoding=pb.ENCODING_RAW)
+        spec_to_proto((spec or AsyncSpec()).validate(), h.async_options, h.optimizer)
+        return RoundStatus.from_proto(self._open_with(h, model, None))
+
+    def _open_with(self, h: pb.OpenRoundHeader, model, layout: Layout | None) -> pb.RoundInfo:
         lay = None
         if model is not None:
             lay = Layout.from_arrays(model)
@@ -232,13 +280,20 @@ class Client:
             layout.to_proto(h.tensors)
         first = pb.OpenRoundRequest(header=h).SerializeToString()
         try:
-            info = self._open(self._stream(first, lay, model), metadata=self._md, timeout=self.timeout_s)
+            return self._open(self._stream(first, lay, model), metadata=self._md, timeout=self.timeout_s)
         except grpc.RpcError as e:
             raise _failure(e) from None
-        return info.round
 
     def close_round(self, round: int, abort: bool = False, job: str = "default") -> RoundStatus:
         return RoundStatus.from_proto(self._call(self._close, pb.CloseRoundRequest(job=job, round=round, abort=abort)))
+
+    def close_job(self, job: str = "default") -> RoundStatus:
+        """Close an asynchronous job: its open buffer is discarded, its memory given back."""
+        return self.close_round(0, job=job)
+
+    def job_info(self, job: str = "default") -> RoundStatus:
+        """An asynchronous job's state: version, buffer fill, updates accepted and refused."""
+        return self.round_info(0, job=job)
 
     def round_info(self, round: int, job: str = "default") -> RoundStatus:
         return RoundStatus.from_proto(self._call(self._get, pb.GetRoundRequest(job=job, round=round)))

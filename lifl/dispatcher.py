@@ -102,7 +102,8 @@ class Dispatcher(Admission):
 
     # -- rounds ------------------------------------------------------------------------------
     def open_round(self, job: str, layout: Layout, expected: int, quorum: int, deadline_s: float,
-                   initial: Segment | None, from_round: int = 0) -> Round:
+                   initial: Segment | None, from_round: int = 0, step: dict | None = None) -> Round:
+        """``step``: a server optimizer the top applies at finalize (``RoundRun.step``)."""
         quorum = Round.check_params(expected, quorum, deadline_s)
         job = job_name(job)
         with self._lock:
@@ -117,7 +118,7 @@ class Dispatcher(Admission):
                 raise LiflError("UNAVAILABLE", "the server is shutting down")
             rnd = Round(job, rid, layout, expected, quorum, deadline_s, opened=self.clock.time(),
                         opened_mono=self.clock.monotonic())
-            run = RoundRun(rnd, initial=initial, from_round=from_round)
+            run = RoundRun(rnd, initial=initial, from_round=from_round, step=step)
             self.driver.install(run, shape, segs)
             self.table.runs[rid] = run
             if self._ticker is not None:

@@ -43,6 +43,18 @@ def _as_f64(x: np.ndarray, kid: int) -> np.ndarray:
     return x.astype(np.float64)
 
 
+def as_f64(layout: Layout, buf, out: np.ndarray) -> np.ndarray:
+    """The model in ``buf`` (flat layout) as one float64 vector (the accumulator's element order)."""
+    views = layout.views(buf, public=False)
+    for s, e in zip(layout.specs, layout.elem_offsets):
+        src, kid = views[s.name].reshape(-1), kernel_id(s.dtype)
+        if kid == 3:            # bfloat16 raw words
+            out[e:e + s.numel] = _as_f64(src, kid)
+        else:                   # one pass, no temporary
+            np.copyto(out[e:e + s.numel], src, casting="unsafe")
+    return out
+
+
 class Q8:
     """Int8 blockwise values (ENCODING_INT8_BLOCK256) of a run of elements: ``values[i]`` decodes
     to ``values[i] * scales[(i + phase) // BLOCK]`` (``phase``: the first element's place in its block).

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from . import fold
+from .engine.optimizers import ServerOptimizer, step_once
 from .layout import Layout
 from .shm import Segment
 
@@ -59,6 +60,7 @@ class Function:
         self.views: dict[tuple[str, int], fold.UpdateViews] = {}
         self.given: dict[str, np.ndarray] = {}
         self.local_prefixes = local_prefixes
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None   # a server step's x and d, reused
 
     def seg(self, name: str) -> "Segment | _Given":
         if name in self.given:
@@ -69,6 +71,13 @@ class Function:
         if s is None:
             s = self.segments[name] = Segment.attach(name)
         return s
+
+    def scratch64(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two float64 work vectors of ``n`` elements, kept for the next round (no page faults on
+        the finalize path once warm)."""
+        if self._scratch is None or self._scratch[0].size != n:
+            self._scratch = (np.empty(n, np.float64), np.empty(n, np.float64))
+        return self._scratch
 
     def acc(self, name: str, layout: Layout) -> np.ndarray:
         return self.seg(name).array(np.float64, layout.numel)
@@ -116,11 +125,24 @@ class Function:
                                    cmd["weight"], out)
                 return {"seconds": time.perf_counter() - t0}
             acc = self.acc(cmd["acc"], layout)
-            if "gen" in cmd:
+            st = cmd.get("step")
+            if "gen" in cmd and st is not None:   # a server step needs the whole sum: fold first, then step
+                fold.fold_in_place(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
+                                   self._inputs(cmd, layout))
+            elif "gen" in cmd:
                 fold.fold_and_finalize(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
                                        self._inputs(cmd, layout), layout, cmd["weight"], out)
-            else:
-                fold.finalize(acc, layout, cmd["weight"], out)
+                return {"seconds": time.perf_counter() - t0}
+            weight = cmd["weight"]
+            if st is not None:   # server optimizer, float64: x = initial, d = mean − x, step (exactly once)
+                opt = ServerOptimizer(**st["opt"])
+                x, d = self.scratch64(layout.numel)
+                fold.as_f64(layout, self.seg(st["base"]).buf, x)
+                np.divide(acc, weight, out=d)
+                d -= x
+                step_once(opt, self.seg(st["state"]).buf, layout.numel, int(st["t"]), x, d)
+                acc, weight = x, 1.0
+            fold.finalize(acc, layout, weight, out)
             return {"seconds": time.perf_counter() - t0}
         if op == "forget":
             for name in cmd["segments"]:

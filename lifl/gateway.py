@@ -9,6 +9,7 @@ client retries those by itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,6 +26,9 @@ from google.rpc.status_pb2 import Status
 
 from . import __version__
 from .auth import Guard, Refusal, check_scope, current, policy_of
+from .async_jobs import AsyncJob, AsyncJobs
+from .async_proto import optimizer_from_proto, spec_from_proto
+from .engine.optimizers import ServerOptimizer, pingpong_nbytes
 from .errors import LiflError, quote
 from .encoding import EncodedLayout, Encoding, encoded, scale_encoded, scan_received, write_trailer
 from .encoding import parse as parse_encoding
@@ -96,6 +100,21 @@ def round_info(run) -> pb.RoundInfo:
     return info
 
 
+def async_info(aj: AsyncJob) -> pb.RoundInfo:
+    """An asynchronous job as a RoundInfo (round 0, mode ASYNC)."""
+    with aj.cond:
+        info = pb.RoundInfo(job=aj.name, round=0, mode=pb.JOB_MODE_ASYNC,
+                            state=int(State.DONE if aj.closed.is_set() else State.FAILED if aj.failed
+                                      else State.OPEN), accepted=aj.accepted,
+                            total_weight=aj.total_weight, opened_unix=aj.opened, version=aj.job.latest,
+                            buffer_fill=aj.job.buffer_fill, buffer_size=aj.spec.buffer_size,
+                            refused_stale=aj.job.refused_stale,
+                            detail=aj.failed or ("closed by an operator; " if aj.closed.is_set() else "")
+                            + f"version {aj.job.latest}, buffer {aj.job.buffer_fill}/{aj.spec.buffer_size}")
+    aj.layout.to_proto(info.tensors)
+    return info
+
+
 def _spec_mismatch(got: Layout, want: Layout) -> str | None:
     if got.specs == want.specs:
         return None
@@ -135,6 +154,13 @@ class Gateway:
         # chunks handed to gRPC and not yet sent, over all Pull streams: many clients pulling at once
         # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
         self._pull_sends = threading.BoundedSemaphore(max(1, config.pull_buffer_mb * 2**20 // PULL_CHUNK))
+        self.asyncs = AsyncJobs(arena, dispatcher, metrics)
+        self._opt_states: dict[str, tuple] = {}     # job -> (optimizer, numel, state segment)
+        self._opt_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop what the gateway runs by itself (asynchronous jobs' publishers)."""
+        self.asyncs.close()
 
     # -- plumbing ------------------------------------------------------------------
     def handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -246,16 +272,48 @@ class Gateway:
         check_scope(current(), job_name(h.job), h.round, h.client_id)
         check_weight(h.num_examples)
         encoding = update_encoding(h.encoding)
+        aj = self.asyncs.get(job_name(h.job))
+        if aj is not None or h.HasField("base_version"):
+            return self._push_async(h, aj, it, encoding)
         run = self.dispatcher.get(h.job, h.round)
-        want = run.round.layout
-        got = layout_of(h.tensors)
-        diff = _spec_mismatch(got, want)
+        enc = self._check_update_layout(h, run.round.layout, f"round {h.round}", encoding)
+        self.dispatcher.begin_push(h.job, h.round, h.client_id)  # dedup + state
+        n_acc = self._ingest(it, enc, check=lambda: self.dispatcher.check_open(run),
+                             accept=lambda slot: self.dispatcher.accept(run, h.client_id, slot, h.num_examples),
+                             abandon=lambda: self.dispatcher.abandon(run, h.client_id))
+        return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size, accepted=n_acc)
+
+    def _push_async(self, h: pb.PushHeader, aj: AsyncJob | None, it, encoding: Encoding) -> pb.PushReply:
+        if aj is None:
+            raise LiflError("INVALID_ARGUMENT", f"job {quote(job_name(h.job))} has no asynchronous job open; "
+                                                "base_version is only for asynchronous jobs (push by round)")
+        if not h.HasField("base_version"):
+            raise LiflError("INVALID_ARGUMENT", f"job {quote(aj.name)} is asynchronous: set base_version to the "
+                                                f"version the delta was trained on (current: {aj.job.latest})")
+        if encoding is not Encoding.RAW:
+            raise LiflError("INVALID_ARGUMENT", f"asynchronous job {quote(aj.name)}: deltas are pushed raw "
+                                                f"(encoding {encoding.name.lower()} is for rounds)")
+        enc = self._check_update_layout(h, aj.layout, f"asynchronous job {quote(aj.name)}", encoding)
+        self.asyncs.check(aj, h.client_id, h.base_version)
+        t = self._ingest(it, enc, check=None, abandon=lambda: None,
+                         accept=lambda slot: self.asyncs.accept(aj, h.client_id, h.base_version, h.num_examples,
+                                                                slot))
+        return pb.PushReply(client_id=h.client_id, bytes_received=aj.layout.total_size, accepted=t.position,
+                            version=t.buffer, staleness=t.tau)
+
+    @staticmethod
+    def _check_update_layout(h: pb.PushHeader, want: Layout, where: str, encoding: Encoding) -> EncodedLayout:
+        diff = _spec_mismatch(layout_of(h.tensors), want)
         if diff:
-            raise LiflError("INVALID_ARGUMENT", f"round {h.round}: {diff}")
+            raise LiflError("INVALID_ARGUMENT", f"{where}: {diff}")
         enc = encoded(want, encoding)
         if h.total_size != enc.total_size:
             raise LiflError("INVALID_ARGUMENT", f"total_size {h.total_size} != {enc.total_size}, {enc.describe()}")
-        self.dispatcher.begin_push(h.job, h.round, h.client_id)  # dedup + state
+        return enc
+
+    def _ingest(self, it, enc: EncodedLayout, check, accept, abandon):
+        """Receive an update's chunks into a slot and hand it to ``accept``; on any failure
+        ``abandon`` and give the slot back (nothing recorded)."""
         slot = None
         accepted = False
         try:
@@ -266,24 +324,23 @@ class Gateway:
             self.metrics.slots_in_use.set(self.arena.stats().slots_in_use)
             dst = slot.array(np.uint8, enc.total_size)
             scan = self._scanner(enc, slot.buf)
-            self._receive(it, dst, pb.PushRequest, "update", check=lambda: self.dispatcher.check_open(run),
-                          on_chunk=scan)
+            self._receive(it, dst, pb.PushRequest, "update", check=check, on_chunk=scan)
             if scan is not None:
                 self._screen(enc, slot.buf, scan.sumsq)
             write_trailer(enc, slot.buf)
-            self.dispatcher.check_open(run)
-            n_acc = self.dispatcher.accept(run, h.client_id, slot.name, h.num_examples)
+            if check is not None:
+                check()
+            result = accept(slot.name)
             accepted = True
             self.metrics.bytes_ingested.inc(enc.total_size)
-            return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size,
-                                accepted=n_acc)
+            return result
         except LiflError:
             raise
         except grpc.RpcError:
             raise LiflError("CANCELLED", "the client cancelled the stream") from None
         finally:
             if not accepted:
-                self.dispatcher.abandon(run, h.client_id)
+                abandon()
                 if slot is not None:
                     self.arena.release_slot(slot.name)
 
@@ -317,19 +374,34 @@ class Gateway:
         wait = req.wait_seconds
         if math.isnan(wait) or wait < 0:
             raise LiflError("INVALID_ARGUMENT", f"wait_seconds must be >= 0, got {wait}")
+        aj = self.asyncs.get(job_name(req.job))
+        if aj is not None:
+            yield from self._pull_version(aj, req, min(wait, MAX_PULL_WAIT_S), context)
+            return
+        if req.latest or req.version:
+            raise LiflError("INVALID_ARGUMENT", f"job {quote(job_name(req.job))} is not asynchronous: pull a "
+                                                "round's result by its round number")
         with self.dispatcher.model(req.job, req.round, initial, min(wait, MAX_PULL_WAIT_S),
                                    alive=context.is_active) as (run, seg):
             r = run.round
             header = pb.ModelHeader(round=r.id, total_size=r.layout.total_size, encoding=pb.ENCODING_RAW,
                                     total_weight=0.0 if initial else r.total_weight,
                                     num_updates=0 if initial else len(r.accepted))
-            r.layout.to_proto(header.tensors)
-            yield pb.PullChunk(header=header).SerializeToString()
-            buf = seg.buf
-            for a in range(0, r.layout.total_size, PULL_CHUNK):
-                with self._send_permit(context):
-                    # gRPC asks for the next chunk only once this one is sent
-                    yield encode_chunk(buf[a:a + PULL_CHUNK])
+            yield from self._send_model(header, r.layout, seg, context)
+
+    def _pull_version(self, aj: AsyncJob, req: pb.PullRequest, wait: float, context):
+        with self.asyncs.model(aj, None if req.latest else req.version, wait, alive=context.is_active) as (v, seg):
+            header = pb.ModelHeader(total_size=aj.layout.total_size, encoding=pb.ENCODING_RAW, version=v)
+            yield from self._send_model(header, aj.layout, seg, context)
+
+    def _send_model(self, header: pb.ModelHeader, layout: Layout, seg, context):
+        layout.to_proto(header.tensors)
+        yield pb.PullChunk(header=header).SerializeToString()
+        buf = seg.buf
+        for a in range(0, layout.total_size, PULL_CHUNK):
+            with self._send_permit(context):
+                # gRPC asks for the next chunk only once this one is sent
+                yield encode_chunk(buf[a:a + PULL_CHUNK])
 
     @contextmanager
     def _send_permit(self, context):
@@ -343,6 +415,9 @@ class Gateway:
 
     def get_round(self, req: pb.GetRoundRequest, context) -> pb.RoundInfo:
         check_scope(current(), job_name(req.job))
+        aj = self.asyncs.get(job_name(req.job))
+        if aj is not None and req.round == 0:
+            return async_info(aj)
         return round_info(self.dispatcher.get(req.job, req.round))
 
     # -- Admin -----------------------------------------------------------------------
@@ -351,6 +426,22 @@ class Gateway:
         job = job_name(h.job)
         check_scope(current(), job)
         check_encoding(h.encoding)
+        if h.mode == pb.JOB_MODE_ASYNC:
+            return self._open_async(h, job, it)
+        if h.mode not in (pb.JOB_MODE_UNSPECIFIED, pb.JOB_MODE_SYNC):
+            raise LiflError("INVALID_ARGUMENT", f"unknown job mode {h.mode}; use JOB_MODE_SYNC or JOB_MODE_ASYNC")
+        if h.HasField("async_options"):
+            raise LiflError("INVALID_ARGUMENT", "async_options are for mode JOB_MODE_ASYNC only")
+        opt = optimizer_from_proto(h.optimizer) if h.HasField("optimizer") else None
+        if opt is not None and opt.is_identity:
+            opt = None
+        if opt is not None and self.config.runtime != "local":
+            raise LiflError("UNIMPLEMENTED", "server optimizers on synchronous rounds need the local runtime on "
+                                             "this server; use an asynchronous job, or Flower's strategy "
+                                             "(lifl.flower) for FedAvgM/FedAdam/FedYogi/FedAdagrad rounds")
+        if self.asyncs.get(job) is not None:
+            raise LiflError("FAILED_PRECONDITION", f"job {quote(job)} is asynchronous: it has versions, not rounds; "
+                                                   "open rounds under another job name")
         initial = None
         try:
             if h.from_round:
@@ -371,13 +462,52 @@ class Gateway:
                                   "initial model")
                 elif next(it, None) is not None:
                     raise LiflError("INVALID_ARGUMENT", "model chunks sent but total_size is 0")
+            step = None
+            if opt is not None:
+                if initial is None:
+                    raise LiflError("INVALID_ARGUMENT", "a server optimizer steps from the round's initial model: "
+                                                        "stream it after the header or open with from_round")
+                step = self._optimizer_step(job, opt, layout, initial.name)
             rnd = self.dispatcher.open_round(job, layout, h.expected, h.quorum, h.deadline_seconds, initial,
-                                             from_round=h.from_round)
+                                             from_round=h.from_round, step=step)
         except BaseException:
             if initial is not None:
                 self.arena.free(initial.name)
             raise
         return round_info(self.dispatcher.get(job, rnd.id))
+
+    def _optimizer_step(self, job: str, opt: ServerOptimizer, layout: Layout, base: str) -> dict:
+        """The finalize step of a round of ``job``: its optimizer state (shared memory, double
+        buffered) carries over from the job's previous round when the optimizer and model size
+        are the same, else it starts afresh."""
+        with self._opt_lock:
+            held = self._opt_states.get(job)
+            if held is None or held[0] != opt or held[1] != layout.numel:
+                if held is not None:
+                    self.arena.free(held[2].name)
+                seg = self.arena.segment(pingpong_nbytes(opt, layout.numel))
+                seg.array(np.uint8)[:] = 0
+                self._opt_states[job] = held = (opt, layout.numel, seg)
+        return {"opt": dataclasses.asdict(opt), "base": base, "state": held[2].name}
+
+    def _open_async(self, h: pb.OpenRoundHeader, job: str, it) -> pb.RoundInfo:
+        spec = spec_from_proto(h.async_options, h.optimizer if h.HasField("optimizer") else None)
+        if h.from_round or not h.total_size:
+            raise LiflError("INVALID_ARGUMENT", "an asynchronous job opens with its initial model (version 0) "
+                                                "streamed after the header; from_round is not supported")
+        layout = layout_of(h.tensors)
+        if h.total_size != layout.total_size:
+            raise LiflError("INVALID_ARGUMENT", f"total_size {h.total_size} != {layout.total_size}, the "
+                                                "model's size in the flat layout")
+        self._check_room(layout, with_initial=True)
+        initial = self.arena.segment(layout.total_size)
+        try:
+            self._receive(it, initial.array(np.uint8, layout.total_size), pb.OpenRoundRequest, "initial model")
+            aj = self.asyncs.open(job, layout, initial, spec)
+        except BaseException:
+            self.arena.free(initial.name)
+            raise
+        return async_info(aj)
 
     def _check_room(self, layout: Layout, with_initial: bool) -> None:
         """Refuse a model no update could ever be pushed for, or one shared memory cannot hold,
@@ -393,6 +523,8 @@ class Gateway:
 
     def close_round(self, req: pb.CloseRoundRequest, context) -> pb.RoundInfo:
         check_scope(current(), job_name(req.job))
+        if req.round == 0 and self.asyncs.get(job_name(req.job)) is not None:
+            return async_info(self.asyncs.close_job(job_name(req.job)))
         self.dispatcher.close_round(req.job, req.round, req.abort)
         return round_info(self.dispatcher.get(req.job, req.round))
 
@@ -406,6 +538,8 @@ class Gateway:
                              f"static: leaves={self.config.leaves} fan_in={self.config.fan_in}")
         for r in self.dispatcher.rounds()[-20:]:
             rep.rounds.append(round_info(self.dispatcher.get(r.job, r.id)))
+        for aj in self.asyncs.all():
+            rep.rounds.append(async_info(aj))
         for w in self.dispatcher.snapshot().functions:
             rep.workers.append(pb.WorkerInfo(id=w.id, pid=w.pid, role=w.role, state=w.state, folds=w.folds,
                                              updates_folded=w.updates_folded, node=w.node))

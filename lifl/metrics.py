@@ -57,6 +57,15 @@ class Metrics:
                                     "rate limit, by reason", ["reason"], registry=r)
         self.updates_screened = Counter("lifl_updates_screened", "Updates over screen_l2_max, by action taken "
                                         "(clipped, rejected)", ["action"], registry=r)
+        # asynchronous (FedBuff) jobs
+        self.staleness = Histogram("lifl_async_staleness", "Staleness of accepted asynchronous updates (versions)",
+                                   ["job"], buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.buffer_fill = Gauge("lifl_async_buffer_fill", "Updates accepted into the open buffer", ["job"],
+                                 registry=r)
+        self.versions_published = Counter("lifl_async_versions_published", "Model versions published", ["job"],
+                                          registry=r)
+        self.refused_stale = Counter("lifl_async_refused_stale", "Asynchronous updates refused as too stale",
+                                     ["job"], registry=r)
         self._http = None
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:

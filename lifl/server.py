@@ -52,6 +52,7 @@ class EmbeddedServer:
         self._given_runtime = runtime
         self.runtime = None
         self.dispatcher: Dispatcher | None = None
+        self._gateway: Gateway | None = None
         self.grpc: grpc.Server | None = None
         self.port = 0
         self.metrics_port = -1
@@ -76,7 +77,7 @@ class EmbeddedServer:
             self.runtime = (self._given_runtime or _make_runtime)(cfg, self.arena, self.metrics)
             self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics, clock=self._clock,
                                          ticker=self._clock is None)
-            gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics, clock=self._clock)
+            gateway = self._gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics, clock=self._clock)
             creds = server_credentials(cfg)   # before listening: a plaintext refusal or a bad file stops here
             handlers = gateway.handlers()
             head = None
@@ -170,6 +171,9 @@ class EmbeddedServer:
             server.stop(grace).wait()
 
     def _stop_engine(self) -> None:
+        gateway, self._gateway = self._gateway, None
+        if gateway is not None:
+            gateway.close()
         dispatcher, runtime, self.dispatcher, self.runtime = self.dispatcher, self.runtime, None, None
         if dispatcher is not None:
             dispatcher.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import numpy as np
+
 from .. import fold
 from ..errors import LiflError, quote
 from ..rounds import State
@@ -128,7 +130,9 @@ class RoundDriver:
         run.segs.extend(segs)
         if run.red is None:
             run.red = Reduction(run.round.id, shape.hier, new, self._gens, lazy=self.lazy,
-                                numel=run.round.layout.numel, flat_on=self.runtime.head)
+                                numel=run.round.layout.numel,
+                                # a server step needs the whole mean in one function: no spans then
+                                flat_on=self.runtime.head if run.step is None else "")
         else:
             run.red.extend(shape.hier, new)
         run.shape = shape
@@ -181,6 +185,8 @@ class RoundDriver:
             fn.role = role
             if isinstance(cmd, Finalize) and run.result is None:
                 run.result = self.arena.result_segment(run.round.layout.total_size)
+                if run.step is not None and "t" not in run.step:   # re-sends keep the step they follow
+                    run.step["t"] = int(self.arena.get(run.step["state"]).array(np.uint64, 1)[0])
             self.enqueue(fn, Task(cmd, run))
 
     def _committed(self, run: RoundRun, fn: PooledFunction, cmd: Command, secs: float) -> None:

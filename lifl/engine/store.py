@@ -45,6 +45,9 @@ class RoundRun:
     readers: int = 0
     released: bool = False
     lost_nodes: set[str] = field(default_factory=set)
+    # a server optimizer applied at finalize: {"opt": ServerOptimizer fields, "base": initial model
+    # segment, "state": double-buffered state segment, "t": step it follows (fixed at the first send)}
+    step: dict | None = None
 
     @property
     def hier(self) -> Hierarchy:
@@ -110,6 +113,8 @@ class Task:
         if isinstance(cmd, Finalize):
             out = {"op": "finalize", "layout": cmd.round, "acc": segs.acc.name, "weight": cmd.weight,
                    "out": run.result.name}
+            if run.step is not None:
+                out["step"] = run.step
             if not (cmd.updates or cmd.children):
                 return out
         else:

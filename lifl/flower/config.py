@@ -17,9 +17,10 @@ ADDRESS = "lifl.address"        # str: gateway host:port the client should push 
 WEIGHT_KEY = "lifl.weight-key"  # str: metric used as the FedAvg weight (e.g. "num-examples")
 ARRAYS_KEY = "lifl.arrays-key"  # str: name of the ArrayRecord in messages (e.g. "arrays")
 PULL = "lifl.pull"              # bool: the model is not in the message; pull it from LIFL
+BASE_VERSION = "lifl.base-version"  # int: asynchronous job: the model version sent; the mod pushes the delta
 
 # -- the reply's receipt (a ConfigRecord that replaces the ArrayRecord) -----------
-RECEIPT = "lifl-receipt"        # ConfigRecord name; fields: round, client-id, bytes, accepted
+RECEIPT = "lifl-receipt"        # ConfigRecord name; fields: round, client-id, bytes, accepted, version, staleness
 
 # -- node config / run config keys read by the mod (node config wins) ------------
 NODE_ADDRESS = "lifl-address"      # override the address the strategy announced

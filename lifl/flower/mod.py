@@ -169,17 +169,33 @@ def pull_arrays(client: Client, rid: int, *, wait_s: float = 0.0, initial: bool 
     to Flower as soon as they are complete, so the process holds the model once
     (plus one tensor) instead of twice.
     """
+    from ..v1 import aggregation_pb2 as pb
+    req = pb.PullRequest(job=job, round=rid, wait_seconds=wait_s,
+                         kind=pb.MODEL_KIND_INITIAL if initial else pb.MODEL_KIND_RESULT)
+    return _pull_record(client, req)[1]
+
+
+def pull_arrays_version(client: Client, version: int | str = "latest", *, job: str = "default"
+                        ) -> tuple[int, ArrayRecord]:
+    """An asynchronous job's version (``"latest"`` or a number) as (version, ArrayRecord), as :func:`pull_arrays`."""
+    from ..v1 import aggregation_pb2 as pb
+    req = (pb.PullRequest(job=job, latest=True) if version == "latest"
+           else pb.PullRequest(job=job, version=int(version)))
+    head, record = _pull_record(client, req)
+    return head.version, record
+
+
+def _pull_record(client: Client, req) -> tuple[object, ArrayRecord]:
     from ..layout import public_dtype
     from ..v1 import aggregation_pb2 as pb
     from ..wire import chunk_payload
 
-    req = pb.PullRequest(job=job, round=rid, wait_seconds=wait_s,
-                         kind=pb.MODEL_KIND_INITIAL if initial else pb.MODEL_KIND_RESULT)
-    timeout = None if client.timeout_s is None else client.timeout_s + wait_s
+    timeout = None if client.timeout_s is None else client.timeout_s + req.wait_seconds
     out: "OrderedDict[str, Array]" = OrderedDict()
     try:
         stream = client._pull(req, metadata=client._md, timeout=timeout)
-        layout = Layout.from_proto(pb.PullChunk.FromString(next(stream)).header.tensors)
+        head = pb.PullChunk.FromString(next(stream)).header
+        layout = Layout.from_proto(head.tensors)
         specs, offsets = layout.specs, layout.offsets
         i, pos = 0, 0                       # next tensor to complete; bytes of the flat layout seen
         cur, cur_off, hlen = None, 0, 0     # the tensor being filled: npy buffer, layout offset, header size
@@ -220,7 +236,7 @@ def pull_arrays(client: Client, rid: int, *, wait_s: float = 0.0, initial: bool 
         raise RpcFailure(e.code(), e.details() or str(e)) from None
     if cur is not None or pos != layout.total_size:
         raise RpcFailure(grpc.StatusCode.DATA_LOSS, f"model stream ended after {pos} of {layout.total_size} bytes")
-    return ArrayRecord(out)
+    return head, ArrayRecord(out)
 
 
 def release_heap() -> None:
@@ -297,6 +313,10 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
             return _error_reply(msg, e.code, f"pulling the model of round {rid} from {address} failed: {e.message}")
         release_heap()
 
+    # asynchronous job: remember the model received, to push the delta against it
+    base = cfg.get(K.BASE_VERSION)
+    received = arrays_to_numpy(msg.content[arrays_key]) if base is not None and arrays_key in msg.content else None
+
     # 2. the user's handler
     reply = call_next(msg, context)
     if reply.has_error():
@@ -322,14 +342,17 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
             raise _ModFailure(grpc.StatusCode.INVALID_ARGUMENT,
                               f"the reply has no numeric weighting metric {weight_key!r} in its MetricRecord")
         update = arrays_to_numpy(records[name])
+        if base is not None:
+            update = _delta(update, received)
         receipt = client.push(rid, update, num_examples=float(weight), client_id=client_id, job=job,
-                              encoding=encoding)
+                              encoding=encoding, base_version=None if base is None else int(base))
         del update
         release_heap()
     except RpcFailure as e:
         if e.code == grpc.StatusCode.UNAVAILABLE:
             _drop_client(client)
-        return _error_reply(msg, e.code, f"push of round {rid} to {address} as {client_id!r} failed: {e.message}")
+        what = f"round {rid}" if base is None else f"a delta on version {base}"
+        return _error_reply(msg, e.code, f"push of {what} to {address} as {client_id!r} failed: {e.message}")
     except _ModFailure as e:
         return _error_reply(msg, e.code, e.message)
     except (ValueError, TypeError) as e:   # arrays the LIFL layout cannot describe
@@ -339,9 +362,19 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     for k in list(records):
         del content[k]
     content[K.RECEIPT] = ConfigRecord({"round": receipt.round, "client-id": receipt.client_id,
-                                       "bytes": receipt.bytes_received, "accepted": receipt.accepted})
+                                       "bytes": receipt.bytes_received, "accepted": receipt.accepted,
+                                       "version": receipt.version, "staleness": receipt.staleness})
     return reply
 
 
-__all__ = ["lifl_mod", "arrays_to_numpy", "numpy_to_arrays", "pull_arrays", "release_heap"]
+def _delta(update, received) -> "OrderedDict[str, np.ndarray]":
+    """reply − model received, per tensor in the tensor's dtype (computed in float64)."""
+    if received is None or list(update) != list(received):
+        raise _ModFailure(grpc.StatusCode.INVALID_ARGUMENT, "an asynchronous train reply must carry the same "
+                                                            "tensors as the model it was sent")
+    return OrderedDict((k, (np.asarray(v, np.float64) - np.asarray(received[k], np.float64)).astype(v.dtype))
+                       for k, v in update.items())
+
+
+__all__ = ["lifl_mod", "arrays_to_numpy", "numpy_to_arrays", "pull_arrays", "pull_arrays_version", "release_heap"]
 

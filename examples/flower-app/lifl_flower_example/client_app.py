@@ -65,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
             lr=float(msg.content["config"].get("lr", rc.get("lr", 0.05))), steps=int(rc.get("local-steps", 5)),
             batch_size=int(rc.get("batch-size", 16)), seed=int(rc.get("seed", 0)) * 1000 + pid * 10 + server_round)
         arrays = ArrayRecord({k: Array(v) for k, v in params.items()})
-        metrics = {"train_loss": loss, "num-examples": len(x)}
+        metrics = {"train_loss": loss, "num-examples": len(x), "partition": pid}
     else:
         net = task.make_net()
         net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -76,6 +76,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays = ArrayRecord(net.state_dict())
         metrics = {"train_loss": loss, "num-examples": len(x)}
     arrays = _maybe_fail(context, server_round, arrays)
+    time.sleep(float(rc.get("delay-per-partition-s", 0.0)) * pid)   # nodes of different speeds
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 

@@ -40,10 +40,37 @@ def make_strategy(rc, n_min: int) -> FedAvg:
     raise ValueError(f"run config strategy must be fedavg, fedavgm or fedadam, got {name!r}")
 
 
+def run_async(grid: Grid, rc, model: str) -> None:
+    """FedBuff, no rounds: `num-server-rounds` versions published, in LIFL (`lifl = true`) or here."""
+    from lifl.engine.buffered import AsyncSpec, Staleness
+    from lifl.engine.optimizers import ServerOptimizer
+    from lifl.flower import AsyncFedBuff
+
+    spec = AsyncSpec(buffer_size=int(rc["async-buffer"]), concurrency=int(rc["min-nodes"]),
+                     max_staleness=int(rc["async-max-staleness"]),
+                     staleness=Staleness(str(rc["async-staleness"]), float(rc["async-staleness-exponent"])),
+                     optimizer=ServerOptimizer.of("sgd", lr=float(rc["server-lr"])),
+                     keep_versions=int(rc["async-keep-versions"]))
+    fb = AsyncFedBuff(spec, address=str(rc["lifl-address"]) if bool(rc["lifl"]) else None, job=str(rc["lifl-job"]),
+                      client_address=str(rc["lifl-client-address"]) or None)
+    t0 = time.time()
+    result = fb.start(grid, initial_arrays(model), num_versions=int(rc["num-server-rounds"]),
+                      train_config=ConfigRecord({"lr": float(rc["lr"])}), timeout=float(rc["round-timeout"]))
+    out = str(rc["out"])
+    if out:
+        np.savez(out + ".npz", **OrderedDict((k, v.numpy()) for k, v in result.arrays.items()))
+        with open(out + ".json", "w") as f:
+            json.dump({"lifl": bool(rc["lifl"]), "async": True, "version": result.version,
+                       "seconds": time.time() - t0, "events": result.events}, f, indent=1)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     model = str(rc["model"])
+    if bool(rc.get("async", False)):
+        run_async(grid, rc, model)
+        return
     n_min = int(rc["min-nodes"])
     inner = make_strategy(rc, n_min)
     strategy = inner

@@ -1,0 +1,291 @@
+"""Asynchronous (FedBuff) jobs on the serverless tree: buffers as rounds, versions in shared memory.
+
+Each buffer of an asynchronous job is one round of the eager tree with ``expected = K``: an
+accepted delta is folded at once with the fold weight ``w·s(τ)``, so the tree computes
+``Σ w s Δ / Σ w s``; when the buffer's K-th update is accepted the next buffer's round opens
+at once (the next buffer folds while this one finalizes). A publisher thread per job waits
+for each buffer's result in order, rescales it to FedBuff's ``Δ̄ = Σ w s Δ / Σ w`` (the job
+knows both sums), applies the server optimizer in float64 to the job's float64 master copy
+``x`` — both it and the optimizer state live in shared memory — writes ``x`` in the model's
+dtypes as the next version's segment and publishes it. The last ``keep_versions`` versions
+stay pullable; a reader holds its segment (``Arena.share``) so eviction never cuts a stream.
+
+The decisions (staleness, refusals, K) are :class:`lifl.engine.buffered.BufferedJob`'s; this
+module only binds them to the dispatcher's public round API and the arena.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .engine.buffered import AsyncSpec, BufferedJob, Ticket
+from .engine.optimizers import state_nbytes, state_over, step
+from .errors import LiflError, quote
+from .fold import as_f64 as to_f64
+from .layout import Layout, is_float
+from .shm import Segment
+
+log = logging.getLogger("lifl.async")
+
+
+def from_f64(layout: Layout, x: np.ndarray, buf) -> None:
+    """Write the float64 vector ``x`` into ``buf`` in the model's dtypes (round to nearest)."""
+    views = layout.views(buf, public=True)
+    pos = 0
+    for s in layout.specs:
+        views[s.name][...] = x[pos:pos + s.numel].reshape(s.shape)
+        pos += s.numel
+
+
+@dataclass
+class AsyncJob:
+    name: str
+    spec: AsyncSpec
+    layout: Layout
+    job: BufferedJob
+    x_seg: Segment                         # float64 master copy of the latest version
+    opt_seg: Segment                       # optimizer state
+    versions: dict[int, Segment] = field(default_factory=dict)
+    rounds: dict[int, int] = field(default_factory=dict)        # buffer -> round id of the tree
+    weights: dict[int, list[float]] = field(default_factory=dict)  # buffer -> [Σw, Σw·s]
+    accepted: int = 0
+    total_weight: float = 0.0
+    failed: str = ""
+    work: np.ndarray | None = None          # the publisher's float64 work vector, reused
+    closed: threading.Event = field(default_factory=threading.Event)
+    opened: float = field(default_factory=time.time)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel for s in self.layout.specs)
+
+
+class AsyncJobs:
+    """The server's asynchronous jobs (created by the gateway, closed by the server)."""
+
+    def __init__(self, arena, dispatcher, metrics):
+        self.arena, self.dispatcher, self.metrics = arena, dispatcher, metrics
+        self._jobs: dict[str, AsyncJob] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def get(self, name: str) -> AsyncJob | None:
+        with self._lock:
+            return self._jobs.get(name)
+
+    def all(self) -> list[AsyncJob]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    # -- opening ------------------------------------------------------------------------------
+    def open(self, name: str, layout: Layout, initial: Segment, spec: AsyncSpec) -> AsyncJob:
+        """Take ``initial`` (version 0; owned from now on) and start the first buffer."""
+        bad = [s.name for s in layout.specs if not is_float(s.dtype)]
+        if bad:
+            raise LiflError("INVALID_ARGUMENT", f"asynchronous jobs fold deltas of float tensors; tensor "
+                                                f"{quote(bad[0])} is not floating point")
+        with self._lock:
+            if name in self._jobs:
+                raise LiflError("ALREADY_EXISTS", f"asynchronous job {quote(name)} is already open "
+                                                  f"(version {self._jobs[name].job.latest})")
+            n = sum(s.numel for s in layout.specs)
+            x_seg = self.arena.segment(8 * n)
+            opt_seg = self.arena.segment(max(8, state_nbytes(spec.optimizer, n)))
+            aj = AsyncJob(name, spec, layout, BufferedJob(spec), x_seg, opt_seg, versions={0: initial})
+            try:
+                to_f64(layout, initial.buf, x_seg.array(np.float64, n))
+                state_over(spec.optimizer, opt_seg.buf, n, zero=True)
+                self._open_buffer(aj)
+            except BaseException:
+                for seg in (x_seg, opt_seg):
+                    self.arena.free(seg.name)
+                raise
+            self._jobs[name] = aj
+        t = threading.Thread(target=self._publisher, args=(aj,), name=f"lifl-fedbuff-{name[:16]}", daemon=True)
+        self._threads.append(t)
+        t.start()
+        log.info("asynchronous job %s opened: K=%d, concurrency %d, max staleness %d, staleness %s, optimizer %s",
+                 quote(name), spec.buffer_size, spec.concurrency, spec.max_staleness, spec.staleness.kind,
+                 spec.optimizer.kind)
+        return aj
+
+    def _open_buffer(self, aj: AsyncJob) -> None:
+        k = aj.spec.buffer_size
+        rnd = self.dispatcher.open_round(aj.name, aj.layout, k, k, 0.0, None)
+        aj.rounds[aj.job.open_buffer] = rnd.id
+        aj.weights[aj.job.open_buffer] = [0.0, 0.0]
+
+    # -- pushes -------------------------------------------------------------------------------
+    def check(self, aj: AsyncJob, client: str, base: int) -> None:
+        """Refuse early, at the header, what acceptance would refuse now (no bytes sent in vain)."""
+        with aj.cond:
+            self._check_alive(aj)
+            try:
+                aj.job.check(client, base)
+            except LiflError as e:
+                self._count_refusal(aj, e)
+                raise
+
+    def accept(self, aj: AsyncJob, client: str, base: int, weight: float, slot: str) -> Ticket:
+        """The update in ``slot`` fully arrived: fold it into the open buffer with ``w·s(τ)``."""
+        with aj.cond:
+            self._check_alive(aj)
+            try:
+                tau = aj.job.check(client, base)
+            except LiflError as e:
+                self._count_refusal(aj, e)
+                raise
+            b = aj.job.open_buffer
+            rid = aj.rounds[b]
+            factor = aj.job.factor(tau)
+            run = self.dispatcher.begin_push(aj.name, rid, client)
+            try:
+                self.dispatcher.accept(run, client, slot, weight * factor)
+            except BaseException:
+                self.dispatcher.abandon(run, client)
+                raise
+            ticket = aj.job.accept(client, base, weight)    # the same decision: same state, same lock
+            ws = aj.weights[b]
+            ws[0] += weight
+            ws[1] += weight * factor
+            aj.accepted += 1
+            aj.total_weight += weight
+            self.metrics.staleness.labels(aj.name).observe(tau)
+            self.metrics.buffer_fill.labels(aj.name).set(aj.job.buffer_fill)
+            if ticket.seals:
+                self._open_buffer(aj)
+                aj.cond.notify_all()
+            return ticket
+
+    def _count_refusal(self, aj: AsyncJob, e: LiflError) -> None:
+        if e.code == "FAILED_PRECONDITION":
+            self.metrics.refused_stale.labels(aj.name).inc()
+
+    def close_job(self, name: str) -> AsyncJob:
+        """An operator closes the job: no more pushes, the open buffer is discarded, its
+        publisher stops and its shared memory is given back; the name may be opened again."""
+        with self._lock:
+            aj = self._jobs.pop(name, None)
+        if aj is None:
+            raise LiflError("NOT_FOUND", f"no asynchronous job {quote(name)} is open")
+        with aj.cond:
+            aj.closed.set()
+            aj.cond.notify_all()
+            rids = list(aj.rounds.values())
+        for rid in rids:
+            try:
+                self.dispatcher.close_round(aj.name, rid, abort=True)
+            except LiflError:       # already finished
+                pass
+        for t in [t for t in self._threads if t.name == f"lifl-fedbuff-{name[:16]}"]:
+            t.join(timeout=5.0)
+        with aj.cond:
+            for seg in [aj.x_seg, aj.opt_seg]:
+                self.arena.free(seg.name)
+            for seg in aj.versions.values():
+                self.arena.release_scratch(seg.name)
+            aj.versions.clear()
+        log.info("asynchronous job %s closed at version %d", quote(name), aj.job.latest)
+        return aj
+
+    @staticmethod
+    def _check_alive(aj: AsyncJob) -> None:
+        if aj.closed.is_set():
+            raise LiflError("FAILED_PRECONDITION", f"asynchronous job {quote(aj.name)} was closed at version "
+                                                   f"{aj.job.latest}")
+        if aj.failed:
+            raise LiflError("FAILED_PRECONDITION", f"asynchronous job {quote(aj.name)} failed at version "
+                                                   f"{aj.job.latest}: {aj.failed}")
+
+    # -- publishing ---------------------------------------------------------------------------
+    def _publisher(self, aj: AsyncJob) -> None:
+        b = 1
+        stopped = lambda: self._stop.is_set() or aj.closed.is_set()   # noqa: E731
+        while not stopped():
+            with aj.cond:
+                while not stopped() and aj.job.open_buffer <= b:
+                    aj.cond.wait(0.5)
+                if stopped():
+                    return
+                rid = aj.rounds.pop(b)
+                w, ws = aj.weights.pop(b)
+            try:
+                with self.dispatcher.model(aj.name, rid, False, 3600.0, alive=lambda: not stopped()) \
+                        as (_run, seg):
+                    self._publish(aj, b, seg, ws / w)
+            except Exception as e:   # the tree failed this buffer: the job cannot go on exactly
+                if stopped():
+                    return
+                with aj.cond:
+                    aj.failed = f"buffer {b} (round {rid}) failed: {e}"
+                    aj.cond.notify_all()
+                log.error("asynchronous job %s failed: %s", quote(aj.name), aj.failed)
+                return
+            b += 1
+
+    def _publish(self, aj: AsyncJob, version: int, mean_seg: Segment, scale: float) -> None:
+        n = aj.numel
+        if aj.work is None:
+            aj.work = np.empty(n, np.float64)
+        d = to_f64(aj.layout, mean_seg.buf, aj.work)
+        d *= scale
+        x = aj.x_seg.array(np.float64, n)
+        step(aj.spec.optimizer, state_over(aj.spec.optimizer, aj.opt_seg.buf, n), x, d)
+        seg = self.arena.scratch(aj.layout.total_size)     # a dropped version's segment when one is free
+        from_f64(aj.layout, x, seg.buf)
+        with aj.cond:
+            aj.versions[version] = seg
+            aj.job.published(version)
+            for v in [v for v in aj.versions if v not in aj.job.kept()]:
+                self.arena.release_scratch(aj.versions.pop(v).name)   # a reader still streaming it frees it last
+            aj.cond.notify_all()
+        self.metrics.versions_published.labels(aj.name).inc()
+        log.info("asynchronous job %s published version %d", quote(aj.name), version)
+
+    # -- pulls --------------------------------------------------------------------------------
+    @contextmanager
+    def model(self, aj: AsyncJob, version: int | None, wait_s: float,
+              alive: Callable[[], bool] = lambda: True) -> Iterator[tuple[int, Segment]]:
+        """Hold a kept version (``None``: the latest) for reading; waits up to ``wait_s`` for a
+        version not yet published."""
+        give_up = time.monotonic() + wait_s
+        with aj.cond:
+            if aj.closed.is_set():
+                self._check_alive(aj)
+            while version is not None and version > aj.job.latest and not aj.failed and alive():
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    break
+                aj.cond.wait(min(left, 0.5))
+            v = aj.job.latest if version is None else version
+            if v not in aj.versions:
+                kept = f"versions {min(aj.versions)}..{max(aj.versions)} are kept"
+                if v > aj.job.latest:
+                    self._check_alive(aj)
+                    raise LiflError("DEADLINE_EXCEEDED" if wait_s > 0 else "FAILED_PRECONDITION",
+                                    f"version {v} is not published yet; the current version is {aj.job.latest} "
+                                    f"({kept}); pull with a longer wait or pull latest")
+                raise LiflError("NOT_FOUND", f"version {v} is no longer kept; {kept}, the current version is "
+                                             f"{aj.job.latest}")
+            seg = self.arena.share(aj.versions[v].name)
+        try:
+            yield v, seg
+        finally:
+            self.arena.free(seg.name)
+
+    # -- shutdown -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stop.set()
+        for aj in self.all():
+            with aj.cond:
+                aj.cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=5.0)
