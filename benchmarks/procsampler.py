@@ -138,7 +138,7 @@ class ProcSampler:
         self._tree = out
 
     def _tick(self, full: bool) -> Sample | None:
-        mono = time.monotonic()
+        wall, mono = time.time(), time.monotonic()        # a sample is stamped when its reading starts
         if mono >= self._next_scan:
             self._rescan()
             self._next_scan = mono + self.rescan_s
@@ -165,7 +165,7 @@ class ProcSampler:
             for pid, c in self._cpu.items():
                 r = self._role_of.get(pid, "?")
                 role_cpu[r] = role_cpu.get(r, 0.0) + c
-        s = Sample(time.time(), sum(self._cpu.values()), pss, rss, anon_shm, shm, roles, role_cpu)
+        s = Sample(wall, sum(self._cpu.values()), pss, rss, anon_shm, shm, roles, role_cpu)
         self.samples.append(s)
         return s
 
