@@ -41,7 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.flower_stack import Stack, TreeSampler
+from benchmarks.flower_stack import Stack, flower_role
+from benchmarks.procsampler import ProcSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower-app"
@@ -74,7 +75,9 @@ def one_run(stack: Stack, variant: str, layout: str, n: int, rounds: int, out: P
     if variant != "stock":
         labels[stack.lifl.pid] = "lifl-gateway"
     shm_prefix = f"{stack.lifl_shm_prefix}-{stack.lifl.pid}-" if variant != "stock" else None
-    sampler = TreeSampler(list(labels), interval=0.1, labels=labels, shm_prefix=shm_prefix).start()
+    # every tick a full sample, the tree rescanned each time: SuperExec starts a ServerApp per run
+    sampler = ProcSampler(list(labels), interval=0.1, every=1, rescan_s=0.0, labels=labels, role=flower_role,
+                          shm_prefix=shm_prefix).start()
     try:
         r = stack.flwr_run(APP, rc, timeout=timeout)
     finally:
@@ -89,9 +92,9 @@ def one_run(stack: Stack, variant: str, layout: str, n: int, rounds: int, out: P
     return {"round_s": statistics.median(summary["round_seconds"][1:]),
             "cpu_s_per_round": w["cpu_s"] / measured,
             "peak_mib": w["peak_pss"] / MiB,
-            "growth_mib": (w["peak_pss"] - sampler.samples[0][2]) / MiB,   # over the idle servers before the run
-            "idle_mib": sampler.samples[0][2] / MiB,
-            "idle_roles_mib": {k: v / MiB for k, v in sampler.roles[0].items()},
+            "growth_mib": (w["peak_pss"] - sampler.samples[0].pss) / MiB,   # over the idle servers before the run
+            "idle_mib": sampler.samples[0].pss / MiB,
+            "idle_roles_mib": {k: v / MiB for k, v in sampler.samples[0].roles.items()},
             "at_peak_mib": {k: v / MiB for k, v in w.get("at_peak", {}).items()},
             "role_peak_mib": {k: v / MiB for k, v in w.get("role_peak", {}).items()},
             "role_cpu_s_per_round": {k: v / measured for k, v in w.get("role_cpu_s", {}).items()},

@@ -17,7 +17,8 @@ import sys
 import time
 import uuid
 
-from .common import ROOT, MiB, MemSampler, Report, ServerProc, interleave, parser
+from .common import ROOT, MiB, Report, ServerProc, interleave, parser
+from .procsampler import ProcSampler
 
 CLIENT = r"""
 import json, sys, threading, numpy as np
@@ -45,10 +46,8 @@ def rep(n: int, procs: int, budget_mb: int, limit: int, bdp: bool = True) -> dic
         import numpy as np
         with Client(srv.address) as c:
             rid = c.open_round({"w": np.ones(MiB // 4, np.float32)}, expected=n)
-            sampler = MemSampler(srv.pid, shm_prefix=prefix, interval=0.02)
-            base = sampler.snapshot()
-            t0 = time.perf_counter()
-            with sampler:
+            with ProcSampler(srv.pid, interval=0.02, shm_prefix=prefix) as sampler:
+                t0 = time.perf_counter()
                 per = n // procs
                 ps = [subprocess.Popen([sys.executable, "-c", CLIENT, srv.address, str(rid), str(k * per),
                                         str(per if k < procs - 1 else n - k * per)], cwd=ROOT,
@@ -58,7 +57,7 @@ def rep(n: int, procs: int, budget_mb: int, limit: int, bdp: bool = True) -> dic
             secs = time.perf_counter() - t0
     if any(errs):
         raise RuntimeError(f"pushes failed: {errs}")
-    return {"peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss, "base_rss": base[1],
+    return {"peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss, "base_rss": sampler.samples[0].rss,
             "peak_shm": sampler.peak_shm, "seconds": secs}
 
 

@@ -7,10 +7,10 @@ benchmark process only plays the clients (4 concurrent pushers), so the
 sampled process tree (server + function processes) is the aggregation side.
 Flower: a fresh child process that builds N real reply Messages (one
 ``ArrayRecord`` per client, as the ServerApp holds them) and runs
-``FedAvg().aggregate_train``. For both, a thread here samples Σ PSS over the
-process tree from /proc/<pid>/smaps_rollup every 5 ms (PSS charges each
-shared-memory page once in total), and the idle baseline taken just before the
-work starts is subtracted. Repetitions alternate LIFL, Flower, LIFL, …
+``FedAvg().aggregate_train``. For both, a thread here samples the process tree
+(``benchmarks.procsampler``): Σ RssAnon + /dev/shm bytes every 5 ms, Σ PSS from
+/proc/<pid>/smaps_rollup every 40 ms (PSS charges each shared-memory page once in
+total), and the idle baseline taken just before the work starts is subtracted. Repetitions alternate LIFL, Flower, LIFL, …
 
     python -m benchmarks.bench_memory [--quick]
 """
@@ -27,9 +27,17 @@ import numpy as np
 from lifl.client import Client
 from lifl.layout import Layout
 
-from .common import (ROOT, MemSampler, Report, ServerProc, interleave, model_arrays, parser, perturbed)
+from .common import ROOT, Report, ServerProc, interleave, model_arrays, parser, perturbed
+from .procsampler import ProcSampler
 
 PUSHERS = 4
+
+
+def peaks(sampler: ProcSampler) -> dict:
+    """Peaks over the idle baseline (the first sample, taken just before the work starts)."""
+    base = sampler.samples[0]
+    return {"peak_anon_shm": sampler.peak_anon_shm - base.anon_shm, "peak": sampler.peak_pss - base.pss,
+            "peak_rss": sampler.peak_rss - base.rss, "baseline_pss": base.pss, "samples": sampler.ticks}
 
 
 def lifl_rep(model: str, n: int, budget_mb: int, pool) -> dict:
@@ -38,9 +46,7 @@ def lifl_rep(model: str, n: int, budget_mb: int, pool) -> dict:
     with ServerProc("lifl", shm_budget_mb=budget_mb) as srv:
         clients = [Client(srv.address) for _ in range(PUSHERS + 1)]
         time.sleep(0.3)
-        sampler = MemSampler(srv.pid, shm_prefix="lifl-")
-        base_pss, base_rss, base_anon = sampler.snapshot()
-        with sampler:
+        with ProcSampler(srv.pid, shm_prefix="lifl-") as sampler:
             rid = clients[-1].open_round(layout=layout, expected=n)
             errors = []
 
@@ -64,8 +70,7 @@ def lifl_rep(model: str, n: int, budget_mb: int, pool) -> dict:
             time.sleep(0.05)
         for c in clients:
             c.close()
-    return {"peak_anon_shm": sampler.peak_anon_shm - base_anon, "peak": sampler.peak_pss - base_pss, "peak_rss": sampler.peak_rss - base_rss,
-            "peak_shm": sampler.peak_shm, "baseline_pss": base_pss, "samples": sampler.samples, "wall": wall}
+    return {**peaks(sampler), "peak_shm": sampler.peak_shm, "wall": wall}
 
 
 def flower_rep(model: str, n: int) -> dict:
@@ -73,18 +78,15 @@ def flower_rep(model: str, n: int) -> dict:
                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "READY"
     time.sleep(0.2)
-    sampler = MemSampler(proc.pid)
-    base_pss, base_rss, base_anon = sampler.snapshot()
-    t0 = time.perf_counter()
-    with sampler:
+    with ProcSampler(proc.pid) as sampler:
+        t0 = time.perf_counter()
         proc.stdin.write("GO\n")
         proc.stdin.flush()
         result = json.loads(proc.stdout.readline())
         wall = time.perf_counter() - t0
     proc.stdin.close()
     proc.wait()
-    return {"peak_anon_shm": sampler.peak_anon_shm - base_anon, "peak": sampler.peak_pss - base_pss, "peak_rss": sampler.peak_rss - base_rss, "baseline_pss": base_pss,
-            "samples": sampler.samples, "wall": wall, **result}
+    return {**peaks(sampler), "wall": wall, **result}
 
 
 def flower_child(model: str, n: int) -> None:

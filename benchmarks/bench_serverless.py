@@ -27,7 +27,6 @@ import os
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,44 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from lifl.client import Client
 from lifl.layout import Layout
 
-from .common import Report, ServerProc, interleave, median, model_arrays, parser, perturbed, process_tree
-
-HZ = 100.0  # clock ticks per second in /proc/<pid>/stat (os.sysconf('SC_CLK_TCK'))
-
-
-def tree_cpu(root: int, seen: dict[int, float]) -> float:
-    """Cumulative CPU-seconds of root's process tree; ``seen`` keeps exited processes' last reading."""
-    for pid in process_tree(root):
-        try:
-            f = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = f[f.rindex(")") + 2:].split()
-        seen[pid] = max(seen.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / HZ)
-    return sum(seen.values())
-
-
-class CpuSampler:
-    def __init__(self, root: int, interval: float = 0.02):
-        self.root, self.interval, self.seen = root, interval, {}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            tree_cpu(self.root, self.seen)
-
-    def now(self) -> float:
-        return tree_cpu(self.root, self.seen)
-
-    def __enter__(self):
-        self.base = self.now()
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+from .common import Report, ServerProc, interleave, median, model_arrays, parser, perturbed
+from .procsampler import ProcSampler
 
 
 def trace(srv: ServerProc, base, pool, rounds: int, clients: int, bursts: int, gap_s: float, round_gap_s: float):
@@ -80,7 +43,10 @@ def trace(srv: ServerProc, base, pool, rounds: int, clients: int, bursts: int, g
     layout = Layout.from_arrays(base)
     per_burst = clients // bursts
     idle_cpu, idle_s = 0.0, 0.0
-    with CpuSampler(srv.pid) as cpu, Client(srv.address) as c:
+    # CPU only, the tree rescanned every tick: a function that forks, folds and exits between two
+    # scans would take its CPU-seconds with it
+    with ProcSampler(srv.pid, interval=0.02, every=1, pss=False, rescan_s=0.0) as cpu, \
+            Client(srv.address) as c:
         for r in range(rounds):
             rid = c.open_round(layout=layout, expected=per_burst * bursts)
             k = 0
@@ -96,11 +62,11 @@ def trace(srv: ServerProc, base, pool, rounds: int, clients: int, bursts: int, g
                 if b < bursts - 1:
                     time.sleep(gap_s)
             c.pull(rid, wait_s=60)
-            t0, c0 = time.monotonic(), cpu.now()
+            t0, c0 = time.monotonic(), cpu.now().cpu_s
             time.sleep(round_gap_s)
-            idle_cpu += cpu.now() - c0
+            idle_cpu += cpu.now().cpu_s - c0
             idle_s += time.monotonic() - t0
-        total = cpu.now() - cpu.base
+        total = cpu.now().cpu_s - cpu.samples[0].cpu_s
     return total, idle_cpu / idle_s
 
 

@@ -1,5 +1,5 @@
 """Shared benchmark plumbing: interleaving, medians, the printed table, JSON output,
-model layouts, and a /proc memory sampler.
+model layouts, and the server launcher (the /proc sampler is ``benchmarks.procsampler``).
 
 Every benchmark measures LIFL ("ours") and a peer in the same run, interleaved
 A B A B …, and reports the median of the per-repetition ratios ours/peer with
@@ -17,15 +17,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-
-from lifl.procfs import process_tree as _process_tree
 
 MiB = 2**20
 MB = 10**6
@@ -313,113 +310,6 @@ def _fmt(x: float, digits: int = 4) -> str:
     if ax >= 1000:
         return f"{x:,.0f}"
     return f"{x:.{digits}g}"
-
-
-# -- memory sampling ---------------------------------------------------------------------------
-def process_tree(pid: int) -> list[int]:
-    return _process_tree([pid])
-
-
-def pss_rss(pid: int) -> tuple[int, int]:
-    """(PSS, RSS) in bytes from /proc/<pid>/smaps_rollup; (0, 0) if the process is gone."""
-    pss = rss = 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pss:"):
-                    pss = int(line.split()[1]) * 1024
-                elif line.startswith(b"Rss:"):
-                    rss = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return pss, rss
-
-
-def anon_rss(pid: int) -> int:
-    """RssAnon of a process in bytes from /proc/<pid>/status (a counter: no page-table walk)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def shm_usage(prefix: str) -> int:
-    """Bytes of /dev/shm actually allocated to segments named ``prefix*``."""
-    tot = 0
-    try:
-        for e in os.scandir("/dev/shm"):
-            if e.name.startswith(prefix):
-                try:
-                    tot += e.stat().st_blocks * 512
-                except OSError:
-                    pass
-    except OSError:
-        pass
-    return tot
-
-
-class MemSampler:
-    """Samples Σ PSS and Σ RSS of a process tree every ``interval`` s in a thread; keeps the peaks.
-
-    Σ PSS counts every shared-memory page once across the processes that map it
-    (each mapper is charged 1/n of it), so it is the aggregation side's real
-    footprint. Σ RSS is printed too (it counts shared pages once per mapper).
-    """
-
-    def __init__(self, root_pid: int, interval: float = 0.005, shm_prefix: str | None = None,
-                 rescan_s: float = 0.2):
-        self.root, self.interval, self.shm_prefix, self.rescan_s = root_pid, interval, shm_prefix, rescan_s
-        self.peak_pss = self.peak_rss = self.peak_shm = self.peak_anon_shm = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.pids: list[int] = []
-
-    def snapshot(self) -> tuple[int, int, int]:
-        """(Σ PSS, Σ RSS, Σ RssAnon + /dev/shm[prefix]) now."""
-        pids = process_tree(self.root)
-        tot = [pss_rss(p) for p in pids]
-        anon = sum(anon_rss(p) for p in pids) + (shm_usage(self.shm_prefix) if self.shm_prefix else 0)
-        return sum(a for a, _ in tot), sum(b for _, b in tot), anon
-
-    def _run(self) -> None:
-        next_scan = 0.0
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= next_scan:
-                self.pids = process_tree(self.root)
-                next_scan = now + self.rescan_s
-            # cheap counters every sample: Σ RssAnon + the prefix's /dev/shm bytes (shared memory once)
-            anon = sum(anon_rss(p) for p in self.pids)
-            shm = shm_usage(self.shm_prefix) if self.shm_prefix else 0
-            self.peak_anon_shm = max(self.peak_anon_shm, anon + shm)
-            self.peak_shm = max(self.peak_shm, shm)
-            # smaps_rollup walks page tables under mmap_lock: with a 10 GB process every 5 ms it
-            # slows that process down badly, so PSS/RSS are sampled every 8th tick only
-            if self.samples % 8 == 0:
-                pss = rss = 0
-                for p in self.pids:
-                    a, b = pss_rss(p)
-                    pss += a
-                    rss += b
-                self.peak_pss = max(self.peak_pss, pss)
-                self.peak_rss = max(self.peak_rss, rss)
-            self.samples += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "MemSampler":
-        self._thread = threading.Thread(target=self._run, name="mem-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
 
 # -- servers in their own processes ----------------------------------------------------------------

@@ -13,13 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from lifl.procfs import children_map, cpu_seconds, pss_bytes, process_tree
+from benchmarks.procsampler import by_root
 
 BIN = Path(sys.executable).parent
 
@@ -229,11 +228,7 @@ class Stack:
         self.close()
 
 
-# -- process-tree sampling (no psutil needed: /proc) --------------------------------------
-def tree(roots: Sequence[int]) -> list[int]:
-    return process_tree(roots)
-
-
+# -- roles of the server side's processes (for benchmarks.procsampler.ProcSampler) -------------
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -242,27 +237,7 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def shm_file_bytes(prefix: str, shm_dir: str = "/dev/shm") -> int:
-    """Bytes allocated (not apparent size) by shared-memory files named ``prefix*``.
-
-    Pages of a tmpfs file that no process has mapped are not in anybody's PSS, so this
-    is the cross-check that the PSS sum does not miss LIFL's shared memory.
-    """
-    total = 0
-    try:
-        with os.scandir(shm_dir) as it:
-            for e in it:
-                if e.name.startswith(prefix):
-                    try:
-                        total += e.stat(follow_symlinks=False).st_blocks * 512
-                    except OSError:
-                        pass
-    except OSError:
-        pass
-    return total
-
-
-def default_role(pid: int, root: int, labels: Mapping[int, str]) -> str:
+def flower_role(pid: int, root: int, labels: Mapping[int, str]) -> str:
     """Role of a process in the server side: SuperLink / SuperExec / ServerApp / LIFL gateway / LIFL functions."""
     label = labels[root]
     if pid == root:
@@ -276,101 +251,7 @@ def default_role(pid: int, root: int, labels: Mapping[int, str]) -> str:
         return "superlink-other"
     if label == "lifl-gateway":
         return "lifl-functions"          # zygote (fork server) and the aggregator functions it forked
-    return label + "-child"
-
-
-class TreeSampler:
-    """Samples total PSS and CPU-seconds of process trees in a thread; query windows afterwards.
-
-    ``labels`` (root pid -> name, e.g. ``{superlink_pid: "superlink", lifl_pid: "lifl-gateway"}``)
-    turns on per-role attribution: every sample also keeps each role's PSS (see
-    :func:`default_role`), so a window reports the split at the moment of the total peak
-    and each role's own peak. ``shm_prefix`` additionally samples the bytes held by
-    shared-memory files with that name prefix (LIFL's segments: ``<prefix>-<gateway pid>-``).
-    """
-
-    def __init__(self, roots: Sequence[int], interval: float = 0.1, labels: Mapping[int, str] | None = None,
-                 shm_prefix: str | None = None):
-        self.roots, self.interval = list(roots), interval
-        self.labels = dict(labels or {})
-        self.shm_prefix = shm_prefix
-        self.samples: list[tuple[float, float, int]] = []    # (unix time, cumulative cpu s, pss bytes)
-        self.roles: list[dict[str, int]] = []                # per sample: role -> pss bytes (with labels)
-        self.role_cpu: list[dict[str, float]] = []           # per sample: role -> cumulative cpu s
-        self.shm: list[int] = []                             # per sample: shm file bytes (with shm_prefix)
-        self._last_cpu: dict[int, float] = {}
-        self._first_cpu: dict[int, float] = {}
-        self._role_of: dict[int, str] = {}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "TreeSampler":
-        self._sample()                 # one sample before the caller goes on: the baseline is never missing
-        self._t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._t.join()
-
-    def _tree_with_roots(self) -> list[tuple[int, int]]:
-        kids = children_map()
-        out, todo = [], [(r, r) for r in self.roots]
-        while todo:
-            p, root = todo.pop()
-            out.append((p, root))
-            todo.extend((k, root) for k in kids.get(p, ()))
-        return out
-
-    def _sample(self) -> None:
-        now = time.time()
-        pss = 0
-        roles: dict[str, int] = {}
-        for pid, root in self._tree_with_roots():
-            c = cpu_seconds(pid)
-            if c is not None:
-                self._first_cpu.setdefault(pid, c)
-                self._last_cpu[pid] = c
-            m = pss_bytes(pid)
-            pss += m
-            if self.labels:      # classified every time: a child first seen between fork and exec changes role
-                role = self._role_of[pid] = default_role(pid, root, self.labels)
-                roles[role] = roles.get(role, 0) + m
-        self.samples.append((now, sum(self._last_cpu.values()), pss))
-        if self.labels:
-            self.roles.append(roles)
-            rc: dict[str, float] = {}
-            for pid, c in self._last_cpu.items():
-                r = self._role_of.get(pid, "?")
-                rc[r] = rc.get(r, 0.0) + c
-            self.role_cpu.append(rc)
-        if self.shm_prefix:
-            self.shm.append(shm_file_bytes(self.shm_prefix))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def window(self, t0: float, t1: float) -> dict:
-        """CPU-seconds and peak PSS between unix times t0 and t1 (with labels: per role as well)."""
-        idx = [i for i, s in enumerate(self.samples) if t0 <= s[0] <= t1]
-        before = [i for i, s in enumerate(self.samples) if s[0] <= t0]
-        after = [i for i, s in enumerate(self.samples) if s[0] >= t1]
-        i0 = before[-1] if before else idx[0]
-        i1 = after[0] if after else idx[-1]
-        c0, c1 = self.samples[i0][1], self.samples[i1][1]
-        ipeak = max(idx, key=lambda i: self.samples[i][2]) if idx else None
-        out = {"cpu_s": c1 - c0, "peak_pss": self.samples[ipeak][2] if idx else 0, "samples": len(idx)}
-        if self.labels and idx:
-            names = sorted({r for i in idx for r in self.roles[i]})
-            out["at_peak"] = {r: self.roles[ipeak].get(r, 0) for r in names}          # split of the total peak
-            out["role_peak"] = {r: max(self.roles[i].get(r, 0) for i in idx) for r in names}
-            out["role_cpu_s"] = {r: self.role_cpu[i1].get(r, 0.0) - self.role_cpu[i0].get(r, 0.0)
-                                 for r in sorted(set(self.role_cpu[i1]) | set(self.role_cpu[i0]))}
-        if self.shm and idx:
-            out["shm_at_peak"] = self.shm[ipeak]
-            out["shm_peak"] = max(self.shm[i] for i in idx)
-        return out
+    return by_root(pid, root, labels)
 
 
 def max_rel_diff(a_path: str | Path, b_path: str | Path, same_dtypes: bool = True) -> float:

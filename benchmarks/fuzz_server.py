@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 
 import json
 
-from benchmarks.common import OUT_DIR, ServerProc, machine, parser, shm_usage
+from benchmarks.common import OUT_DIR, ServerProc, machine, parser
+from benchmarks.procsampler import shm_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fuzzing import METHODS, NEVER, call, requests_for  # noqa: E402  (the tests' strategies)
@@ -56,8 +57,8 @@ def run(requests: int) -> dict:
             one()
             print(f"{path:32s} {dict(counts)}", flush=True)
         alive = srv.proc.poll() is None
-        held = shm_usage(prefix)
-    leaked = shm_usage(prefix)
+        held = shm_bytes(prefix)
+    leaked = shm_bytes(prefix)
     out = {"requests": sum(sum(c.values()) for c in tally.values()), "seconds": time.perf_counter() - t0,
            "tally": {k: dict(v) for k, v in tally.items()}, "internal_or_unknown": bad,
            "server_survived": alive, "shm_bytes_held_at_end": held, "shm_bytes_after_stop": leaked}

@@ -355,25 +355,35 @@ def test_strategy_without_pull_opens_the_round_with_the_layout_only(server, task
     s.close()
 
 
-def test_tree_sampler_attributes_memory_per_role():
+def test_proc_sampler_attributes_memory_per_role(shm_prefix):
     import os
     import subprocess
     import sys
     import time
+    from multiprocessing import shared_memory
 
-    from benchmarks.flower_stack import TreeSampler
+    from benchmarks.procsampler import ProcSampler
 
     child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
+    seg = shared_memory.SharedMemory(name=f"{shm_prefix}-s", create=True, size=16 << 20)
     try:
+        seg.buf[:] = b"\1" * (16 << 20)                                # tmpfs allocates the pages on write
         time.sleep(1.0)
-        s = TreeSampler([os.getpid()], interval=0.05, labels={os.getpid(): "me"}).start()
-        time.sleep(0.3)
-        s.stop()
-        w = s.window(s.samples[0][0], s.samples[-1][0])
+        with ProcSampler([os.getpid()], interval=0.02, every=4, labels={os.getpid(): "me"},
+                         shm_prefix=shm_prefix) as s:
+            time.sleep(0.4)
+        w = s.window(s.samples[0].t, s.samples[-1].t)
         assert set(w["at_peak"]) == {"me", "me-child"}
         assert w["role_peak"]["me-child"] > 60 << 20                 # the child's 64 MiB buffer
-        assert sum(w["at_peak"].values()) == w["peak_pss"]
+        assert sum(w["at_peak"].values()) == w["peak_pss"] == s.peak_pss
+        assert w["shm_peak"] == s.peak_shm == 16 << 20               # the segment, by its allocated blocks
+        assert s.peak_anon_shm >= (64 << 20) + (16 << 20)            # the buffer + the segment counted once
+        assert s.peak_rss >= s.peak_pss
+        # the cheap counters every tick, the smaps_rollup read (a full sample) every 4th
+        assert s.ticks >= 5 and len(s.samples) == 1 + (s.ticks - 1) // 4
     finally:
+        seg.close()
+        seg.unlink()
         child.kill()
         child.wait()
 
