@@ -17,7 +17,7 @@ from lifl.config import ServerConfig
 from lifl.layout import Layout
 from lifl.server import EmbeddedServer
 from lifl.shm import list_segments
-from lifl.gateway import retry_trailers
+from lifl.rpc import retry_trailers
 from lifl.v1 import aggregation_pb2 as pb
 
 BASE = small_model()
