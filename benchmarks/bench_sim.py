@@ -46,7 +46,7 @@ def _save(name: str, data: dict) -> None:
 def scale(a) -> None:
     """One run over every size (the report's scaling plot); the server is started fresh per size."""
     t = time.monotonic()
-    rec, wall = _run({"run.mode": "real", "run.sizes": list(a.sizes), "workload.model": "mlp100k",
+    rec, wall = _run({"run.mode": "real", "run.sizes": list(a.sizes), "workload.model": a.model,
                       "run.processes": a.processes, "run.threads": a.threads}, "sim-scale")
     rows = []
     for v in rec.variants:
@@ -62,7 +62,8 @@ def scale(a) -> None:
               f"{r['server_peak_pss_mib'] / base:15.2f} {r['cpu']['gateway']:13.2f} {r['cpu']['functions']:9.2f} "
               f"{r['cpu']['clients']:12.2f} {r['max_rel_error']:11.2e}")
     print(f"whole command {time.monotonic() - t:.1f} s (all sizes, incl. server and pool start-ups)")
-    _save("scale", {"command": "python -m benchmarks.bench_sim scale", "rows": rows, "wall_s": wall})
+    _save("scale", {"command": "python -m benchmarks.bench_sim " + " ".join(sys.argv[1:]), "model": a.model,
+                    "rows": rows, "wall_s": wall})
 
 
 def virtual(a) -> None:
@@ -170,6 +171,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("scale")
     s.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000])
+    s.add_argument("--model", default="mlp100k", help="mlp1m: the 16-core goal")
     v = sub.add_parser("virtual")
     v.add_argument("--clients", type=int, default=100_000)
     v.add_argument("--rounds", type=int, default=10)
