@@ -1,8 +1,10 @@
 """Costs measured on this machine, which the virtual-time model replays (cached per machine and size).
 
 * fold: ``lifl.fold`` kernels on the model's layout — one update alone, a fused
-  batch of 16 (giving the fuse speed-up), one float64 partial, the finalize;
-* cold start: a real aggregator function started by the local runtime;
+  batch of 16 (giving the fuse speed-up), over updates not in cache (as slots are), one
+  float64 partial, the finalize;
+* function: a real aggregator function started by the local runtime (cold start), and the
+  round trip of one command to it and back (every fold, partial and finalize pays it);
 * ingest: the gateway is the bottleneck while many clients push at once, so it is
   measured as one: real rounds of this model's updates through a real ``lifl serve``
   from the real client pool, every stream of the pool in flight (processes x
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -31,7 +34,7 @@ import numpy as np
 from ..layout import Layout, TensorSpec
 
 log = logging.getLogger("lifl.sim.calibrate")
-_VERSION = 6
+_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Costs:
     gateway_cpu_push_s: float = 0.0      # gateway CPU-seconds per push, whatever its size
     gateway_cpu_per_byte: float = 0.0    # and per byte beyond that
     round_overhead_s: float = 0.0        # open + hand-out + close + pull of a round, beyond its pushes
+    command_s: float = 0.0               # one command's round trip, engine -> function -> reply
     pipe_s_per_byte: float = 0.0         # no_shm: seconds per update byte sent to a function over its socket
     pipe_cpu_per_byte: float = 0.0       # no_shm: the sender's (gateway's) CPU-seconds per such byte
 
@@ -78,11 +82,17 @@ def measure_fold(specs) -> dict:
         b = bytearray(layout.total_size)
         layout.pack_into(u, b)
         bufs.append(b)
+    # updates come from slots that are not in cache: fold distinct copies, ~192 MiB of them
+    copies = max(4, min(512, (192 * 2**20) // max(1, layout.total_size)))
+    bufs = [bytearray(bufs[i % 4]) for i in range(copies)]
     views = [fold.UpdateViews(layout, b) for b in bufs]
     acc = np.zeros(layout.numel, np.float64)
-    one = _median_time(lambda: fold.fold_updates(acc, layout, views[:1], [1.0]))
-    batch = [views[i % 4] for i in range(16)]
-    sixteen = _median_time(lambda: fold.fold_updates(acc, layout, batch, [1.0] * 16), 3)
+    nxt = itertools.count()
+
+    def take(k):
+        return [views[next(nxt) % copies] for _ in range(k)]
+    one = _median_time(lambda: fold.fold_updates(acc, layout, take(1), [1.0]), 9)
+    sixteen = _median_time(lambda: fold.fold_updates(acc, layout, take(16), [1.0] * 16), 5)
     # batch_seconds(t, k, F) = t((1 - 1/F) + k/F)  =>  F = (k - 1) / (T_k / t - 1)
     ratio = sixteen / one
     fuse = max(1.0, 15.0 / max(ratio - 1.0, 1e-9)) if ratio < 16 else 1.0
@@ -101,16 +111,28 @@ def measure_fold(specs) -> dict:
             "flower_per_update_s": flower}
 
 
-def measure_cold_start(n: int = 3) -> float:
+def measure_function(n: int = 3, commands: int = 40) -> dict:
+    """A real function's cold start (started by the local runtime) and one command's round trip
+    (engine -> function -> reply, a command that does nothing), which every fold, partial and
+    finalize pays on top of its arithmetic."""
+    import threading
     from ..runtime.local import LocalRuntime
-    times = []
+    starts, trips = [], []
+    got = threading.Event()
     with LocalRuntime(arena=None) as rt:   # only starts functions: no segments
         rt.prepare()
         for _ in range(n):
-            w = rt.start_worker(lambda *_: None)
-            times.append(w.start_seconds)
+            w = rt.start_worker(lambda _w, msg: got.set() if msg is not None else None)
+            starts.append(w.start_seconds)
+            for i in range(commands):
+                got.clear()
+                t = time.perf_counter()
+                w.send({"op": "forget", "segments": [], "seq": i})
+                if not got.wait(10):
+                    raise RuntimeError("a calibration function did not answer")
+                trips.append(time.perf_counter() - t)
             rt.stop_worker(w)
-    return statistics.median(times)
+    return {"cold_start_s": statistics.median(starts), "command_s": statistics.median(trips)}
 
 
 def _calibration_rounds(model: str, counts, rounds: int, processes: int, threads: int, check: bool):
@@ -252,11 +274,11 @@ def costs_for(specs, processes: int, threads: int, cache: str = "", pushes: int 
         log.info("measuring cold start, pipe and ingest (real runs of %d-byte updates)", nbytes)
         tail = fold_c["update_s"] + fold_c["finalize_s"]
         mach = {**measure_ingest(model, nbytes, processes, threads, pushes, tail, check),
-                **measure_pipe(nbytes), "cold_start_s": measure_cold_start()}
+                **measure_pipe(nbytes), **measure_function()}
         m_path.write_text(json.dumps(mach))
         src["ingest"] = src["cold_start"] = src["pipe"] = "measured now"
     costs = Costs(mach["push_overhead_s"], mach["ingest_Bps"], fold_c["update_s"], fold_c["fuse_speedup"],
                   fold_c["partial_s"], fold_c["finalize_s"], mach["cold_start_s"], fold_c["flower_per_update_s"],
                   mach["gateway_cpu_push_s"], mach["gateway_cpu_per_byte"], mach["round_overhead_s"],
-                  mach["pipe_s_per_byte"], mach["pipe_cpu_per_byte"])
+                  mach["command_s"], mach["pipe_s_per_byte"], mach["pipe_cpu_per_byte"])
     return costs, {"costs": asdict(costs), "source": src, "ingest_points": mach.get("ingest_points")}

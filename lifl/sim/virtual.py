@@ -12,7 +12,8 @@ time, with durations measured on this machine (``calibrate.Costs``):
 * each node's gateway is one FIFO server taking ``push_s(bytes)`` per update,
   admitting a push only while an update slot (``shm_budget_mb / update size``)
   is free; a slot is freed when the fold that read it ends;
-* a fold of k updates takes ``batch_seconds(update_s, k, fuse_speedup)`` on one
+* a fold of k updates takes ``batch_seconds(update_s, k, fuse_speedup)`` plus one
+  command's round trip (``command_s``, as do a partial fold and the finalize) on one
   of the node's fold cores (more functions than cores wait for a core);
 * a cold start takes ``cold_start_s``; partial folds run after the round closes,
   a parent after its slowest child, then the top finalises;
@@ -274,7 +275,7 @@ class VirtualServer:
                 leaf.folding = k
                 inst.busy = True
                 inst.role = "leaf"
-                d = batch_seconds(self.costs.update_s, k, self.costs.fuse_speedup)
+                d = batch_seconds(self.costs.update_s, k, self.costs.fuse_speedup) + self.costs.command_s
                 if self.pipe:   # the updates' bytes cross the function's socket first
                     moved = k * self.nbytes
                     d += moved * self.costs.pipe_s_per_byte
@@ -327,7 +328,7 @@ class VirtualServer:
                 t = max(done[k] for k in kids)
                 extra = sum(1 for k in kids[1:] if not fresh[k])  # the host child is folded into
                 if extra:
-                    s = batch_seconds(c.partial_s, extra, c.fuse_speedup)
+                    s = batch_seconds(c.partial_s, extra, c.fuse_speedup) + c.command_s
                     t += s + fresh_fn
                     tree_cpu += s
                     if not self.reuse:
@@ -339,11 +340,11 @@ class VirtualServer:
         top = run.leaves[hier.host(hier.depth - 1, 0)]
         if top.inst is not None:
             top.inst.role = "top"
-        end = done[0] + c.finalize_s
+        end = done[0] + c.finalize_s + c.command_s
         if not started and not self.reuse:   # the finalize is the top's role: a fresh function
             end += fresh_fn
             self._fresh_function(run)
-        self.cpu["functions"] += tree_cpu + c.finalize_s
+        self.cpu["functions"] += tree_cpu + c.finalize_s + c.command_s
         run.done = True
         self._at(end, self._round_done, run)
 

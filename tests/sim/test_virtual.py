@@ -180,3 +180,12 @@ def test_pipe_transport_sends_each_update_to_the_function_first():
     assert rec.bytes_between_processes == 2 * 4 * 1000   # client -> gateway, then gateway -> function
     same = run_virtual(lambda r, t: row([0, 0, 0, 0]), 1, "lifl", server(), costs, 1000, 250, cores_per_node=1)
     assert same.rounds[0].round_s == pytest.approx(4.15) and same.bytes_between_processes == 4000
+
+
+def test_every_command_pays_its_round_trip():
+    # command_s = 0.01: folds 1.5-1.61, 2.0-2.11, 3.0-3.11, 4.0-4.11, finalize +0.05 +0.01 -> 4.17;
+    # lazy: one batch of 4 at the close, 4.0-4.41, finalize -> 4.47 (each command once, not each update)
+    costs = Costs(**{**COSTS.__dict__, "command_s": 0.01})
+    for kw, want in (({}, 4.17), ({"fold_when": "lazy"}, 4.47)):
+        sim = VirtualServer(server(**kw), costs, update_bytes=1000, numel=250, cores_per_node=1)
+        assert sim.run_round(row([0, 0, 0, 0]), 0.0).round_s == pytest.approx(want), kw
