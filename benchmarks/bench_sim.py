@@ -46,7 +46,7 @@ def _save(name: str, data: dict) -> None:
 def scale(a) -> None:
     """One run over every size (the report's scaling plot); the server is started fresh per size."""
     t = time.monotonic()
-    rec, wall = _run({"run.mode": "real", "run.sizes": list(a.sizes), "workload.model": "mlp100k",
+    rec, wall = _run({"run.mode": "real", "run.sizes": list(a.sizes), "workload.model": a.model,
                       "run.processes": a.processes, "run.threads": a.threads}, "sim-scale")
     rows = []
     for v in rec.variants:
@@ -62,7 +62,8 @@ def scale(a) -> None:
               f"{r['server_peak_pss_mib'] / base:15.2f} {r['cpu']['gateway']:13.2f} {r['cpu']['functions']:9.2f} "
               f"{r['cpu']['clients']:12.2f} {r['max_rel_error']:11.2e}")
     print(f"whole command {time.monotonic() - t:.1f} s (all sizes, incl. server and pool start-ups)")
-    _save("scale", {"command": "python -m benchmarks.bench_sim scale", "rows": rows, "wall_s": wall})
+    _save("scale", {"command": "python -m benchmarks.bench_sim " + " ".join(sys.argv[1:]), "model": a.model,
+                    "rows": rows, "wall_s": wall})
 
 
 def virtual(a) -> None:
@@ -88,17 +89,21 @@ def virtual(a) -> None:
 
 
 def validate(a) -> None:
-    """Calibrated afresh in this run (a new cache), so both modes see the machine in the same state."""
+    """Calibrated afresh for each size, just before its runs (a new cache each), so that both modes
+    see this shared machine in about the same state; its load average is printed beside each size."""
+    import os
     import tempfile
     rows = []
-    with tempfile.TemporaryDirectory(prefix="lifl-sim-cal-") as cache:
-        for n in a.sizes:
+    for n in a.sizes:
+        with tempfile.TemporaryDirectory(prefix="lifl-sim-cal-") as cache:
             for kind in ("all_at_once", "uniform"):
+                load0 = os.getloadavg()[0]
                 rec, _ = _run({"run.mode": "both", "workload.clients_per_round": n, "workload.model": "mlp100k",
                                "workload.rounds": a.rounds, "trace.kind": kind, "trace.window_s": 5.0,
                                "run.processes": a.processes, "run.threads": a.threads,
                                "run.calibration_cache": cache}, f"sim-validate-{kind}-{n}")
-                rows.extend({"trace": kind, **x} for x in rec.validation)
+                load = (load0, os.getloadavg()[0])
+                rows.extend({"trace": kind, "load_avg": load, **x} for x in rec.validation)
     print(f"{'trace':12} {'clients':>8} {'round':>5} {'real s':>8} {'virtual s':>9} {'error %':>8}")
     for r in rows:
         print(f"{r['trace']:12} {r['clients']:8} {r['round']:5} {r['real_s']:8.3f} {r['virtual_s']:9.3f} "
@@ -106,13 +111,17 @@ def validate(a) -> None:
     errs = [abs(r["error"]) for r in rows]
     print(f"per round: median |error| {100 * statistics.median(errs):.1f} %, worst {100 * max(errs):.1f} %")
     summary = []
-    print(f"{'trace':12} {'clients':>8} {'real s (median)':>16} {'virtual s (median)':>19} {'error %':>8}")
+    print(f"{'trace':12} {'clients':>8} {'real s (median)':>16} {'virtual s (median)':>19} {'error %':>8} "
+          f"{'load avg (2 cores)':>18}")
     for kind in ("all_at_once", "uniform"):
         for n in a.sizes:
             sel = [r for r in rows if r["trace"] == kind and r["clients"] == n]  # no dropout here
             re_, vi = statistics.median(r["real_s"] for r in sel), statistics.median(r["virtual_s"] for r in sel)
-            summary.append({"trace": kind, "clients": n, "real_s": re_, "virtual_s": vi, "error": vi / re_ - 1})
-            print(f"{kind:12} {n:8} {re_:16.3f} {vi:19.3f} {100 * (vi / re_ - 1):+8.1f}")
+            load = sel[0]["load_avg"]
+            summary.append({"trace": kind, "clients": n, "real_s": re_, "virtual_s": vi, "error": vi / re_ - 1,
+                            "load_avg": load})
+            print(f"{kind:12} {n:8} {re_:16.3f} {vi:19.3f} {100 * (vi / re_ - 1):+8.1f} "
+                  f"{load[0]:8.1f} -> {load[1]:5.1f}")
     _save("validate", {"command": "python -m benchmarks.bench_sim validate", "rows": rows, "summary": summary})
 
 
@@ -147,18 +156,18 @@ def baseline(a) -> None:
 
 def ablations(a) -> None:
     """Every variant on one trace with gaps between rounds longer than a tick, in both modes."""
-    rec, wall = _run({"run.mode": "both", "run.variants": "lifl,flat,always_on,no_keep_alive,serverful",
+    rec, wall = _run({"run.mode": "both", "run.variants": ",".join(config.VARIANTS),
                       "workload.clients_per_round": a.clients, "workload.rounds": a.rounds,
                       "workload.model": "mlp100k", "trace.kind": "uniform", "trace.window_s": a.window,
                       "run.processes": a.processes, "run.threads": a.threads}, "sim-ablations")
     sums = [report.summary(v) for v in rec.variants]
     base = {s["mode"]: s for s in sums if s["variant"] == "lifl"}
     print(f"{'mode':8} {'variant':14} {'round s':>8} {'post-arrival s':>14} {'platform CPU-s':>14} {'peak MiB':>9} "
-          f"{'cold':>5} {'warm':>5} {'CPU / lifl':>10} {'post / lifl':>11}")
+          f"{'cold':>5} {'warm':>5} {'MB moved':>9} {'CPU / lifl':>10} {'post / lifl':>11}")
     for s in sums:
         b = base[s["mode"]]
         print(f"{s['mode']:8} {s['variant']:14} {s['round_s']:8.3f} {s['post_arrival_s']:14.4f} "
-              f"{s['cpu_platform']:14.2f} {s['peak_mib']:9.1f} {s['cold']:5g} {s['warm']:5g} "
+              f"{s['cpu_platform']:14.2f} {s['peak_mib']:9.1f} {s['cold']:5g} {s['warm']:5g} {s['mb_processes']:9.0f} "
               f"{s['cpu_platform'] / b['cpu_platform']:10.2f} {s['post_arrival_s'] / b['post_arrival_s']:11.2f}")
     print(f"{wall:.0f} s; report in bench-out/sim-ablations/report.md")
     _save("ablations", {"command": "python -m benchmarks.bench_sim ablations", "rows": sums,
@@ -170,6 +179,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("scale")
     s.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000])
+    s.add_argument("--model", default="mlp100k", help="mlp1m: the 16-core goal")
     v = sub.add_parser("virtual")
     v.add_argument("--clients", type=int, default=100_000)
     v.add_argument("--rounds", type=int, default=10)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     """Register ``sim`` on the ``lifl`` command's subparsers."""
+    from .config import VARIANTS   # light: tomllib and dataclasses
     s = sub.add_parser("sim", help="simulate many clients (real processes or virtual time); report with plots")
     ss = s.add_subparsers(dest="sim_command", required=True)
     r = ss.add_parser("run", help="run a simulation; writes run.json, report.md and plots")
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
     r.add_argument("--trace-file", help="our JSONL/CSV trace, or FedScale's client_behave_trace pickle")
     r.add_argument("--capacity-file", help="FedScale's client_device_capacity pickle")
     r.add_argument("--window", type=float, help="seconds over which arrivals spread")
-    r.add_argument("--variants", help="comma-separated: lifl, flat, always_on, no_keep_alive, serverful")
+    r.add_argument("--variants", help="comma-separated: " + ", ".join(VARIANTS))
     r.add_argument("--sizes", help="comma-separated clients-per-round sweep")
     r.add_argument("--processes", type=int, help="real mode: client processes")
     r.add_argument("--threads", type=int, help="real mode: pushes in flight per client process")

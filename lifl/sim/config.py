@@ -15,13 +15,18 @@ from typing import Any, Mapping
 
 TRACE_KINDS = ("all_at_once", "uniform", "bursty", "diurnal", "straggler", "file", "fedscale")
 MODES = ("virtual", "real", "both")
-#: What each variant means (docs/sim.md). Ablations that need engine settings LIFL does not have yet
-#: (no shared memory, lazy fold, no reuse at all) are not offered rather than faked.
+#: What each variant means (docs/sim.md). Every ablation is a documented engine setting (README
+#: settings table), so real mode runs the engine as a user would configure it and virtual mode
+#: models the same mechanism with costs measured on the machine (lifl/sim/calibrate.py).
 VARIANTS = {
     "lifl": "LIFL as configured (elastic planner, scale to zero)",
     "flat": "one aggregator: static planner with leaves=1",
     "always_on": "functions kept running: min_workers=workers, keep_alive_s=1e9",
     "no_keep_alive": "idle functions stopped at the next tick: keep_alive_s=0 (rounds cold-start again)",
+    "lazy": "fold only once the round closes (collect, then aggregate in functions): fold_when=lazy",
+    "no_reuse": "a function serves one role of one round, then stops (every role a cold start): "
+                "reuse_functions=false, min_workers=0",
+    "no_shm": "updates serialised to the functions over their socket, not read in place: update_transport=pipe",
     "serverful": "collect every update, then Flower's FedAvg aggregate() in one process",
 }
 
@@ -136,6 +141,11 @@ class SimConfig:
             ServerConfig(**dict(self.server)).validate()
         except (TypeError, ValueError) as e:
             raise SimConfigError(f"[server]: {e}") from None
+        for v in r.variants:   # each variant's engine settings on top of the table
+            try:
+                ServerConfig(**server_settings(self, v)).validate()
+            except ValueError as e:
+                raise SimConfigError(f"variant {v!r} with this [server] table: {e}") from None
         return self
 
     def to_dict(self) -> dict:
@@ -144,6 +154,26 @@ class SimConfig:
         d["run"]["sizes"] = list(self.run.sizes)
         d["server"] = dict(self.server)
         return d
+
+
+def server_settings(cfg: SimConfig, variant: str) -> dict:
+    """The ``[server]`` table with a variant's documented engine settings applied."""
+    s = dict(cfg.server)
+    if variant == "flat":
+        s.update(planner="static", leaves=1)
+    elif variant == "always_on":
+        from ..config import ServerConfig
+        s["min_workers"] = s.get("workers", ServerConfig().workers)
+        s["keep_alive_s"] = 1e9
+    elif variant == "no_keep_alive":
+        s.update(keep_alive_s=0.0, min_workers=0)
+    elif variant == "lazy":
+        s["fold_when"] = "lazy"
+    elif variant == "no_reuse":
+        s.update(reuse_functions=False, min_workers=0)
+    elif variant == "no_shm":
+        s["update_transport"] = "pipe"
+    return s
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -254,7 +254,9 @@ def run_real(cfg: SimConfig, trace: Trace, variant: str, server: dict, *,
         rec.counters = _scrape(info.get("metrics_port", -1))
     rec.wall_s = time.monotonic() - t_run
     rec.update_bytes = nbytes
-    rec.bytes_between_processes = nbytes * sum(rr.reported for rr in rec.rounds)  # client -> gateway, once
+    # client -> gateway, once; and gateway -> function again where updates go over a socket (no_shm)
+    rec.bytes_between_processes = (nbytes * sum(rr.reported for rr in rec.rounds)
+                                   + int(rec.counters.get("lifl_pipe_bytes_total", 0)))
     return rec
 
 

@@ -13,24 +13,11 @@ from ..config import ServerConfig
 from ..layout import Layout, TensorSpec
 from . import training
 from .calibrate import costs_for
-from .config import SimConfig
+from .config import SimConfig, server_settings
 from .records import RoundRecord, RunRecord, VariantRecord
 from .traces import Trace, build
 from .workload import examples, model_specs, plan_round, update_bytes
 
-
-
-def server_settings(cfg: SimConfig, variant: str) -> dict:
-    """The ``[server]`` table with a variant's documented engine settings applied."""
-    s = dict(cfg.server)
-    if variant == "flat":
-        s.update(planner="static", leaves=1)
-    elif variant == "always_on":
-        s["min_workers"] = s.get("workers", ServerConfig().workers)
-        s["keep_alive_s"] = 1e9
-    elif variant == "no_keep_alive":
-        s.update(keep_alive_s=0.0, min_workers=0)
-    return s
 
 
 def _specs(cfg: SimConfig):
@@ -102,7 +89,9 @@ def run(cfg: SimConfig, progress: Callable[[str, RoundRecord], None] | None = No
     costs = None
     if "virtual" in modes:
         costs, record.calibration = costs_for(_specs(cfg), cfg.run.processes, cfg.run.threads,
-                                              cfg.run.calibration_cache, cfg.run.calibration_pushes)
+                                              cfg.run.calibration_cache, cfg.run.calibration_pushes,
+                                              "" if cfg.run.training else cfg.workload.model,
+                                              cfg.run.check_exact)
     for size in sizes:
         w = replace(cfg.workload, clients_per_round=size,
                     population=max(cfg.workload.population, size) if cfg.workload.population else 0)

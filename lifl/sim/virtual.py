@@ -12,12 +12,25 @@ time, with durations measured on this machine (``calibrate.Costs``):
 * each node's gateway is one FIFO server taking ``push_s(bytes)`` per update,
   admitting a push only while an update slot (``shm_budget_mb / update size``)
   is free; a slot is freed when the fold that read it ends;
-* a fold of k updates takes ``batch_seconds(update_s, k, fuse_speedup)`` on one
+* a fold of k updates takes ``batch_seconds(update_s, k, fuse_speedup)`` plus one
+  command's round trip (``command_s``, as do a partial fold and the finalize) on one
   of the node's fold cores (more functions than cores wait for a core);
 * a cold start takes ``cold_start_s``; partial folds run after the round closes,
   a parent after its slowest child, then the top finalises;
 * a round's own cost (opening it, handing the clients their work, pulling the
   result) is ``round_overhead_s``, paid before the first upload can land.
+
+The engine's ablation settings change the mechanism, as they change the engine's:
+
+* ``fold_when = "lazy"``: a leaf folds nothing until the round closes (its
+  updates hold their slots meanwhile);
+* ``reuse_functions = false``: every binding starts a fresh function (no warm
+  pick, nothing started ahead by the autoscaler), a function stops once its
+  round is done, and each parent and the top (a new role) is a fresh function
+  too, started when its command is ready;
+* ``update_transport = "pipe"``: each folded update's bytes first cross a socket
+  from the gateway to the function (``pipe_s_per_byte`` on the function's core,
+  ``pipe_cpu_per_byte`` of gateway CPU), so they also count as bytes moved.
 
 The planner sees what the dispatcher would (its estimate of the fold time, the
 arrival-rate average), not the true costs. Clients are rows of a trace: a
@@ -115,6 +128,10 @@ class VirtualServer:
         self.cfg, self.costs, self.nbytes, self.numel = server, costs, update_bytes, numel
         self.layout = layout or Layout.from_specs([TensorSpec("w", "float32", (numel,))])
         self.tick_s = tick_s
+        self.lazy = server.fold_when == "lazy"
+        self.reuse = server.reuse_functions
+        self.pipe = server.update_transport == "pipe"
+        self.pipe_bytes = 0
         budget = server.shm_budget_mb * 2**20
         machine = machine_node("local", server.workers, server.fold_cores, os.cpu_count() or 2, budget)
         if nodes == 1 and not cores_per_node:
@@ -204,7 +221,9 @@ class VirtualServer:
     def _bind(self, run: _Round, leaf: _Leaf, role: str) -> None:
         same = [i for i in self.insts if i.node == leaf.node]
         can_start = len(self.insts) < self.cfg.workers and len(same) < self._cap(leaf.node)
-        got = choose_function(self._instances(), leaf.node, role, can_start,
+        # no reuse: a fresh function unless the caps stop it (as the engine's pool chooses)
+        known = self._instances() if self.reuse or not can_start else ()
+        got = choose_function(known, leaf.node, role, can_start,
                               {i.id: i.bindings + i.busy for i in same})
         if got.how == "cold":
             inst = self._spawn(leaf.node, self.now)
@@ -236,6 +255,10 @@ class VirtualServer:
             self._bind(run, leaf, "leaf")
         if run.accepted >= run.to_report:
             run.closed_t = self.now
+            if self.lazy:   # the leaves may fold now
+                for lf in run.leaves:
+                    if lf.inst is not None:
+                        self._pump(lf.inst)
         self._pump(leaf.inst)
         self._maybe_reduce(run)
 
@@ -243,7 +266,7 @@ class VirtualServer:
         if inst.busy or self.now < inst.ready_at or inst not in self.insts:
             return
         run = self.round
-        if run is None or run.done:
+        if run is None or run.done or (self.lazy and run.closed_t is None):
             return
         for leaf in run.leaves:
             if leaf.inst is inst and leaf.pending and not leaf.folding:
@@ -252,7 +275,12 @@ class VirtualServer:
                 leaf.folding = k
                 inst.busy = True
                 inst.role = "leaf"
-                d = batch_seconds(self.costs.update_s, k, self.costs.fuse_speedup)
+                d = batch_seconds(self.costs.update_s, k, self.costs.fuse_speedup) + self.costs.command_s
+                if self.pipe:   # the updates' bytes cross the function's socket first
+                    moved = k * self.nbytes
+                    d += moved * self.costs.pipe_s_per_byte
+                    self.cpu["gateway"] += moved * self.costs.pipe_cpu_per_byte
+                    self.pipe_bytes += moved
                 self._core(inst.node, d, self._folded, inst, leaf, k, d)
                 return
 
@@ -291,6 +319,8 @@ class VirtualServer:
         done = [max(lf.done_t, run.closed_t) for lf in run.leaves]
         fresh = [lf.folded == 0 for lf in run.leaves]
         tree_cpu = 0.0
+        fresh_fn = 0.0 if self.reuse else c.cold_start_s   # no reuse: a new role is a new function
+        started = False                                      # the top's function (no reuse)
         for level in hier.levels[1:]:
             nd, nf = [], []
             for kids in level:
@@ -298,19 +328,31 @@ class VirtualServer:
                 t = max(done[k] for k in kids)
                 extra = sum(1 for k in kids[1:] if not fresh[k])  # the host child is folded into
                 if extra:
-                    s = batch_seconds(c.partial_s, extra, c.fuse_speedup)
-                    t += s
+                    s = batch_seconds(c.partial_s, extra, c.fuse_speedup) + c.command_s
+                    t += s + fresh_fn
                     tree_cpu += s
+                    if not self.reuse:
+                        self._fresh_function(run)
+                        started = len(level) == 1
                 nd.append(t)
                 nf.append(not full)
             done, fresh = nd, nf
         top = run.leaves[hier.host(hier.depth - 1, 0)]
         if top.inst is not None:
             top.inst.role = "top"
-        end = done[0] + c.finalize_s
-        self.cpu["functions"] += tree_cpu + c.finalize_s
+        end = done[0] + c.finalize_s + c.command_s
+        if not started and not self.reuse:   # the finalize is the top's role: a fresh function
+            end += fresh_fn
+            self._fresh_function(run)
+        self.cpu["functions"] += tree_cpu + c.finalize_s + c.command_s
         run.done = True
         self._at(end, self._round_done, run)
+
+    def _fresh_function(self, run: _Round) -> None:
+        """No reuse: a parent or the top starts a function of its own (it stops with the round)."""
+        self.cold_starts += 1
+        run.cold += 1
+        self.cpu["functions"] += self.costs.cold_start_s
 
     def _round_done(self, run: _Round) -> None:
         self.finished = run
@@ -321,6 +363,8 @@ class VirtualServer:
                 if lf.inst.bindings == 0:
                     lf.inst.last_used = self.now
                     lf.inst.role = "idle"
+                    if not self.reuse and lf.inst in self.insts:   # its role is done: it stops
+                        self.insts.remove(lf.inst)
 
     # -- planning (the engine's shaper) --------------------------------------------------------------
     def _leaves(self, shape: Shape, have: int = 0) -> list[_Leaf]:
@@ -352,7 +396,8 @@ class VirtualServer:
         obs = Observation(self._instances(), self.load.arrivals_per_s, depth, required, self.load.service_rate)
         d = decide(self.scale_state, obs, self.now, self.policy)
         self.scale_state = d.state
-        for _ in range(min(d.start, self.cfg.workers - len(self.insts))):
+        starts = d.start if self.reuse else 0   # no reuse: nothing is started ahead
+        for _ in range(min(starts, self.cfg.workers - len(self.insts))):
             inst = self._spawn(self.names[0], self.now)
             inst.role = "idle"
         for wid in d.stop:
@@ -386,6 +431,10 @@ class VirtualServer:
         leaves = self._leaves(shape)
         self.peak_leaves = max(self.peak_leaves, len(leaves))
         to_report = int(row.reports.sum())
+        if self.lazy and to_report > self.slots_total * len(self.names):
+            raise SimConfigError(f"fold_when = 'lazy' holds every update of a round until it closes: "
+                                 f"{to_report} updates of {self.nbytes} bytes do not fit shm_budget_mb = "
+                                 f"{self.cfg.shm_budget_mb} ({self.slots_total} slots per node)")
         run = _Round(row, open_t, to_report, shape, leaves)
         self.round = run
         self.finished = None
@@ -480,8 +529,8 @@ def run_virtual(rows: Callable[[int, float], RoundPlan], rounds: int, variant: s
     rec.counters = {"cold_starts": sim.cold_starts, "warm_reuses": sim.warm_reuses, "replans": sim.replans,
                     "scale_downs": sim.scale_downs}
     rec.timeline = compact_timeline(sim.timeline_t, sim.timeline_alive, sim.arrival_times)
-    # client -> gateway once; the fold reads the slot in place (no copy between processes)
-    rec.bytes_between_processes = nbytes * sum(r.reported for r in rec.rounds)
+    # client -> gateway once; the fold reads the slot in place (no copy between processes) unless no_shm
+    rec.bytes_between_processes = nbytes * sum(r.reported for r in rec.rounds) + sim.pipe_bytes
     rec.bytes_between_nodes = sim.cross_node_bytes
     rec.notes.append("peak_pss_bytes is the modelled shared memory (slots + float64 sums + result)")
     return rec

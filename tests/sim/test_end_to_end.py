@@ -146,3 +146,27 @@ def test_a_users_training_task_runs_in_both_modes(tmp_path, monkeypatch, capsys,
         load(None, {"run.training": True, "run.task": "halftask"})
     with pytest.raises(SimConfigError, match="cannot import 'no_such_task'"):
         load(None, {"run.training": True, "run.task": "no_such_task"})
+
+
+def test_engine_ablations_run_for_real(tmp_path, capsys):
+    """lazy, no_reuse and no_shm are engine settings: each runs a real server, exact, and shows its mechanism
+    in the server's own /metrics (fresh functions only; update bytes sent over the functions' sockets)."""
+    prefix = f"liflsimabl{uuid.uuid4().hex[:6]}"
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(f'[workload]\nclients_per_round = 10\nmodel = "dense:2000"\n'
+                   f'[trace]\nkind = "uniform"\nwindow_s = 0.3\n'
+                   f'[run]\nmode = "real"\nvariants = ["lazy", "no_reuse", "no_shm"]\nprocesses = 1\n'
+                   f'[server]\nshm_prefix = "{prefix}"\n')
+    out = tmp_path / "out"
+    assert main(["sim", "run", "--config", str(cfg), "-o", str(out), "--no-progress"]) == 0
+    by = {v["variant"]: v for v in json.loads((out / "run.json").read_text())["variants"]}
+    for name, v in by.items():
+        assert [r["reported"] for r in v["rounds"]] == [10], name
+        assert all(r["max_rel_error"] <= 1e-6 for r in v["rounds"]), name
+    assert by["lazy"]["server"]["fold_when"] == "lazy"
+    c = by["no_reuse"]["counters"]
+    assert c["lifl_warm_reuses_total"] == 0 and c["lifl_cold_starts_total"] >= 2  # a leaf, then a top
+    assert by["no_shm"]["counters"]["lifl_pipe_bytes_total"] == 10 * 8000
+    assert by["no_shm"]["bytes_between_processes"] == 2 * 10 * 8000   # client -> gateway -> function
+    assert list_segments(prefix) == []
+    capsys.readouterr()

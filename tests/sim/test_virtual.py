@@ -125,3 +125,67 @@ def test_two_nodes_split_arrivals_and_use_the_real_plan_and_placement():
     # the two gateways take 100 pushes of 1 s each in parallel: the last lands at t = 100
     assert sim.gw["node0"].pos == sim.gw["node1"].pos == 100
     assert 100.0 < rr.round_s < 101.0 and rr.post_arrival_s < 1.0
+
+
+# -- the engine's ablation settings, in virtual time ------------------------------------------------
+
+def test_lazy_folds_nothing_before_the_round_closes():
+    # pushes end at 1, 2, 3, 4; the function is warm at 1.5 but waits for the close (t = 4);
+    # then one fused batch of 4 (fuse 1.0: 4 x 0.1 s) to 4.4, finalize to 4.45 (eager: 4.15)
+    sim = VirtualServer(server(fold_when="lazy"), COSTS, update_bytes=1000, numel=250, cores_per_node=1)
+    rr = sim.run_round(row([0, 0, 0, 0]), 0.0)
+    assert rr.round_s == pytest.approx(4.45) and rr.post_arrival_s == pytest.approx(0.45)
+    assert (rr.cold_starts, rr.leaves) == (1, 1)
+    assert sim.peak_slots == 4   # every update held its slot until the close
+
+
+def test_lazy_refuses_a_round_that_does_not_fit_the_slot_budget():
+    from lifl.sim.config import SimConfigError
+    sim = VirtualServer(server(fold_when="lazy", shm_budget_mb=2), COSTS, update_bytes=MiB, numel=MiB // 4,
+                        cores_per_node=1)
+    with pytest.raises(SimConfigError, match="shm_budget_mb"):
+        sim.run_round(row([0, 0, 0]), 0.0)
+
+
+def test_no_reuse_starts_a_function_for_every_role_and_round():
+    # round 1: the leaf is cold (1 -> 1.5), folds 1.5-1.6, 2.0-2.1, 3.0-3.1, 4.0-4.1; the finalize is the
+    # top's role, a fresh function: 4.1 + 0.5 + 0.05 = 4.65; two cold starts, and both stop with the round
+    sim = VirtualServer(server(reuse_functions=False), COSTS, update_bytes=1000, numel=250, cores_per_node=1)
+    rr = sim.run_round(row([0, 0, 0, 0]), 0.0)
+    assert rr.round_s == pytest.approx(4.65) and (rr.cold_starts, rr.warm_reuses) == (2, 0)
+    assert sim.insts == []
+    # round 2 (keep_alive 30 s would have kept a function warm): cold again, 1.5-1.6, 2.0-2.1, +0.5 +0.05
+    rr2 = sim.run_round(row([0, 0], rnd=2), sim.now)
+    assert rr2.round_s == pytest.approx(2.65) and (rr2.cold_starts, rr2.warm_reuses) == (2, 0)
+    assert sim.cold_starts == 4 and sim.cpu["functions"] == pytest.approx(4 * 0.5 + 6 * 0.1 + 2 * 0.05)
+
+
+def test_no_reuse_parent_is_a_fresh_function():
+    # two leaves (cold, ready 1.5 / 2.5; folds end 1.6 / 2.6); the parent starts fresh after its slowest
+    # child: 2.6 + 0.5 (start) + 0.25 (partial), and it finalises too (same role): + 0.05
+    sim = VirtualServer(server(workers=2, leaves=2, fan_in=2, reuse_functions=False), COSTS, update_bytes=1000,
+                        numel=250, cores_per_node=2)
+    rr = sim.run_round(row([0, 0]), 0.0)
+    assert rr.round_s == pytest.approx(2.6 + 0.5 + 0.25 + 0.05) and rr.cold_starts == 3
+
+
+def test_pipe_transport_sends_each_update_to_the_function_first():
+    # 1000-byte updates at 1e-4 s/byte: 0.1 s on the socket before each 0.1 s fold:
+    # folds 1.5-1.7, 2.0-2.2, 3.0-3.2, 4.0-4.2, finalize 4.25; the sender's CPU goes to the gateway
+    costs = Costs(**{**COSTS.__dict__, "pipe_s_per_byte": 1e-4, "pipe_cpu_per_byte": 5e-5})
+    rec = run_virtual(lambda r, t: row([0, 0, 0, 0]), 1, "no_shm", server(update_transport="pipe"), costs,
+                      1000, 250, cores_per_node=1)
+    assert rec.rounds[0].round_s == pytest.approx(4.25)
+    assert rec.cpu["gateway"] == pytest.approx(4 * 0.5 + 4 * 1000 * 5e-5)
+    assert rec.bytes_between_processes == 2 * 4 * 1000   # client -> gateway, then gateway -> function
+    same = run_virtual(lambda r, t: row([0, 0, 0, 0]), 1, "lifl", server(), costs, 1000, 250, cores_per_node=1)
+    assert same.rounds[0].round_s == pytest.approx(4.15) and same.bytes_between_processes == 4000
+
+
+def test_every_command_pays_its_round_trip():
+    # command_s = 0.01: folds 1.5-1.61, 2.0-2.11, 3.0-3.11, 4.0-4.11, finalize +0.05 +0.01 -> 4.17;
+    # lazy: one batch of 4 at the close, 4.0-4.41, finalize -> 4.47 (each command once, not each update)
+    costs = Costs(**{**COSTS.__dict__, "command_s": 0.01})
+    for kw, want in (({}, 4.17), ({"fold_when": "lazy"}, 4.47)):
+        sim = VirtualServer(server(**kw), costs, update_bytes=1000, numel=250, cores_per_node=1)
+        assert sim.run_round(row([0, 0, 0, 0]), 0.0).round_s == pytest.approx(want), kw
