@@ -38,11 +38,10 @@ dormant client costs nothing but its row.
 """
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -56,6 +55,8 @@ from ..engine.shaping import Shape, TreeShaper
 from ..layout import Layout, TensorSpec
 from .calibrate import Costs
 from .config import SimConfigError
+from .events import EventLoop
+from .gateways import Gateways
 from .records import RoundRecord, VariantRecord, compact_timeline
 from .workload import RoundPlan
 
@@ -91,16 +92,6 @@ class _Leaf:
     folding: int = 0
     folded: int = 0
     done_t: float = 0.0
-
-
-@dataclass
-class _Gateway:
-    ready: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    pos: int = 0
-    busy: bool = False
-    wake_at: float = -1.0
-    slots_free: int = 1
 
 
 @dataclass
@@ -141,19 +132,13 @@ class VirtualServer:
             self.nodes = [Node(f"node{i}" if nodes > 1 else "local", cores, 0, budget) for i in range(nodes)]
         self.names = [n.name for n in self.nodes]
         self.cores = {n.name: max(1, int(n.cores)) for n in self.nodes}
-        self.busy_cores = {n: 0 for n in self.names}
-        self.core_wait: dict[str, list] = {n: [] for n in self.names}
+        self.loop = EventLoop(self.cores)
         slots = max(1, (server.shm_budget_mb * 2**20) // max(1, update_bytes))
-        self.gw = {n: _Gateway(slots_free=slots) for n in self.names}
-        self.slots_total = slots
         self.policy = ScalePolicy(keep_alive_s=server.keep_alive_s, min_instances=server.min_workers,
                                   max_instances=server.workers, stabilization_s=min(10.0, server.keep_alive_s))
         self.scale_state = AutoscalerState()
         self.insts: list[_Inst] = []
         self._ids = itertools.count(1)
-        self.now = 0.0
-        self.events: list = []
-        self._seq = itertools.count()
         self.load = LoadEstimator()      # what the engine feeds the planner and the autoscaler
         self.shaper = TreeShaper(server, lambda: self.nodes)
         self.tick_pending = False
@@ -162,7 +147,8 @@ class VirtualServer:
         # metrics
         self.cold_starts = self.warm_reuses = 0
         self.cpu = {"gateway": 0.0, "functions": 0.0}
-        self.peak_slots = 0
+        self.gateways = Gateways(self.loop, self.names, slots, costs.push_s(update_bytes),
+                                 costs.push_cpu_s(update_bytes), self._accept, self.cpu)
         self.peak_leaves = 0
         self.timeline_t: list[float] = []
         self.timeline_alive: dict[str, list[int]] = {"leaf": [], "middle": [], "top": [], "idle": []}
@@ -174,45 +160,25 @@ class VirtualServer:
             self._spawn(self.names[0], 0.0)
 
     # -- events ------------------------------------------------------------------------------
-    def _at(self, t: float, fn: Callable, *args) -> None:
-        heapq.heappush(self.events, (t, next(self._seq), fn, args))
+    @property
+    def now(self) -> float:
+        return self.loop.now
+
+    @property
+    def peak_slots(self) -> int:
+        return self.gateways.peak_slots
 
     def _spawn(self, node: str, now: float) -> _Inst:
         inst = _Inst(f"fn-{next(self._ids)}", node, now + self.costs.cold_start_s, last_used=now)
         self.insts.append(inst)
         self.cold_starts += 1
         self.cpu["functions"] += self.costs.cold_start_s
-        self._at(inst.ready_at, self._fn_ready, inst)
+        self.loop.at(inst.ready_at, self._fn_ready, inst)
         return inst
 
     def _fn_ready(self, inst: _Inst) -> None:
         if inst in self.insts:
             self._pump(inst)
-
-    # -- gateway ----------------------------------------------------------------------------------
-    def _gw_try(self, node: str) -> None:
-        g = self.gw[node]
-        if g.busy or g.slots_free <= 0 or g.pos >= len(g.ready):
-            return
-        t = g.ready[g.pos]
-        if t > self.now:
-            if g.wake_at != t:
-                g.wake_at = t
-                self._at(t, self._gw_try, node)
-            return
-        weight = float(g.weights[g.pos])
-        g.pos += 1
-        g.busy = True
-        g.slots_free -= 1
-        self.peak_slots = max(self.peak_slots, sum(self.slots_total - x.slots_free for x in self.gw.values()))
-        d = self.costs.push_s(self.nbytes)
-        self.cpu["gateway"] += self.costs.push_cpu_s(self.nbytes)
-        self._at(self.now + d, self._ingested, node, weight)
-
-    def _ingested(self, node: str, weight: float) -> None:
-        self.gw[node].busy = False
-        self._accept(node, weight)
-        self._gw_try(node)
 
     # -- the dispatcher's side ----------------------------------------------------------------------
     def _instances(self) -> tuple[Instance, ...]:
@@ -285,19 +251,8 @@ class VirtualServer:
                 return
 
     def _core(self, node: str, d: float, fn: Callable, *args) -> None:
-        if self.busy_cores[node] < self.cores[node]:
-            self.busy_cores[node] += 1
-            self.cpu["functions"] += d
-            self._at(self.now + d, self._core_done, node, fn, args)
-        else:
-            self.core_wait[node].append((d, fn, args))
-
-    def _core_done(self, node: str, fn: Callable, args) -> None:
-        self.busy_cores[node] -= 1
-        if self.core_wait[node]:
-            d, f2, a2 = self.core_wait[node].pop(0)
-            self._core(node, d, f2, *a2)
-        fn(*args)
+        self.cpu["functions"] += d
+        self.loop.on_core(node, d, fn, *args)
 
     def _folded(self, inst: _Inst, leaf: _Leaf, k: int, d: float) -> None:
         inst.busy = False
@@ -306,8 +261,7 @@ class VirtualServer:
         leaf.folded += k
         leaf.done_t = self.now
         self.load.folded(d, k)
-        self.gw[leaf.home].slots_free += k
-        self._gw_try(leaf.home)
+        self.gateways.free(leaf.home, k)
         self._pump(inst)
         self._maybe_reduce(self.round)
 
@@ -346,7 +300,7 @@ class VirtualServer:
             self._fresh_function(run)
         self.cpu["functions"] += tree_cpu + c.finalize_s + c.command_s
         run.done = True
-        self._at(end, self._round_done, run)
+        self.loop.at(end, self._round_done, run)
 
     def _fresh_function(self, run: _Round) -> None:
         """No reuse: a parent or the top starts a function of its own (it stops with the round)."""
@@ -420,38 +374,32 @@ class VirtualServer:
         period = self.tick_s if open_ else (0.5 if self.insts else None)
         if period is not None:
             self.tick_pending = True
-            self._at(self.now + period, self._tick)
+            self.loop.at(self.now + period, self._tick)
 
     # -- rounds ---------------------------------------------------------------------------------------
     def run_round(self, row: RoundPlan, open_t: float) -> RoundRecord:
         """Simulate one round opened at ``open_t`` (>= the previous round's end); returns its record."""
-        self._advance_to(open_t)
+        self.loop.advance_to(open_t)
         expected = len(row.clients)
         shape = self.shaper.shape(row.round, expected, self.layout, 0.0, self.load)
         leaves = self._leaves(shape)
         self.peak_leaves = max(self.peak_leaves, len(leaves))
         to_report = int(row.reports.sum())
-        if self.lazy and to_report > self.slots_total * len(self.names):
+        if self.lazy and to_report > self.gateways.slots_total * len(self.names):
             raise SimConfigError(f"fold_when = 'lazy' holds every update of a round until it closes: "
                                  f"{to_report} updates of {self.nbytes} bytes do not fit shm_budget_mb = "
-                                 f"{self.cfg.shm_budget_mb} ({self.slots_total} slots per node)")
+                                 f"{self.cfg.shm_budget_mb} ({self.gateways.slots_total} slots per node)")
         run = _Round(row, open_t, to_report, shape, leaves)
         self.round = run
         self.finished = None
         ready = open_t + self.costs.round_overhead_s + row.ready_s[row.reports]
         wts = row.weights[row.reports]
-        order = np.argsort(ready, kind="stable")
-        for j, n in enumerate(self.names):  # clients reach the gateways round-robin
-            sel = order[j::len(self.names)]
-            g = self.gw[n]
-            g.ready, g.weights, g.pos, g.wake_at = ready[sel], wts[sel], 0, -1.0
-        for n in self.names:
-            self._gw_try(n)
+        self.gateways.start_round(ready, wts)
         self._schedule_tick()
         while self.finished is None:
-            if not self.events:
+            if not self.loop.pending:
                 raise RuntimeError("virtual time stalled: no event left and the round is not done")
-            self._step()
+            self.loop.step()
         end = self.now
         log.info("virtual round %d: %d updates, %d leaves, %.3f s (post-arrival %.4f s)", row.round, run.accepted,
                  len(run.leaves), end - open_t, end - run.last_accept_t)
@@ -461,15 +409,6 @@ class VirtualServer:
                            cold_starts=run.cold, warm_reuses=run.warm, leaves=len(run.leaves),
                            refused={} if to_report == expected else {"dropped_out": expected - to_report})
 
-    def _step(self) -> None:
-        t, _, fn, args = heapq.heappop(self.events)
-        self.now = max(self.now, t)
-        fn(*args)
-
-    def _advance_to(self, t: float) -> None:
-        while self.events and self.events[0][0] <= t:
-            self._step()
-        self.now = max(self.now, t)
 
     def memory_model_bytes(self) -> int:
         """Shared memory the platform would hold at peak: update slots, float64 sums, one result."""

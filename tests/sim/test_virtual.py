@@ -123,7 +123,7 @@ def test_two_nodes_split_arrivals_and_use_the_real_plan_and_placement():
     assert rr.leaves == plan.leaves and {"node0", "node1"} <= set(plan.leaf_home)
     assert sim.cross_node_bytes == want.cross_node_bytes
     # the two gateways take 100 pushes of 1 s each in parallel: the last lands at t = 100
-    assert sim.gw["node0"].pos == sim.gw["node1"].pos == 100
+    assert sim.gateways.taken("node0") == sim.gateways.taken("node1") == 100
     assert 100.0 < rr.round_s < 101.0 and rr.post_arrival_s < 1.0
 
 
