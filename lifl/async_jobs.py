@@ -59,6 +59,7 @@ class AsyncJob:
     failed: str = ""
     work: np.ndarray | None = None          # the publisher's float64 work vector, reused
     closed: threading.Event = field(default_factory=threading.Event)
+    on_stop: list = field(default_factory=list)   # callbacks of waits to end when the job stops
     opened: float = field(default_factory=time.time)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -180,6 +181,7 @@ class AsyncJobs:
             aj.closed.set()
             aj.cond.notify_all()
             rids = list(aj.rounds.values())
+        self._stopped(aj)
         for rid in rids:
             try:
                 self.dispatcher.close_round(aj.name, rid, abort=True)
@@ -205,6 +207,20 @@ class AsyncJobs:
             raise LiflError("FAILED_PRECONDITION", f"asynchronous job {quote(aj.name)} failed at version "
                                                    f"{aj.job.latest}: {aj.failed}")
 
+    def _on_stop(self, aj: AsyncJob, fn) -> None:
+        """Have ``fn`` called when the job stops (closed, or the server shuts down)."""
+        with aj.cond:
+            aj.on_stop = [fn]   # one publisher, one wait at a time
+        if self._stop.is_set() or aj.closed.is_set():
+            fn()
+
+    @staticmethod
+    def _stopped(aj: AsyncJob) -> None:
+        with aj.cond:
+            fns, aj.on_stop = aj.on_stop, []
+        for fn in fns:
+            fn()
+
     # -- publishing ---------------------------------------------------------------------------
     def _publisher(self, aj: AsyncJob) -> None:
         b = 1
@@ -218,7 +234,7 @@ class AsyncJobs:
                 rid = aj.rounds.pop(b)
                 w, ws = aj.weights.pop(b)
             try:
-                with self.dispatcher.model(aj.name, rid, False, 3600.0, alive=lambda: not stopped()) \
+                with self.dispatcher.model(aj.name, rid, False, 3600.0, cancel=lambda wake: self._on_stop(aj, wake)) \
                         as (_run, seg):
                     self._publish(aj, b, seg, ws / w)
             except Exception as e:   # the tree failed this buffer: the job cannot go on exactly
@@ -253,18 +269,27 @@ class AsyncJobs:
     # -- pulls --------------------------------------------------------------------------------
     @contextmanager
     def model(self, aj: AsyncJob, version: int | None, wait_s: float,
-              alive: Callable[[], bool] = lambda: True) -> Iterator[tuple[int, Segment]]:
+              cancel: Callable[[Callable[[], None]], object] | None = None) -> Iterator[tuple[int, Segment]]:
         """Hold a kept version (``None``: the latest) for reading; waits up to ``wait_s`` for a
-        version not yet published."""
+        version not yet published, or until the reader goes away (``cancel``: gRPC's
+        ``context.add_callback``)."""
         give_up = time.monotonic() + wait_s
+        gone = threading.Event()
+        if cancel is not None:
+            def went_away() -> None:
+                gone.set()
+                with aj.cond:
+                    aj.cond.notify_all()
+            if cancel(went_away) is False:   # gRPC: the call already ended
+                gone.set()
         with aj.cond:
             if aj.closed.is_set():
                 self._check_alive(aj)
-            while version is not None and version > aj.job.latest and not aj.failed and alive():
+            while version is not None and version > aj.job.latest and not aj.failed and not gone.is_set():
                 left = give_up - time.monotonic()
-                if left <= 0:
+                if left <= 0 or aj.closed.is_set():
                     break
-                aj.cond.wait(min(left, 0.5))
+                aj.cond.wait(left)
             v = aj.job.latest if version is None else version
             if v not in aj.versions:
                 kept = f"versions {min(aj.versions)}..{max(aj.versions)} are kept"
@@ -287,5 +312,6 @@ class AsyncJobs:
         for aj in self.all():
             with aj.cond:
                 aj.cond.notify_all()
+            self._stopped(aj)
         for t in self._threads:
             t.join(timeout=5.0)

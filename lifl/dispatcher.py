@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 from .admission import Admission
 from .config import ServerConfig
@@ -33,7 +33,7 @@ from .engine.recovery import Recovery
 from .engine.scaling import ScaleExecutor
 from .engine.shaping import TreeShaper
 from .engine.snapshot import EngineSnapshot, function_view, round_view
-from .engine.store import RoundRun, RoundTable, Task
+from .engine.store import Cancel, RoundRun, RoundTable, Task
 from .engine.ticker import Ticker, guarded
 from .errors import LiflError
 from .layout import Layout
@@ -219,14 +219,15 @@ class Dispatcher(Admission):
     # -- results and views --------------------------------------------------------------------
     @contextmanager
     def model(self, job: str, rid: int, initial: bool, wait_s: float,
-              alive: Callable[[], bool] = lambda: True) -> Iterator[tuple[RoundRun, Segment]]:
+              cancel: Cancel | None = None) -> Iterator[tuple[RoundRun, Segment]]:
         """Hold a round's result (or initial model) for reading; waits up to wait_s for the result,
-        or until ``alive()`` turns false (the client went away: its thread is freed at once)."""
+        or until the reader goes away (``cancel``, e.g. gRPC's ``context.add_callback``: its thread
+        is freed at once)."""
         with self._lock:
             run = self.get(job, rid)
             run.readers += 1
         try:
-            yield run, (self.table.initial_of(run) if initial else self.table.result_of(run, wait_s, alive))
+            yield run, (self.table.initial_of(run) if initial else self.table.result_of(run, wait_s, cancel))
         finally:
             with self._lock:
                 run.readers -= 1

@@ -227,7 +227,7 @@ class Gateway(Service):
             raise LiflError("INVALID_ARGUMENT", f"job {quote(job_name(req.job))} is not asynchronous: pull a "
                                                 "round's result by its round number")
         with self.dispatcher.model(req.job, req.round, initial, min(wait, MAX_PULL_WAIT_S),
-                                   alive=context.is_active) as (run, seg):
+                                   cancel=context.add_callback) as (run, seg):
             r = run.round
             header = pb.ModelHeader(round=r.id, total_size=r.layout.total_size, encoding=pb.ENCODING_RAW,
                                     total_weight=0.0 if initial else r.total_weight,
@@ -235,7 +235,7 @@ class Gateway(Service):
             yield from self._send_model(header, r.layout, seg, context)
 
     def _pull_version(self, aj: AsyncJob, req: pb.PullRequest, wait: float, context):
-        with self.asyncs.model(aj, None if req.latest else req.version, wait, alive=context.is_active) as (v, seg):
+        with self.asyncs.model(aj, None if req.latest else req.version, wait, cancel=context.add_callback) as (v, seg):
             header = pb.ModelHeader(total_size=aj.layout.total_size, encoding=pb.ENCODING_RAW, version=v)
             yield from self._send_model(header, aj.layout, seg, context)
 

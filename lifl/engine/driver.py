@@ -165,7 +165,7 @@ class RoundDriver:
         self.metrics.rounds.labels("failed").inc()
         for name in run.red.drain_pending():
             self.release_slot(name)
-        run.done_event.set()
+        run.finish()
         self.maybe_release(run)
         self.table.evict_old()
 
@@ -219,7 +219,7 @@ class RoundDriver:
         self.metrics.rounds.labels("done").inc()
         log.info("round %d of job %s done: %d updates, total weight %g", rnd.id, quote(rnd.job),
                  len(rnd.accepted), rnd.total_weight)
-        run.done_event.set()
+        run.finish()
         self.table.evict_old()
 
     def maybe_release(self, run: RoundRun) -> None:

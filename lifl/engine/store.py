@@ -8,7 +8,6 @@ arena unlinked: a segment still mapped is still memory.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +40,7 @@ class RoundRun:
     result: Segment | None = None      # allocated when the top finalises
     from_round: int = 0                # initial is that round's result (shared, not copied)
     done_event: threading.Event = field(default_factory=threading.Event)
+    waiters: set = field(default_factory=set)     # events of readers waiting for the result
     tasks_in_flight: int = 0
     readers: int = 0
     released: bool = False
@@ -72,6 +72,12 @@ class RoundRun:
     @property
     def finished(self) -> bool:
         return self.round.state in (State.DONE, State.FAILED)
+
+    def finish(self) -> None:
+        """The result exists (or never will): wake every reader waiting for it."""
+        self.done_event.set()
+        for w in list(self.waiters):
+            w.set()
 
 
 @dataclass(frozen=True)
@@ -129,16 +135,25 @@ class Task:
         return out
 
 
-def wait_alive(event: threading.Event, timeout: float, alive: Callable[[], bool], step: float = 0.5) -> bool:
-    """``event.wait(timeout)`` in slices, giving up early when ``alive()`` is false (real time:
-    it is a client waiting)."""
-    end = time.monotonic() + timeout
-    while True:
-        left = end - time.monotonic()
-        if event.wait(min(step, max(0.0, left))):
-            return True
-        if left <= step or not alive():
-            return event.is_set()
+#: ``cancel(fn)``: have ``fn`` called when whoever waits goes away (gRPC: ``context.add_callback``).
+Cancel = Callable[[Callable[[], None]], object]
+
+
+def wait_result(run: "RoundRun", timeout: float, cancel: Cancel | None) -> bool:
+    """Wait up to ``timeout`` for the round's result, woken at once by the round finishing
+    (``RoundRun.finish``) or by the waiter going away (``cancel``): no polling."""
+    if run.done_event.is_set() or timeout <= 0:
+        return run.done_event.is_set()
+    wake = threading.Event()
+    run.waiters.add(wake)
+    try:
+        if cancel is not None and cancel(wake.set) is False:   # gRPC: the call already ended
+            wake.set()
+        if not run.done_event.is_set():   # registered first: a finish in between is not missed
+            wake.wait(timeout)
+    finally:
+        run.waiters.discard(wake)
+    return run.done_event.is_set()
 
 
 class RoundTable:
@@ -203,9 +218,9 @@ class RoundTable:
         return run.initial
 
     @staticmethod
-    def result_of(run: RoundRun, wait_s: float, alive: Callable[[], bool]) -> Segment:
+    def result_of(run: RoundRun, wait_s: float, cancel: Cancel | None) -> Segment:
         r = run.round
-        if not wait_alive(run.done_event, max(0.0, wait_s), alive):
+        if not wait_result(run, wait_s, cancel):
             raise LiflError("DEADLINE_EXCEEDED" if wait_s > 0 else "FAILED_PRECONDITION",
                             f"round {r.id} has no result yet (state {r.state.name.lower()}, "
                             f"{len(r.accepted)}/{r.expected} updates); pull with a longer wait")
