@@ -37,9 +37,7 @@ def test_async_fedbuff_under_flwr_run(tmp_path):
         st.start_lifl(shm_budget_mb=64)
         st.start_superlink(simulation=True)
         rc["lifl-address"] = st.lifl_address
-        r = st.flwr_run(APP, rc, num_supernodes=NODES, timeout=150)
-        if r.returncode != 0 and "Timed out waiting for file" in r.stdout + st.log("superlink"):
-            r = st.flwr_run(APP, rc, num_supernodes=NODES, timeout=150)   # Ray's own boot timed out
+        r = st.flwr_run_simulation(APP, rc, num_supernodes=NODES, produces=out.with_suffix(".json"), timeout=150)
         assert r.returncode == 0 and out.with_suffix(".json").exists(), r.stdout[-4000:] + st.log("superlink")[-3000:]
         summary = json.loads(out.with_suffix(".json").read_text())
         with Client(st.lifl_address) as c:

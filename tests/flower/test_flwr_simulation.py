@@ -28,14 +28,7 @@ def stack(tmp_path_factory):
 def run(stack: Stack, out: Path, **cfg) -> dict:
     rc = {"num-server-rounds": ROUNDS, "min-nodes": NODES, "lifl-address": stack.lifl_address, "out": str(out),
           "model": "mlp", **cfg}
-    r = stack.flwr_run(APP, rc, num_supernodes=NODES, timeout=240)
-    failed = r.returncode != 0 or not out.with_suffix(".npz").exists()
-    ray_boot = ("Timed out waiting for file", "The current node timed out during startup")
-    if failed and any(m in r.stdout + stack.log("superlink") for m in ray_boot):
-        # Ray's own start-up (its GCS, or its raylet registering within Ray's hard-coded 30 s) can
-        # time out on a loaded 2-core machine: that is the simulation engine failing to boot, not
-        # the app; try the run once more
-        r = stack.flwr_run(APP, rc, num_supernodes=NODES, timeout=240)
+    r = stack.flwr_run_simulation(APP, rc, num_supernodes=NODES, produces=out.with_suffix(".npz"), timeout=240)
     assert r.returncode == 0, r.stdout[-4000:]
     assert out.with_suffix(".npz").exists(), r.stdout[-4000:] + stack.log("superlink")[-4000:]
     return json.loads(out.with_suffix(".json").read_text())
