@@ -9,10 +9,8 @@ Prints each tree's median server post-arrival latency and every round's figure.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -20,18 +18,7 @@ from lifl.client import Client
 from lifl.layout import Layout
 
 from .bench_latency import PUSHERS, lifl_round
-from .common import model_arrays, parser, perturbed
-
-
-def _serve(tree: str, cfg: dict) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(tree), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.Popen([sys.executable, "-m", "benchmarks.common", "lifl", json.dumps(cfg)], cwd=tree, env=env,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = p.stdout.readline().split()
-    if not line or line[0] != "ADDR":
-        p.kill()
-        raise RuntimeError(f"the server of {tree} did not start")
-    return p, line[1]
+from .common import ServerProc, model_arrays, parser, perturbed
 
 
 def main(argv=None) -> None:
@@ -42,13 +29,13 @@ def main(argv=None) -> None:
     p.add_argument("--config", default="{}", help="ServerConfig settings (JSON) for every server")
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 7)
-    servers = [_serve(t, json.loads(args.config)) for t in args.trees]
+    servers = [ServerProc("lifl", root=Path(t), **json.loads(args.config)) for t in args.trees]
     try:
         base = model_arrays(args.model)
         layout = Layout.from_arrays(base)
         pool = [perturbed(base, i) for i in range(16)]
         weights = [float(w) for w in np.random.default_rng(0).integers(1, 500, args.clients)]
-        conns = [([Client(a) for _ in range(PUSHERS)], Client(a)) for _, a in servers]
+        conns = [([Client(s.address) for _ in range(PUSHERS)], Client(s.address)) for s in servers]
         for c in conns:   # warm the functions and the slot cache
             lifl_round(*c, layout, pool, [1.0] * 4, 4)
         res: list[list[float]] = [[] for _ in servers]
@@ -60,9 +47,8 @@ def main(argv=None) -> None:
         for tree, v in zip(args.trees, res):
             print(f"{tree:>24}: median {statistics.median(v):7.1f} ms   ({', '.join(f'{x:.1f}' for x in v)})")
     finally:
-        for proc, _ in servers:
-            proc.stdin.close()
-            proc.wait(30)
+        for s in servers:
+            s.close()
 
 
 if __name__ == "__main__":

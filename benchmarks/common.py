@@ -320,9 +320,13 @@ class ServerProc:
     so its CPU and memory are its own and the benchmark process only plays the clients.
     """
 
-    def __init__(self, kind: str, env: dict[str, str] | None = None, **cfg: Any):
+    def __init__(self, kind: str, env: dict[str, str] | None = None, root: Path = ROOT, **cfg: Any):
+        """``root``: the checkout whose code the child runs (another one: a before/after comparison)."""
         cmd = [sys.executable, "-m", "benchmarks.common", kind, json.dumps(cfg)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        if root != ROOT:
+            path = os.pathsep.join([str(Path(root).resolve()), os.environ.get("PYTHONPATH", "")])
+            env = {**(env or {}), "PYTHONPATH": path}
+        self.proc = subprocess.Popen(cmd, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         line = self.proc.stdout.readline().strip()
         if not line.startswith("ADDR "):
