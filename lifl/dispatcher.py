@@ -175,16 +175,14 @@ class Dispatcher(Admission):
             index = run.red.route(node)
             leaf_node = run.red.leaves[index].node
             cold = index not in run.workers and self.pool.reserve(leaf_node, "leaf")
-        fresh = None
         if cold:
             try:
                 handle = self.pool.launch(leaf_node)
             finally:
                 with self._lock:
                     self.pool.release(leaf_node)
-            with self._lock:
-                fresh = self.pool.adopt(handle)
         with self._lock:
+            fresh = self.pool.adopt(handle) if cold else None
             run.round.check_accept(weight)
             if run.red.leaves[index].lost:   # its node went meanwhile
                 index = run.red.route(node)
@@ -199,7 +197,7 @@ class Dispatcher(Admission):
             self.driver.maybe_close(run, forced=False)
             self.pool.pump(fn)
             cur = fn.current
-            if isinstance(getattr(cur, "cmd", None), (Fold, Finalize)) and any(u.slot == slot for u in cur.cmd.updates):
+            if cur is not None and isinstance(cur.cmd, (Fold, Finalize)) and any(u.slot == slot for u in cur.cmd.updates):
                 start = "cold" if cold else "warm"
                 self.metrics.dispatches.labels(start).inc()
                 self.metrics.dispatch_seconds.labels(start).observe(self.clock.monotonic() - t0)
