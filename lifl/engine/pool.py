@@ -122,18 +122,17 @@ class FunctionPool:
         if it is still free."""
         if fresh is not None and fresh in self.functions and fresh.state() is InstanceState.IDLE:
             fn, how = fresh, "cold"
-            fn.bindings += 1
-            fn.role = role
-            return fn, how
-        here, choice = self._choose(node, role)
-        if choice.how == "cold":
-            fn = self.start(node)
         else:
-            fn = next(f for f in here if f.handle.id == choice.instance)
-            self.metrics.warm_reuses.inc()
+            here, choice = self._choose(node, role)
+            how = choice.how
+            if how == "cold":
+                fn = self.start(node)
+            else:
+                fn = next(f for f in here if f.handle.id == choice.instance)
+                self.metrics.warm_reuses.inc()
         fn.bindings += 1
         fn.role = role
-        return fn, choice.how
+        return fn, how
 
     def unbind(self, fn: PooledFunction) -> None:
         fn.bindings -= 1
@@ -145,7 +144,10 @@ class FunctionPool:
     def _retire(self, fn: PooledFunction) -> None:
         """No reuse: a function whose roles are done stops once its queue is empty."""
         fn.retiring = True
-        if fn.current is None and not fn.queue and fn in self.functions:
+        self._stop_if_retired(fn)
+
+    def _stop_if_retired(self, fn: PooledFunction) -> None:
+        if fn.retiring and fn.bindings == 0 and fn.current is None and not fn.queue and fn in self.functions:
             self.stop(fn)
 
     def find(self, handle) -> PooledFunction | None:
@@ -163,8 +165,7 @@ class FunctionPool:
         task = fn.queue.popleft() if fn.queue else self._next_work(fn)
         if task is None:
             fn.role = "idle"
-            if fn.retiring and fn.bindings == 0 and fn in self.functions:
-                self.stop(fn)
+            self._stop_if_retired(fn)
             return
         cmd = self._wire(task)
         cmd["seq"] = next(self._seq)
