@@ -14,6 +14,7 @@ the signature of :func:`local_train` can replace it from Python.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -36,10 +37,13 @@ def client_data(seed: int, client: int, n: int) -> tuple[np.ndarray, np.ndarray]
     return x.astype(np.float32), y
 
 
+@functools.lru_cache(maxsize=8)   # read-only arrays: accuracy() is called after every server step
 def test_data(seed: int, n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, 0x7e57])
     y = rng.integers(0, CLASSES, n)
-    return (_centres(seed)[y] + rng.standard_normal((n, FEATURES))).astype(np.float32), y
+    x = (_centres(seed)[y] + rng.standard_normal((n, FEATURES))).astype(np.float32)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def initial_model(seed: int) -> dict[str, np.ndarray]:
