@@ -13,10 +13,14 @@ import functools
 
 import numpy as np
 
+from lifl.sim.training import sgd
+
 FEATURES, CLASSES = 48, 20
 INIT_SCALE = 0.3       # std of the initial weights
 CENTRE_SCALE = 0.35    # std of the class centres (unit-variance noise around them)
 ALPHA = 0.3            # Dirichlet label skew per client
+SCALE_DECADES = 1.0    # feature j is scaled by 10^(−SCALE_DECADES·j/(FEATURES−1)): an ill-conditioned problem
+SCALES = (10.0 ** (-SCALE_DECADES * np.arange(FEATURES) / (FEATURES - 1))).astype(np.float32)
 SPECS = [("w", (CLASSES, FEATURES), "float32"), ("b", (CLASSES,), "float32")]
 
 
@@ -27,14 +31,14 @@ def _centres(seed: int) -> np.ndarray:
 def client_data(seed: int, client: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, client, 0xda7a])
     y = rng.choice(CLASSES, size=n, p=rng.dirichlet(np.full(CLASSES, ALPHA)))
-    return (_centres(seed)[y] + rng.standard_normal((n, FEATURES))).astype(np.float32), y
+    return ((_centres(seed)[y] + rng.standard_normal((n, FEATURES))) * SCALES).astype(np.float32), y
 
 
 @functools.lru_cache(maxsize=8)
 def test_data(seed: int, n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, 0x7e57])
     y = rng.integers(0, CLASSES, n)
-    x = (_centres(seed)[y] + rng.standard_normal((n, FEATURES))).astype(np.float32)
+    x = ((_centres(seed)[y] + rng.standard_normal((n, FEATURES))) * SCALES).astype(np.float32)
     x.flags.writeable = y.flags.writeable = False
     return x, y
 
@@ -47,18 +51,8 @@ def initial_model(seed: int) -> dict[str, np.ndarray]:
 
 def local_train(model, seed: int, client: int, num_examples: int, *, lr: float = 0.05, epochs: int = 1,
                 batch: int = 32):
-    from lifl.sim.training import _grad
     x, y = client_data(seed, client, int(num_examples))
-    m = {k: v.astype(np.float32).copy() for k, v in model.items()}
-    rng = np.random.default_rng([seed, client, 0x5d])
-    for _ in range(epochs):
-        order = rng.permutation(len(y))
-        for s in range(0, len(y), batch):
-            idx = order[s:s + batch]
-            gw, gb = _grad(m, x[idx], y[idx])
-            m["w"] -= np.float32(lr) * gw.astype(np.float32)
-            m["b"] -= np.float32(lr) * gb.astype(np.float32)
-    return m
+    return sgd(model, x, y, np.random.default_rng([seed, client, 0x5d]), lr=lr, epochs=epochs, batch=batch)
 
 
 def accuracy(model, seed: int) -> float:

@@ -27,6 +27,12 @@ def add_parser(sub) -> None:
     r.add_argument("--processes", type=int, help="real mode: client processes")
     r.add_argument("--threads", type=int, help="real mode: pushes in flight per client process")
     r.add_argument("--training", action="store_true", default=None, help="clients train a small numpy model")
+    r.add_argument("--aggregation", choices=["sync", "fedbuff"],
+                   help="training mode: fedbuff = asynchronous FedBuff against synchronous FedAvg on the trace's clock")
+    r.add_argument("--buffer-size", type=int, help="fedbuff: K updates per version")
+    r.add_argument("--concurrency", type=int, help="fedbuff: clients training at once (default: --clients)")
+    r.add_argument("--server-lr", type=float, help="fedbuff: server learning rate")
+    r.add_argument("--horizon", type=float, help="fedbuff: virtual seconds to simulate")
     r.add_argument("--seed", type=int)
     r.add_argument("-o", "--out", help="output directory (default sim-out)")
     r.add_argument("--no-progress", action="store_true")
@@ -43,7 +49,9 @@ def _overrides(a) -> dict:
             "workload.seed": a.seed, "trace.kind": a.trace, "trace.path": a.trace_file,
             "trace.capacity_path": a.capacity_file, "trace.window_s": a.window, "run.variants": a.variants,
             "run.sizes": a.sizes, "run.processes": a.processes, "run.threads": a.threads,
-            "run.training": a.training, "run.out": a.out, "run.progress": False if a.no_progress else None}
+            "run.training": a.training, "run.aggregation": a.aggregation, "run.buffer_size": a.buffer_size,
+            "run.concurrency": a.concurrency, "run.server_lr": a.server_lr, "run.horizon_s": a.horizon,
+            "run.out": a.out, "run.progress": False if a.no_progress else None}
 
 
 def cmd_run(a) -> int:

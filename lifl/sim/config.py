@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 TRACE_KINDS = ("all_at_once", "uniform", "bursty", "diurnal", "straggler", "file", "fedscale")
 MODES = ("virtual", "real", "both")
+AGGREGATIONS = ("sync", "fedbuff")
 #: What each variant means (docs/sim.md). Every ablation is a documented engine setting (README
 #: settings table), so real mode runs the engine as a user would configure it and virtual mode
 #: models the same mechanism with costs measured on the machine (lifl/sim/calibrate.py).
@@ -80,6 +81,16 @@ class RunSpec:
     task: str = "lifl.sim.training"   # training mode: module with SPECS, initial_model, local_train, accuracy
     learning_rate: float = 0.05
     local_epochs: int = 1
+    aggregation: str = "sync"         # training mode: "sync" rounds, or "fedbuff" (asynchronous, docs/sim.md)
+    concurrency: int = 0              # fedbuff: clients training at once, both methods (0: clients_per_round)
+    buffer_size: int = 10             # fedbuff: K, accepted updates per published version
+    server_lr: float = 1.0            # fedbuff: its server learning rate (server SGD)
+    staleness: str = "polynomial"     # fedbuff: constant | polynomial (normalised to the mean staleness)
+    staleness_exponent: float = 0.5
+    max_staleness: int = 0            # fedbuff: refuse updates staler than this (0: none)
+    horizon_s: float = 60.0           # fedbuff: virtual seconds FedBuff and its synchronous baseline run
+    sync_server_lr: float = 1.0       # fedbuff: the synchronous baseline's server step (1 = FedAvg)
+    over_selection: float = 0.0       # fedbuff: the synchronous baseline picks C·(1+this), keeps the first C
     check_exact: bool = True          # real mode: compare each result with float64 FedAvg
     tick_s: float = 0.05              # virtual mode: the dispatcher's tick while a round is open
     nodes: int = 1                    # virtual mode: machines (each with a gateway)
@@ -133,6 +144,20 @@ class SimConfig:
         if r.training:
             from .training import load_task
             load_task(r.task)
+        _check(r.aggregation in AGGREGATIONS, f"run.aggregation must be one of {', '.join(AGGREGATIONS)}, "
+                                               f"got {r.aggregation!r}")
+        if r.aggregation == "fedbuff":
+            conc = r.concurrency or w.clients_per_round
+            _check(r.training, "run.aggregation = \"fedbuff\" needs run.training = true (it measures accuracy)")
+            _check(r.buffer_size >= 1 and r.concurrency >= 0, "run.buffer_size >= 1 and run.concurrency >= 0")
+            _check(w.clients >= conc + r.buffer_size,
+                   f"fedbuff: the population ({w.clients}) must be at least concurrency ({conc}) + "
+                   f"run.buffer_size ({r.buffer_size}): a client cannot push twice into one buffer")
+            _check(r.staleness in ("constant", "polynomial") and 0 <= r.staleness_exponent <= 1,
+                   "run.staleness must be constant or polynomial, run.staleness_exponent in [0, 1]")
+            _check(r.max_staleness >= 0 and r.over_selection >= 0, "run.max_staleness and run.over_selection >= 0")
+            _check(math.isfinite(r.horizon_s) and r.horizon_s > 0, "run.horizon_s must be > 0")
+            _check(r.server_lr > 0 and r.sync_server_lr > 0, "run.server_lr and run.sync_server_lr must be > 0")
         from ..config import ServerConfig  # the server table is checked by the server's own rules
         known = {f.name for f in fields(ServerConfig)}
         unknown = sorted(set(self.server) - known)

@@ -84,7 +84,8 @@ class Point:
 @dataclass
 class Event:
     """One accepted FedBuff update, as the driver pushed it (for an independent replay)."""
-    t: float
+    t: float                    # when it arrived (its start + its task time)
+    started: float              # when the client pulled its base version
     client: int
     base: int                   # version it trained on
     weight: float
@@ -248,7 +249,7 @@ def run_fedbuff(pop: Population, local: Local, agg: Aggregator, *, concurrency: 
         v, _ = latest
         busy.add(c)
         uses[v] = uses.get(v, 0) + 1
-        heapq.heappush(flight, (t + float(pop.duration_s[c]), order, c, v))
+        heapq.heappush(flight, (t + float(pop.duration_s[c]), order, c, v, t))
         order += 1
 
     latest = (v0, x0)
@@ -256,7 +257,7 @@ def run_fedbuff(pop: Population, local: Local, agg: Aggregator, *, concurrency: 
         start(0.0)
     accepted = 0
     while flight:
-        t, _, c, base = heapq.heappop(flight)
+        t, _, c, base, started = heapq.heappop(flight)
         if t > horizon_s:
             break
         busy.discard(c)
@@ -271,7 +272,7 @@ def run_fedbuff(pop: Population, local: Local, agg: Aggregator, *, concurrency: 
         else:
             accepted += 1
             in_buffer.add(c)
-            curve.events.append(Event(t, c, base, float(pop.weights[c]), builds, tau))
+            curve.events.append(Event(t, started, c, base, float(pop.weights[c]), builds, tau))
             if len(in_buffer) == buffer_size:    # sealed: wait for the version before the clock moves on
                 in_buffer.clear()
                 latest = (builds, agg.version(builds))

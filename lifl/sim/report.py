@@ -81,7 +81,7 @@ def markdown(rec: RunRecord, plots: list[str] = ()) -> str:
     if acc:
         lines += ["", "## Accuracy (training mode)", "", "| mode | variant | round | clock s | accuracy |",
                   "|---|---|---|---|---|"]
-        for v, rr in acc:
+        for v, rr in _thin(acc):
             lines.append(f"| {v.mode} | {v.variant} | {rr.round} | {rr.start_s + rr.round_s:.2f} | {rr.accuracy:.3f} |")
     if rec.calibration:
         lines += ["", "## Calibration (virtual mode)", "", "| cost | value |", "|---|---|"]
@@ -93,6 +93,18 @@ def markdown(rec: RunRecord, plots: list[str] = ()) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _thin(rows: list, most: int = 25) -> list:
+    """At most ``most`` rows per (mode, variant), evenly spread, the last one kept (FedBuff's versions)."""
+    by: dict = {}
+    for v, rr in rows:
+        by.setdefault((v.mode, v.variant), []).append((v, rr))
+    out = []
+    for rs in by.values():
+        step = max(1, -(-len(rs) // most))
+        out += rs[::step] + ([rs[-1]] if (len(rs) - 1) % step else [])
+    return out
 
 
 def plots(rec: RunRecord, out: Path) -> list[str]:
@@ -158,8 +170,9 @@ def plots(rec: RunRecord, out: Path) -> list[str]:
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
         for v in acc:
             rs = [r for r in v.rounds if r.accuracy is not None]
-            a.plot([r.round for r in rs], [r.accuracy for r in rs], marker="o", label=f"{v.mode}/{v.variant}")
-            b.plot([r.start_s + r.round_s for r in rs], [r.accuracy for r in rs], marker="o")
+            mk = "o" if len(rs) <= 60 else None   # FedBuff publishes thousands of versions
+            a.plot([r.round for r in rs], [r.accuracy for r in rs], marker=mk, label=f"{v.mode}/{v.variant}")
+            b.plot([r.start_s + r.round_s for r in rs], [r.accuracy for r in rs], marker=mk)
         a.set_xlabel("round")
         b.set_xlabel("simulated wall-clock (s)")
         a.set_ylabel("test accuracy")

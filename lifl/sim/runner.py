@@ -82,6 +82,9 @@ def validation_rows(real: VariantRecord, virt: VariantRecord) -> list[dict]:
 def run(cfg: SimConfig, progress: Callable[[str, RoundRecord], None] | None = None) -> RunRecord:
     """Run ``cfg`` (every size of a sweep, every variant, every mode); returns the record (not yet written)."""
     cfg.validate()
+    if cfg.run.training and cfg.run.aggregation == "fedbuff":   # asynchronous training: its own driver
+        from . import asyncrun
+        return asyncrun.run(cfg)
     record = RunRecord(config=cfg.to_dict())
     modes = ("real", "virtual") if cfg.run.mode == "both" else (cfg.run.mode,)
     sizes = cfg.run.sizes or (cfg.workload.clients_per_round,)

@@ -64,8 +64,13 @@ def local_train(model: dict[str, np.ndarray], seed: int, client: int, num_exampl
                 epochs: int = 1, batch: int = 32) -> dict[str, np.ndarray]:
     """Train a copy of ``model`` on the client's data; returns the new weights."""
     x, y = client_data(seed, client, int(num_examples))
+    return sgd(model, x, y, np.random.default_rng([seed, client, 0x5d]), lr=lr, epochs=epochs, batch=batch)
+
+
+def sgd(model: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, lr: float,
+        epochs: int, batch: int) -> dict[str, np.ndarray]:
+    """Minibatch SGD of a softmax regression (``w``, ``b``) on a copy of ``model``: the step every task here uses."""
     m = {k: v.astype(np.float32).copy() for k, v in model.items()}
-    rng = np.random.default_rng([seed, client, 0x5d])
     for _ in range(epochs):
         order = rng.permutation(len(y))
         for s in range(0, len(y), batch):
