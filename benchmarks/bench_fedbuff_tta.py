@@ -17,7 +17,8 @@ Dirichlet(0.3) label skew); every client does the same local SGD in both methods
 Each method's ``η`` is tuned on its own over a grid on a tuning seed that is not an evaluation
 seed (the fastest to the target wins; ties: the higher final accuracy), then every method runs
 the evaluation seeds. Reported per seed: time to target, FedBuff ÷ each sync, final accuracy
-(mean of the last 5 evaluations at the horizon, the same virtual time for all). ``--real`` also
+(mean of the last 5 evaluations at the end of the run: ``--horizon`` virtual seconds for FedBuff and
+sync+OS, ``--sync-horizon`` for plain sync, which needs longer to converge). ``--real`` also
 runs FedBuff at a small scale against a real ``lifl serve`` and compares it with the virtual run
 of the same trace (same events, same versions up to the server's float32 copy of a buffer's mean).
 
