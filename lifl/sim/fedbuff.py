@@ -240,13 +240,13 @@ def run_fedbuff(pop: Population, local: Local, agg: Aggregator, *, concurrency: 
     flight: list = []               # heap of (arrival time, order, client, base)
     order = 0
 
-    def start(t: float) -> None:
+    def start(t: float, v: int) -> None:
+        """A new client (uniform over the idle ones not already in the open buffer) pulls version ``v``."""
         nonlocal order
-        while True:   # uniform over the idle clients not already in the open buffer
+        while True:
             c = int(rng.integers(len(pop)))
             if c not in busy and c not in in_buffer:
                 break
-        v, _ = latest
         busy.add(c)
         uses[v] = uses.get(v, 0) + 1
         heapq.heappush(flight, (t + float(pop.duration_s[c]), order, c, v, t))
@@ -254,7 +254,7 @@ def run_fedbuff(pop: Population, local: Local, agg: Aggregator, *, concurrency: 
 
     latest = (v0, x0)
     for _ in range(concurrency):
-        start(0.0)
+        start(0.0, v0)
     accepted = 0
     while flight:
         t, _, c, base, started = heapq.heappop(flight)
@@ -268,6 +268,8 @@ def run_fedbuff(pop: Population, local: Local, agg: Aggregator, *, concurrency: 
         try:
             builds, tau = agg.push(c, base, float(pop.weights[c]), delta)
         except LiflError as e:   # too stale (max_staleness): the work is lost, the client goes back idle
+            if e.code != "FAILED_PRECONDITION":
+                raise        # anything else is a bug in the driver or the server: loud
             curve.refused[e.code] = curve.refused.get(e.code, 0) + 1
         else:
             accepted += 1
@@ -283,7 +285,7 @@ def run_fedbuff(pop: Population, local: Local, agg: Aggregator, *, concurrency: 
                     on_point(p)
         for v in [v for v, n in uses.items() if n == 0 and v != latest[0]]:
             del uses[v], models[v]
-        start(t)
+        start(t, latest[0])
     curve.final = latest[1]
     return curve
 
