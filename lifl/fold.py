@@ -284,6 +284,10 @@ def _mean_into(src: np.ndarray, spec, total_weight: float, dst: np.ndarray) -> N
         dst[...] = np.clip(np.rint(mean), info.min, info.max).astype(dst.dtype)
 
 
+#: public name: other finalize paths (lifl.serverstep) write results exactly as finalize does
+mean_into = _mean_into
+
+
 def _flat_views(layout: Layout, out_buf) -> list[np.ndarray]:
     return [v.reshape(-1) for v in layout.views(out_buf).values()]
 
