@@ -79,9 +79,10 @@ class Function:
         state = self.seg(st["state"]).buf
         serverstep.check_before(state, t)
         master = None
-        if "x_in" in st:
+        if "x_in" in st:   # delta mode: the mean of the deltas is over Σw, not the fold weights Σws
             master = (self.seg(st["x_in"]).array(np.float64, layout.numel),
                       self.seg(st["x_out"]).array(np.float64, layout.numel))
+            weight = float(st["w"])
         return serverstep.step_writer(opt, layout, t, weight, state, out, base_buf=self.seg(st["base"]).buf
                                       if master is None else None, master=master,
                                       moments=st.get("moments", "float64"))

@@ -65,7 +65,7 @@ class Gateway(Service):
         # chunks handed to gRPC and not yet sent, over all Pull streams: many clients pulling at once
         # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
         self._pull_sends = threading.BoundedSemaphore(max(1, config.pull_buffer_mb * 2**20 // PULL_CHUNK))
-        self.asyncs = AsyncJobs(arena, dispatcher, metrics)
+        self.asyncs = AsyncJobs(arena, dispatcher, metrics, step_in_function=config.runtime == "local")
         self.admin = Admin(config, arena, dispatcher, metrics, self.asyncs)
 
     def close(self) -> None:
@@ -135,9 +135,6 @@ class Gateway(Service):
         if not h.HasField("base_version"):
             raise LiflError("INVALID_ARGUMENT", f"job {quote(aj.name)} is asynchronous: set base_version to the "
                                                 f"version the delta was trained on (current: {aj.job.latest})")
-        if encoding is not Encoding.RAW:
-            raise LiflError("INVALID_ARGUMENT", f"asynchronous job {quote(aj.name)}: deltas are pushed raw "
-                                                f"(encoding {encoding.name.lower()} is for rounds)")
         enc = self._check_update_layout(h, aj.layout, f"asynchronous job {quote(aj.name)}", encoding)
         self.asyncs.check(aj, h.client_id, h.base_version)
         t = self._ingest(it, enc, check=None, abandon=lambda: None,

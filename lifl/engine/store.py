@@ -47,7 +47,10 @@ class RoundRun:
     lost_nodes: set[str] = field(default_factory=set)
     # a server optimizer applied at finalize: {"opt": ServerOptimizer fields, "base": initial model
     # segment, "state": double-buffered state segment, "t": step it follows (fixed at the first send)}
+    # an asynchronous job's buffer: also "x_in"/"x_out" (master copies), "w" (Σw), "after" (the
+    # previous buffer's round, whose step this one follows: its finalize waits, ``parked``)
     step: dict | None = None
+    parked: object = None
 
     @property
     def hier(self) -> Hierarchy:
