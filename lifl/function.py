@@ -136,9 +136,10 @@ class Function:
             weight, st = cmd["weight"], cmd.get("step")
             if st is not None:   # a server optimizer fused into the pass: float64, exactly once
                 write = self._step_writer(st, layout, weight, out)
-                if "gen" in cmd:
-                    fold.fold_in_place(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
-                                       self._inputs(cmd, layout), write)
+                if "gen" in cmd:   # the sum's last inputs are added in a cache-sized scratch, never written
+                    # back: the step reads its inputs only, so a re-run (a replacement function) is exact
+                    fold.finalize_span(layout, 0, layout.numel, [acc] if cmd.get("from") is not None else [],
+                                       self._inputs(cmd, layout), weight, out, write)
                 else:
                     for e0 in range(0, layout.numel, fold.PIECE):
                         e1 = min(layout.numel, e0 + fold.PIECE)
