@@ -166,8 +166,9 @@ class AsyncJobs:
                 self._count_refusal(aj, e)
                 raise
 
-    def accept(self, aj: AsyncJob, client: str, base: int, weight: float, slot: str) -> Ticket:
-        """The update in ``slot`` fully arrived: fold it into the open buffer with ``w·s(τ)``."""
+    def accept(self, aj: AsyncJob, client: str, base: int, weight: float, slot: str, node: str = "") -> Ticket:
+        """The update in ``slot`` (on ``node``: a node gateway's; default the head's) fully arrived:
+        fold it into the open buffer with ``w·s(τ)``."""
         with aj.cond:
             self._check_alive(aj)
             try:
@@ -183,7 +184,7 @@ class AsyncJobs:
             if step is not None:    # Σw as the finalize will read it once this update seals the buffer
                 step["w"] = aj.weights[b][0] + weight
             try:
-                self.dispatcher.accept(run, client, slot, weight * factor)
+                self.dispatcher.accept(run, client, slot, weight * factor, node=node)
             except BaseException:
                 if step is not None:
                     step["w"] = aj.weights[b][0]

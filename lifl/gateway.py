@@ -117,7 +117,7 @@ class Gateway(Service):
         check_scope(current(), job_name(h.job), h.round, h.client_id)
         check_weight(h.num_examples)
         encoding = update_encoding(h.encoding)
-        aj = self.asyncs.get(job_name(h.job))
+        aj = self._async_job(h)
         if aj is not None or h.HasField("base_version"):
             return self._push_async(h, aj, it, encoding)
         run = self.dispatcher.get(h.job, h.round)
@@ -127,6 +127,10 @@ class Gateway(Service):
                              accept=lambda slot: self.dispatcher.accept(run, h.client_id, slot, h.num_examples),
                              abandon=lambda: self.dispatcher.abandon(run, h.client_id))
         return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size, accepted=n_acc)
+
+    def _async_job(self, h: pb.PushHeader) -> AsyncJob | None:
+        """The asynchronous job a push goes to, if its job is one (a node gateway asks the head)."""
+        return self.asyncs.get(job_name(h.job))
 
     def _push_async(self, h: pb.PushHeader, aj: AsyncJob | None, it, encoding: Encoding) -> pb.PushReply:
         if aj is None:

@@ -235,3 +235,48 @@ def test_function_killed_mid_fold_nothing_folded_twice_nothing_lost(make_server)
             np.testing.assert_allclose(flat(c.pull_version(v, job="fb")[1]), ref.versions[v], rtol=1e-6, atol=1e-7)
     assert killed >= 1
     assert srv.metrics.registry.get_sample_value("lifl_tasks_retried_total") >= 1
+
+
+def test_encoded_deltas_and_integer_tensors_equal_a_float64_replay(make_server):
+    """Deltas pushed as float16, bfloat16, int8 and raw, into a model with signed integer tensors;
+    three buffers pushed back to back (each buffer's step waits for the one before it). Every version
+    equals a float64 FedBuff replay of the *decoded* deltas; integer tensors ride in the float64 master
+    copy and are published rounded to nearest."""
+    from support import decode, wire_bytes
+
+    srv = make_server(workers=2, leaves=2, fan_in=2)
+    shapes = {"w": ((300, 70), np.float32), "b": ((9,), np.float64), "n": ((4,), np.int64), "c": ((), np.int32)}
+    rng = np.random.default_rng(11)
+    x0 = {k: (rng.integers(-100, 100, size=s) if np.dtype(dt).kind == "i" else rng.normal(size=s)).astype(dt)
+          for k, (s, dt) in shapes.items()}
+    K = 3
+    kw = dict(lr=0.05)
+    spec = AsyncSpec(buffer_size=K, concurrency=K, optimizer=ServerOptimizer.of("fedadam", **kw), keep_versions=8)
+
+    def f64(a):
+        return np.concatenate([np.asarray(a[k], np.float64).ravel() for k in shapes])
+
+    ref = Reference(f64(x0), K, K, "constant", 0.5, 0, 0.0, 0, FlowerStep("fedadam", f64(x0), **kw))
+    names = ["float16", "bfloat16", "int8", "raw"]
+    with Client(srv.address) as c:
+        c.open_async(x0, spec, job="enc")
+        for i in range(3 * K):     # no waiting between buffers: later buffers fold while earlier ones step
+            d = {k: (rng.integers(-3, 4, size=s) if np.dtype(dt).kind == "i" else rng.normal(scale=0.1, size=s))
+                 .astype(dt) for k, (s, dt) in shapes.items()}
+            nm, w = names[i % 4], float(1 + i)
+            r = c.push(0, d, w, f"c{i}", job="enc", base_version=0, encoding=None if nm == "raw" else nm)
+            assert r.version == 1 + i // K
+            assert ref.push(f"c{i % K}-{i // K}", 0, w, f64(decode(d, wire_bytes(d, nm), nm))) == "OK"
+        for v in (1, 2, 3):
+            got_v, got = c.pull_version(v, job="enc", wait_s=60)
+            want = ref.versions[v]
+            pos = 0
+            for k, (s, dt) in shapes.items():
+                n = int(np.prod(s))
+                part = want[pos:pos + n].reshape(s)
+                pos += n
+                assert got[k].dtype == np.dtype(dt)
+                if np.dtype(dt).kind == "i":
+                    np.testing.assert_array_equal(got[k], np.rint(part).astype(dt), err_msg=f"version {v}, {k}")
+                else:
+                    np.testing.assert_allclose(got[k], part, rtol=1e-6, atol=1e-7, err_msg=f"version {v}, {k}")
