@@ -129,8 +129,12 @@ class Function:
                 ups = cmd["updates"]
                 add = fold.add_updates(layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
                                        [w for _, w in ups]) if ups else None
+                st = cmd.get("step")
+                write = self._step_writer(st, layout, cmd["weight"], out) if st is not None else None
                 fold.finalize_span(layout, *cmd["span"], [self.acc(n, layout) for n in cmd["partials"]], add,
-                                   cmd["weight"], out)
+                                   cmd["weight"], out, write)
+                if st is not None:   # any span may commit: the others read the untouched copy of step t
+                    serverstep.commit(self.seg(st["state"]).buf, int(st["t"]))
                 return {"seconds": time.perf_counter() - t0}
             acc = self.acc(cmd["acc"], layout)
             weight, st = cmd["weight"], cmd.get("step")

@@ -130,9 +130,7 @@ class RoundDriver:
         run.segs.extend(segs)
         if run.red is None:
             run.red = Reduction(run.round.id, shape.hier, new, self._gens, lazy=self.lazy,
-                                numel=run.round.layout.numel,
-                                # a server step needs the whole mean in one function: no spans then
-                                flat_on=self.runtime.head if run.step is None else "")
+                                numel=run.round.layout.numel, flat_on=self.runtime.head)
         else:
             run.red.extend(shape.hier, new)
         run.shape = shape
@@ -165,7 +163,7 @@ class RoundDriver:
         self.metrics.rounds.labels("failed").inc()
         for name in run.red.drain_pending():
             self.release_slot(name)
-        run.parked = None
+        run.parked = []
         run.finish()
         self.maybe_release(run)
         self._release_next(run)
@@ -190,7 +188,7 @@ class RoundDriver:
                 if run.step is not None and "t" not in run.step:   # re-sends keep the step they follow
                     run.step["t"] = int(self.arena.get(run.step["state"]).array(np.uint64, 1)[0])
             if isinstance(cmd, Finalize) and self._behind(run):
-                run.parked = cmd    # its step follows the previous buffer's: sent once that one is done
+                run.parked.append(cmd)   # its step follows the previous buffer's: sent once that one is done
                 continue
             self.enqueue(fn, Task(cmd, run))
 
@@ -205,12 +203,13 @@ class RoundDriver:
         """``run`` finished: send the finalize that waited for it, or fail that round if ``run``
         failed (its step would read a master copy that was never written)."""
         for nxt in self.table.all():
-            if nxt.parked is None or (nxt.step or {}).get("after") != run.round.id:
+            if not nxt.parked or (nxt.step or {}).get("after") != run.round.id:
                 continue
-            cmd, nxt.parked = nxt.parked, None
+            cmds, nxt.parked = nxt.parked, []
             if run.round.state == State.FAILED:
                 self.fail(nxt, f"round {run.round.id}, whose server step this one follows, failed")
-            else:
+                continue
+            for cmd in cmds:
                 self.enqueue(nxt.workers[cmd.leaf], Task(cmd, nxt))
 
     def _committed(self, run: RoundRun, fn: PooledFunction, cmd: Command, secs: float) -> None:

@@ -7,7 +7,6 @@ machines. Nothing is mocked.
 """
 from __future__ import annotations
 
-import os
 import time
 import uuid
 
