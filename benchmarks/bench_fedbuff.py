@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="default resnet18 (quick: mlp1m)")
     p.add_argument("--updates", type=int, default=4, help="N: updates per round / per buffer")
     p.add_argument("--buffers", type=int, default=2, help="B: rounds / versions per throughput sample")
+    p.add_argument("--leaves", type=int, default=1, help="leaves (2+: finalizes in parallel spans, plain and stepped)")
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 5)
     model = args.model or ("mlp1m" if args.quick else "resnet18")
@@ -79,7 +80,8 @@ def main(argv=None) -> None:
     x0f = {k: v for k, v in x0.items() if k in floats}          # asynchronous jobs take float models
     deltas = [{k: v for k, v in d.items() if k in floats} for d in deltas]
     poolf = [{k: v for k, v in u.items() if k in floats} for u in pool]
-    srv = ServerProc("lifl", shm_budget_mb=1024, leaves=1, workers=2, planner="static", keep_rounds=4,
+    srv = ServerProc("lifl", shm_budget_mb=1024, leaves=args.leaves, workers=max(2, args.leaves), planner="static",
+                     keep_rounds=4,
                      metrics_port=0)
     jobs = iter(range(10**6))
     try:
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
         srv.close()
     rep = Report("bench_fedbuff", "Asynchronous jobs and server optimizers vs synchronous / plain, same server",
                  {"model": model, "updates per round/buffer": n, "rounds/versions per sample": b, "reps": reps,
-                  "server": "leaves=1 workers=2 (its own process)"})
+                  "server": f"leaves={args.leaves} workers={max(2, args.leaves)} (its own process)"})
     for metric, i in (("top function s", 1), ("post-arrival s", 0)):
         col = {k: [x[i] for x in v] for k, v in fin.items()}
         for kind, label in (("fedadam", "FedAdam"), ("fedavgm", "FedAvgM")):
