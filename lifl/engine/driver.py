@@ -189,6 +189,7 @@ class RoundDriver:
                     run.step["t"] = int(self.arena.get(run.step["state"]).array(np.uint64, 1)[0])
             if isinstance(cmd, Finalize) and self._behind(run):
                 run.parked.append(cmd)   # its step follows the previous buffer's: sent once that one is done
+                log.debug("round %d's finalize waits for round %d's server step", run.round.id, run.step["after"])
                 continue
             self.enqueue(fn, Task(cmd, run))
 

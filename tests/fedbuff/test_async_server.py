@@ -280,3 +280,36 @@ def test_encoded_deltas_and_integer_tensors_equal_a_float64_replay(make_server):
                     np.testing.assert_array_equal(got[k], np.rint(part).astype(dt), err_msg=f"version {v}, {k}")
                 else:
                     np.testing.assert_allclose(got[k], part, rtol=1e-6, atol=1e-7, err_msg=f"version {v}, {k}")
+
+
+def test_buffers_sealed_at_once_step_in_order(make_server):
+    """K = 1 and six clients pushing at once: buffers seal nearly together, so a buffer's finalize is
+    ready while the one before it still steps; the engine holds it until that step is done (each step
+    reads the master copy and moments the previous one wrote). Versions equal a float64 FedAdam replay
+    in the order the receipts say the deltas were accepted."""
+    import threading
+
+    srv = make_server(workers=3, leaves=1)
+    rng = np.random.default_rng(21)
+    x0 = {"w": rng.normal(size=(600, 500)).astype(np.float32), "b": rng.normal(size=7)}
+    spec = AsyncSpec(buffer_size=1, concurrency=6, optimizer=ServerOptimizer.of("fedadam", lr=0.02), keep_versions=8)
+    f64 = lambda a: np.concatenate([np.asarray(a[k], np.float64).ravel() for k in x0])  # noqa: E731
+    deltas = [{k: rng.normal(scale=0.1, size=v.shape).astype(v.dtype) for k, v in x0.items()} for _ in range(6)]
+    got: dict[int, int] = {}
+    with Client(srv.address) as c:
+        c.open_async(x0, spec, job="fast")
+
+        def push(i):
+            got[c.push(0, deltas[i], 1.0 + i, f"c{i}", job="fast", base_version=0).version] = i
+        ts = [threading.Thread(target=push, args=(i,)) for i in range(6)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert sorted(got) == [1, 2, 3, 4, 5, 6]
+        ref = Reference(f64(x0), 1, 6, "constant", 0.5, 0, 0.0, 0, FlowerStep("fedadam", f64(x0), lr=0.02))
+        for v in range(1, 7):
+            i = got[v]
+            assert ref.push(f"c{i}", 0, 1.0 + i, f64(deltas[i])) == "OK"
+            np.testing.assert_allclose(f64(c.pull_version(v, job="fast", wait_s=60)[1]), ref.versions[v],
+                                       rtol=1e-6, atol=1e-7, err_msg=f"version {v}")
