@@ -13,10 +13,11 @@ from . import __version__
 from .auth import check_scope, current
 from .async_jobs import AsyncJobs
 from .async_proto import optimizer_from_proto, spec_from_proto
-from .engine.optimizers import ServerOptimizer, pingpong_nbytes
+from .engine.optimizers import ServerOptimizer
 from .errors import LiflError, quote
 from .fold import journal_bytes
 from .layout import Layout
+from .serverstep import state_dtype, state_nbytes
 from .rounds import job_name
 from .v1 import aggregation_pb2 as pb
 
@@ -30,7 +31,7 @@ class Admin(Service):
         super().__init__(config, arena, dispatcher, metrics)
         self.asyncs = asyncs
         self.started = time.time()
-        self._opt_states: dict[str, tuple] = {}     # job -> (optimizer, numel, state segment)
+        self._opt_states: dict[str, tuple] = {}     # job -> (optimizer, (numel, moments), state segment)
         self._opt_lock = threading.Lock()
 
     def open_round(self, it, context) -> pb.RoundInfo:
@@ -94,13 +95,13 @@ class Admin(Service):
         are the same, else it starts afresh."""
         with self._opt_lock:
             held = self._opt_states.get(job)
-            if held is None or held[0] != opt or held[1] != layout.numel:
+            if held is None or held[0] != opt or held[1] != (layout.numel, state_dtype(layout)):
                 if held is not None:
                     self.arena.free(held[2].name)
-                seg = self.arena.segment(pingpong_nbytes(opt, layout.numel))
+                seg = self.arena.segment(state_nbytes(opt, layout))
                 seg.array(np.uint8)[:] = 0
-                self._opt_states[job] = held = (opt, layout.numel, seg)
-        return {"opt": dataclasses.asdict(opt), "base": base, "state": held[2].name}
+                self._opt_states[job] = held = (opt, (layout.numel, state_dtype(layout)), seg)
+        return {"opt": dataclasses.asdict(opt), "base": base, "state": held[2].name, "moments": state_dtype(layout)}
 
     def _open_async(self, h: pb.OpenRoundHeader, job: str, it) -> pb.RoundInfo:
         spec = spec_from_proto(h.async_options, h.optimizer if h.HasField("optimizer") else None)

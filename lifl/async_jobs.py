@@ -1,20 +1,32 @@
 """Asynchronous (FedBuff) jobs on the serverless tree: buffers as rounds, versions in shared memory.
 
 Each buffer of an asynchronous job is one round of the eager tree with ``expected = K``: an
-accepted delta is folded at once with the fold weight ``w·s(τ)``, so the tree computes
-``Σ w s Δ / Σ w s``; when the buffer's K-th update is accepted the next buffer's round opens
-at once (the next buffer folds while this one finalizes). A publisher thread per job waits
-for each buffer's result in order, rescales it to FedBuff's ``Δ̄ = Σ w s Δ / Σ w`` (the job
-knows both sums), applies the server optimizer in float64 to the job's float64 master copy
-``x`` — both it and the optimizer state live in shared memory — writes ``x`` in the model's
-dtypes as the next version's segment and publishes it. The last ``keep_versions`` versions
-stay pullable; a reader holds its segment (``Arena.share``) so eviction never cuts a stream.
+accepted delta is folded at once with the fold weight ``w·s(τ)``, and when the buffer's K-th
+update is accepted the next buffer's round opens at once (the next buffer folds while this one
+finalizes). The **top function** of a buffer's round takes the server step as part of its
+finalize (``lifl.serverstep``, delta mode): ``Δ̄ = Σ w s Δ / Σ w`` (the job hands it ``Σ w``),
+``x_v = x_{v−1} + step(Δ̄)`` in float64 from the job's float64 master copy, writing the next
+master copy and the version in the model's dtypes in the same pass. Master copies and optimizer
+state are double buffered in shared memory (a re-run step reads untouched inputs), and a
+buffer's finalize waits for the one before it (the engine orders them: ``step["after"]``).
+A publisher thread per job only takes each buffer's result, in order, and publishes it as the
+next version — the gateway process does no model-sized math. The last ``keep_versions``
+versions stay pullable; a reader holds its segment (``Arena.share``) so eviction never cuts a
+stream.
+
+On a runtime whose functions cannot reach the head's shared memory (Ray), the round finalizes
+``Σ w s Δ / Σ w s`` and the publisher applies the same step (``lifl.serverstep``) itself.
+
+Tensors: floating point and signed integer ones (integers ride in the float64 master copy and
+are published rounded to nearest and clipped, as a synchronous round's mean is); updates may be
+pushed in any encoding the server takes (``lifl.encoding``): the tree folds them dequantised.
 
 The decisions (staleness, refusals, K) are :class:`lifl.engine.buffered.BufferedJob`'s; this
 module only binds them to the dispatcher's public round API and the arena.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,22 +37,21 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .engine.buffered import AsyncSpec, BufferedJob, Ticket
-from .engine.optimizers import state_nbytes, state_over, step
 from .errors import LiflError, quote
 from .fold import as_f64 as to_f64
 from .layout import Layout, is_float
+from .serverstep import commit, state_dtype, state_nbytes, step_writer
 from .shm import Segment
 
 log = logging.getLogger("lifl.async")
 
 
-def from_f64(layout: Layout, x: np.ndarray, buf) -> None:
-    """Write the float64 vector ``x`` into ``buf`` in the model's dtypes (round to nearest)."""
-    views = layout.views(buf, public=True)
-    pos = 0
+def _unsupported(layout: Layout) -> str | None:
+    """A tensor whose delta cannot be pushed: bool and unsigned tensors have no negative values."""
     for s in layout.specs:
-        views[s.name][...] = x[pos:pos + s.numel].reshape(s.shape)
-        pos += s.numel
+        if not is_float(s.dtype) and (s.dtype == "bool" or s.dtype.startswith("uint")):
+            return s.name
+    return None
 
 
 @dataclass
@@ -49,15 +60,17 @@ class AsyncJob:
     spec: AsyncSpec
     layout: Layout
     job: BufferedJob
-    x_seg: Segment                         # float64 master copy of the latest version
-    opt_seg: Segment                       # optimizer state
+    x_segs: tuple[Segment, Segment]        # float64 master copies: version v's is x_segs[v % 2]
+    opt_seg: Segment                       # optimizer state, double buffered (lifl.serverstep)
+    in_function: bool = True               # the buffer's top function takes the server step
     versions: dict[int, Segment] = field(default_factory=dict)
     rounds: dict[int, int] = field(default_factory=dict)        # buffer -> round id of the tree
     weights: dict[int, list[float]] = field(default_factory=dict)  # buffer -> [Σw, Σw·s]
+    steps: dict[int, dict] = field(default_factory=dict)           # buffer -> its round's server step
     accepted: int = 0
     total_weight: float = 0.0
     failed: str = ""
-    work: np.ndarray | None = None          # the publisher's float64 work vector, reused
+    work: np.ndarray | None = None          # the publisher's float64 work vector (in_function False)
     closed: threading.Event = field(default_factory=threading.Event)
     on_stop: list = field(default_factory=list)   # callbacks of waits to end when the job stops
     opened: float = field(default_factory=time.time)
@@ -71,8 +84,11 @@ class AsyncJob:
 class AsyncJobs:
     """The server's asynchronous jobs (created by the gateway, closed by the server)."""
 
-    def __init__(self, arena, dispatcher, metrics):
+    def __init__(self, arena, dispatcher, metrics, step_in_function: bool = True):
+        """``step_in_function``: buffers' top functions take the server step (they can reach this
+        arena's segments: the local runtime); else the publisher does."""
         self.arena, self.dispatcher, self.metrics = arena, dispatcher, metrics
+        self.step_in_function = step_in_function
         self._jobs: dict[str, AsyncJob] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -89,24 +105,28 @@ class AsyncJobs:
     # -- opening ------------------------------------------------------------------------------
     def open(self, name: str, layout: Layout, initial: Segment, spec: AsyncSpec) -> AsyncJob:
         """Take ``initial`` (version 0; owned from now on) and start the first buffer."""
-        bad = [s.name for s in layout.specs if not is_float(s.dtype)]
-        if bad:
-            raise LiflError("INVALID_ARGUMENT", f"asynchronous jobs fold deltas of float tensors; tensor "
-                                                f"{quote(bad[0])} is not floating point")
+        bad = _unsupported(layout)
+        if bad is not None:
+            raise LiflError("INVALID_ARGUMENT", f"asynchronous jobs fold deltas of float and signed integer "
+                                                f"tensors; tensor {quote(bad)} is bool or unsigned (its delta "
+                                                "cannot be negative)")
         with self._lock:
             if name in self._jobs:
                 raise LiflError("ALREADY_EXISTS", f"asynchronous job {quote(name)} is already open "
                                                   f"(version {self._jobs[name].job.latest})")
-            n = sum(s.numel for s in layout.specs)
-            x_seg = self.arena.segment(8 * n)
-            opt_seg = self.arena.segment(max(8, state_nbytes(spec.optimizer, n)))
-            aj = AsyncJob(name, spec, layout, BufferedJob(spec), x_seg, opt_seg, versions={0: initial})
+            n = layout.numel
+            made = []
             try:
-                to_f64(layout, initial.buf, x_seg.array(np.float64, n))
-                state_over(spec.optimizer, opt_seg.buf, n, zero=True)
+                for size in (8 * n, 8 * n, state_nbytes(spec.optimizer, layout)):
+                    made.append(self.arena.segment(size))
+                aj = AsyncJob(name, spec, layout, BufferedJob(spec), (made[0], made[1]), made[2],
+                              in_function=self.step_in_function, versions={0: initial})
+                to_f64(layout, initial.buf, made[0].array(np.float64, n))
+                made[2].array(np.uint8)[:8] = 0        # step counter 0; the moments start at 0 below
+                made[2].array(np.uint8)[8:] = 0
                 self._open_buffer(aj)
             except BaseException:
-                for seg in (x_seg, opt_seg):
+                for seg in made:
                     self.arena.free(seg.name)
                 raise
             self._jobs[name] = aj
@@ -119,10 +139,21 @@ class AsyncJobs:
         return aj
 
     def _open_buffer(self, aj: AsyncJob) -> None:
-        k = aj.spec.buffer_size
-        rnd = self.dispatcher.open_round(aj.name, aj.layout, k, k, 0.0, None)
-        aj.rounds[aj.job.open_buffer] = rnd.id
-        aj.weights[aj.job.open_buffer] = [0.0, 0.0]
+        """The open buffer's round; with the step in its top function, that finalize reads the
+        previous version's master copy and step ``b − 1``'s state, so it waits for the round of
+        buffer ``b − 1`` (``after``)."""
+        k, b = aj.spec.buffer_size, aj.job.open_buffer
+        step = None
+        if aj.in_function:
+            step = {"opt": dataclasses.asdict(aj.spec.optimizer), "state": aj.opt_seg.name,
+                    "moments": state_dtype(aj.layout), "t": b - 1, "w": 0.0,
+                    "x_in": aj.x_segs[(b - 1) % 2].name, "x_out": aj.x_segs[b % 2].name,
+                    "after": aj.rounds.get(b - 1, 0)}
+        rnd = self.dispatcher.open_round(aj.name, aj.layout, k, k, 0.0, None, step=step)
+        aj.rounds[b] = rnd.id
+        aj.weights[b] = [0.0, 0.0]
+        if step is not None:
+            aj.steps[b] = step
 
     # -- pushes -------------------------------------------------------------------------------
     def check(self, aj: AsyncJob, client: str, base: int) -> None:
@@ -135,8 +166,9 @@ class AsyncJobs:
                 self._count_refusal(aj, e)
                 raise
 
-    def accept(self, aj: AsyncJob, client: str, base: int, weight: float, slot: str) -> Ticket:
-        """The update in ``slot`` fully arrived: fold it into the open buffer with ``w·s(τ)``."""
+    def accept(self, aj: AsyncJob, client: str, base: int, weight: float, slot: str, node: str = "") -> Ticket:
+        """The update in ``slot`` (on ``node``: a node gateway's; default the head's) fully arrived:
+        fold it into the open buffer with ``w·s(τ)``."""
         with aj.cond:
             self._check_alive(aj)
             try:
@@ -148,9 +180,14 @@ class AsyncJobs:
             rid = aj.rounds[b]
             factor = aj.job.factor(tau)
             run = self.dispatcher.begin_push(aj.name, rid, client)
+            step = aj.steps.get(b)
+            if step is not None:    # Σw as the finalize will read it once this update seals the buffer
+                step["w"] = aj.weights[b][0] + weight
             try:
-                self.dispatcher.accept(run, client, slot, weight * factor)
+                self.dispatcher.accept(run, client, slot, weight * factor, node=node)
             except BaseException:
+                if step is not None:
+                    step["w"] = aj.weights[b][0]
                 self.dispatcher.abandon(run, client)
                 raise
             ticket = aj.job.accept(client, base, weight)    # the same decision: same state, same lock
@@ -190,7 +227,7 @@ class AsyncJobs:
         for t in [t for t in self._threads if t.name == f"lifl-fedbuff-{name[:16]}"]:
             t.join(timeout=5.0)
         with aj.cond:
-            for seg in [aj.x_seg, aj.opt_seg]:
+            for seg in [*aj.x_segs, aj.opt_seg]:
                 self.arena.free(seg.name)
             for seg in aj.versions.values():
                 self.arena.release_scratch(seg.name)
@@ -231,12 +268,15 @@ class AsyncJobs:
                     aj.cond.wait(0.5)
                 if stopped():
                     return
-                rid = aj.rounds.pop(b)
+                rid = aj.rounds[b]
                 w, ws = aj.weights.pop(b)
+                aj.steps.pop(b, None)
             try:
                 with self.dispatcher.model(aj.name, rid, False, 3600.0, cancel=lambda wake: self._on_stop(aj, wake)) \
                         as (_run, seg):
-                    self._publish(aj, b, seg, ws / w)
+                    self._publish(aj, b, seg, w, ws)
+                with aj.cond:
+                    aj.rounds.pop(b, None)
             except Exception as e:   # the tree failed this buffer: the job cannot go on exactly
                 if stopped():
                     return
@@ -247,16 +287,24 @@ class AsyncJobs:
                 return
             b += 1
 
-    def _publish(self, aj: AsyncJob, version: int, mean_seg: Segment, scale: float) -> None:
-        n = aj.numel
-        if aj.work is None:
-            aj.work = np.empty(n, np.float64)
-        d = to_f64(aj.layout, mean_seg.buf, aj.work)
-        d *= scale
-        x = aj.x_seg.array(np.float64, n)
-        step(aj.spec.optimizer, state_over(aj.spec.optimizer, aj.opt_seg.buf, n), x, d)
-        seg = self.arena.scratch(aj.layout.total_size)     # a dropped version's segment when one is free
-        from_f64(aj.layout, x, seg.buf)
+    def _publish(self, aj: AsyncJob, version: int, result: Segment, w: float, ws: float) -> None:
+        """Publish buffer ``version``'s result: the new version itself when the top function took
+        the step (held, not copied), else ``Σ w s Δ / Σ w s`` from which the step is taken here."""
+        if aj.in_function:
+            seg = self.arena.share(result.name)
+        else:
+            n = aj.numel
+            if aj.work is None:
+                aj.work = np.empty(n, np.float64)
+            acc = to_f64(aj.layout, result.buf, aj.work)
+            acc *= ws                                   # back to the sum Σ w s Δ
+            seg = self.arena.scratch(aj.layout.total_size)
+            x_in = aj.x_segs[(version - 1) % 2].array(np.float64, n)
+            x_out = aj.x_segs[version % 2].array(np.float64, n)
+            write = step_writer(aj.spec.optimizer, aj.layout, version - 1, w, aj.opt_seg.buf, seg.buf,
+                                master=(x_in, x_out), moments=state_dtype(aj.layout))
+            write(acc, 0, n)
+            commit(aj.opt_seg.buf, version - 1)
         with aj.cond:
             aj.versions[version] = seg
             aj.job.published(version)

@@ -284,6 +284,10 @@ def _mean_into(src: np.ndarray, spec, total_weight: float, dst: np.ndarray) -> N
         dst[...] = np.clip(np.rint(mean), info.min, info.max).astype(dst.dtype)
 
 
+#: public name: other finalize paths (lifl.serverstep) write results exactly as finalize does
+mean_into = _mean_into
+
+
 def _flat_views(layout: Layout, out_buf) -> list[np.ndarray]:
     return [v.reshape(-1) for v in layout.views(out_buf).values()]
 
@@ -329,11 +333,12 @@ def span_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 
 
 def finalize_span(layout: Layout, e0: int, e1: int, partials: Sequence[np.ndarray], add, total_weight: float,
-                  out_buf) -> None:
+                  out_buf, write=None) -> None:
     """The result's elements [e0, e1) = (Σ partial sums + what ``add`` adds) / total_weight, piece
     by piece in a cache-sized scratch: several functions finalise a round's spans in parallel.
-    Reads its inputs only, so a re-run writes the same bytes."""
-    write = _mean_writer(layout, total_weight, out_buf)
+    Reads its inputs only, so a re-run writes the same bytes. ``write(piece, a, b)`` replaces the
+    mean (a server step: ``lifl.serverstep``)."""
+    write = write or _mean_writer(layout, total_weight, out_buf)
     tmp = np.empty(min(PIECE, e1 - e0))
     for a in range(e0, e1, PIECE):
         b = min(e1, a + PIECE)

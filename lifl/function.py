@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from . import fold
-from .engine.optimizers import ServerOptimizer, step_once
+from . import fold, serverstep
+from .engine.optimizers import ServerOptimizer
 from .layout import Layout
 from .shm import Segment
 
@@ -60,7 +60,6 @@ class Function:
         self.views: dict[tuple[str, int], fold.UpdateViews] = {}
         self.given: dict[str, np.ndarray] = {}
         self.local_prefixes = local_prefixes
-        self._scratch: tuple[np.ndarray, np.ndarray] | None = None   # a server step's x and d, reused
 
     def seg(self, name: str) -> "Segment | _Given":
         if name in self.given:
@@ -72,12 +71,21 @@ class Function:
             s = self.segments[name] = Segment.attach(name)
         return s
 
-    def scratch64(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two float64 work vectors of ``n`` elements, kept for the next round (no page faults on
-        the finalize path once warm)."""
-        if self._scratch is None or self._scratch[0].size != n:
-            self._scratch = (np.empty(n, np.float64), np.empty(n, np.float64))
-        return self._scratch
+    def _step_writer(self, st: dict, layout: Layout, weight: float, out):
+        """The ``write`` of a finalize with a server step (lifl.serverstep): round mode steps from
+        the initial model ``base``; delta mode (asynchronous jobs) from the float64 master copy
+        ``x_in``, writing the next master copy ``x_out`` too."""
+        opt, t = ServerOptimizer(**st["opt"]), int(st["t"])
+        state = self.seg(st["state"]).buf
+        serverstep.check_before(state, t)
+        master = None
+        if "x_in" in st:   # delta mode: the mean of the deltas is over Σw, not the fold weights Σws
+            master = (self.seg(st["x_in"]).array(np.float64, layout.numel),
+                      self.seg(st["x_out"]).array(np.float64, layout.numel))
+            weight = float(st["w"])
+        return serverstep.step_writer(opt, layout, t, weight, state, out, base_buf=self.seg(st["base"]).buf
+                                      if master is None else None, master=master,
+                                      moments=st.get("moments", "float64"))
 
     def acc(self, name: str, layout: Layout) -> np.ndarray:
         return self.seg(name).array(np.float64, layout.numel)
@@ -121,28 +129,31 @@ class Function:
                 ups = cmd["updates"]
                 add = fold.add_updates(layout, [self.update_views(n, cmd["layout"]) for n, _ in ups],
                                        [w for _, w in ups]) if ups else None
+                st = cmd.get("step")
+                write = self._step_writer(st, layout, cmd["weight"], out) if st is not None else None
                 fold.finalize_span(layout, *cmd["span"], [self.acc(n, layout) for n in cmd["partials"]], add,
-                                   cmd["weight"], out)
+                                   cmd["weight"], out, write)
+                if st is not None:   # any span may commit: the others read the untouched copy of step t
+                    serverstep.commit(self.seg(st["state"]).buf, int(st["t"]))
                 return {"seconds": time.perf_counter() - t0}
             acc = self.acc(cmd["acc"], layout)
-            st = cmd.get("step")
-            if "gen" in cmd and st is not None:   # a server step needs the whole sum: fold first, then step
-                fold.fold_in_place(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
-                                   self._inputs(cmd, layout))
+            weight, st = cmd["weight"], cmd.get("step")
+            if st is not None:   # a server optimizer fused into the pass: float64, exactly once
+                write = self._step_writer(st, layout, weight, out)
+                if "gen" in cmd:   # the sum's last inputs are added in a cache-sized scratch, never written
+                    # back: the step reads its inputs only, so a re-run (a replacement function) is exact
+                    fold.finalize_span(layout, 0, layout.numel, [acc] if cmd.get("from") is not None else [],
+                                       self._inputs(cmd, layout), weight, out, write)
+                else:
+                    for e0 in range(0, layout.numel, fold.PIECE):
+                        e1 = min(layout.numel, e0 + fold.PIECE)
+                        write(acc[e0:e1], e0, e1)
+                serverstep.commit(self.seg(st["state"]).buf, int(st["t"]))
             elif "gen" in cmd:
                 fold.fold_and_finalize(acc, self.journal(cmd["journal"], layout), cmd["gen"], cmd.get("from"),
-                                       self._inputs(cmd, layout), layout, cmd["weight"], out)
-                return {"seconds": time.perf_counter() - t0}
-            weight = cmd["weight"]
-            if st is not None:   # server optimizer, float64: x = initial, d = mean − x, step (exactly once)
-                opt = ServerOptimizer(**st["opt"])
-                x, d = self.scratch64(layout.numel)
-                fold.as_f64(layout, self.seg(st["base"]).buf, x)
-                np.divide(acc, weight, out=d)
-                d -= x
-                step_once(opt, self.seg(st["state"]).buf, layout.numel, int(st["t"]), x, d)
-                acc, weight = x, 1.0
-            fold.finalize(acc, layout, weight, out)
+                                       self._inputs(cmd, layout), layout, weight, out)
+            else:
+                fold.finalize(acc, layout, weight, out)
             return {"seconds": time.perf_counter() - t0}
         if op == "forget":
             for name in cmd["segments"]:

@@ -65,7 +65,7 @@ class Gateway(Service):
         # chunks handed to gRPC and not yet sent, over all Pull streams: many clients pulling at once
         # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
         self._pull_sends = threading.BoundedSemaphore(max(1, config.pull_buffer_mb * 2**20 // PULL_CHUNK))
-        self.asyncs = AsyncJobs(arena, dispatcher, metrics)
+        self.asyncs = AsyncJobs(arena, dispatcher, metrics, step_in_function=config.runtime == "local")
         self.admin = Admin(config, arena, dispatcher, metrics, self.asyncs)
 
     def close(self) -> None:
@@ -117,7 +117,7 @@ class Gateway(Service):
         check_scope(current(), job_name(h.job), h.round, h.client_id)
         check_weight(h.num_examples)
         encoding = update_encoding(h.encoding)
-        aj = self.asyncs.get(job_name(h.job))
+        aj = self._async_job(h)
         if aj is not None or h.HasField("base_version"):
             return self._push_async(h, aj, it, encoding)
         run = self.dispatcher.get(h.job, h.round)
@@ -128,6 +128,10 @@ class Gateway(Service):
                              abandon=lambda: self.dispatcher.abandon(run, h.client_id))
         return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size, accepted=n_acc)
 
+    def _async_job(self, h: pb.PushHeader) -> AsyncJob | None:
+        """The asynchronous job a push goes to, if its job is one (a node gateway asks the head)."""
+        return self.asyncs.get(job_name(h.job))
+
     def _push_async(self, h: pb.PushHeader, aj: AsyncJob | None, it, encoding: Encoding) -> pb.PushReply:
         if aj is None:
             raise LiflError("INVALID_ARGUMENT", f"job {quote(job_name(h.job))} has no asynchronous job open; "
@@ -135,9 +139,6 @@ class Gateway(Service):
         if not h.HasField("base_version"):
             raise LiflError("INVALID_ARGUMENT", f"job {quote(aj.name)} is asynchronous: set base_version to the "
                                                 f"version the delta was trained on (current: {aj.job.latest})")
-        if encoding is not Encoding.RAW:
-            raise LiflError("INVALID_ARGUMENT", f"asynchronous job {quote(aj.name)}: deltas are pushed raw "
-                                                f"(encoding {encoding.name.lower()} is for rounds)")
         enc = self._check_update_layout(h, aj.layout, f"asynchronous job {quote(aj.name)}", encoding)
         self.asyncs.check(aj, h.client_id, h.base_version)
         t = self._ingest(it, enc, check=None, abandon=lambda: None,

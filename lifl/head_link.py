@@ -31,8 +31,10 @@ class HeadService:
     """Serves node gateways' calls from the dispatcher. ``node`` is the caller's node name;
     streams in flight per node are remembered so a lost node's clients can be released."""
 
-    def __init__(self, dispatcher, secret: str):
-        self.dispatcher, self._secret = dispatcher, secret.encode()
+    def __init__(self, dispatcher, secret: str, asyncs=None):
+        """``asyncs``: the head's asynchronous jobs (``lifl.async_jobs.AsyncJobs``), which node
+        gateways push deltas into."""
+        self.dispatcher, self._secret, self.asyncs = dispatcher, secret.encode(), asyncs
         self._lock = threading.Lock()
         self.in_flight: dict[str, set[tuple[str, int, str]]] = {}
 
@@ -56,6 +58,8 @@ class HeadService:
         d, op = self.dispatcher, req["op"]
         job, rid, node = req["job"], int(req["round"]), req["node"]
         key = (job, rid, req.get("client", ""))
+        if op.startswith("async_"):
+            return self._async(op, job, node, req)
         if op == "round":
             r = d.get(job, rid).round
             return {"id": r.id, "job": r.job, "state": int(r.state), "specs": r.layout.to_wire()}
@@ -73,6 +77,23 @@ class HeadService:
                 return {}
             d.check_open(run)
             return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]), node=node)}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _async(self, op: str, job: str, node: str, req: dict) -> dict:
+        """A node gateway's push into an asynchronous job: the head's ``AsyncJobs`` decides (the
+        same checks, the same lock), the delta stays in the node's slot and is folded there."""
+        aj = self.asyncs.get(job) if self.asyncs is not None else None
+        if aj is None:
+            raise LiflError("INVALID_ARGUMENT", f"job {job[:64]!r} has no asynchronous job open; base_version "
+                                                "is only for asynchronous jobs (push by round)")
+        if op == "async_job":
+            return {"name": aj.name, "latest": aj.job.latest, "specs": aj.layout.to_wire()}
+        if op == "async_check":
+            self.asyncs.check(aj, req["client"], int(req["base"]))
+            return {}
+        if op == "async_accept":
+            t = self.asyncs.accept(aj, req["client"], int(req["base"]), float(req["weight"]), req["slot"], node=node)
+            return {"buffer": t.buffer, "tau": t.tau, "position": t.position}
         raise ValueError(f"unknown op {op!r}")
 
     def forget_node(self, node: str) -> list[tuple[str, int, str]]:
@@ -94,6 +115,47 @@ class RemoteRound:
 @dataclass
 class RemoteRun:
     round: RemoteRound
+
+
+@dataclass
+class _Latest:
+    latest: int
+
+
+@dataclass
+class RemoteAsyncJob:
+    """What a node gateway knows of one of the head's asynchronous jobs while a push streams in."""
+    name: str
+    layout: Layout
+    job: _Latest
+
+
+@dataclass
+class RemoteTicket:
+    buffer: int
+    tau: int
+    position: int
+
+
+class RemoteAsyncJobs:
+    """A node gateway's stand-in for the head's ``AsyncJobs``: the same three calls, over the link."""
+
+    def __init__(self, link: "HeadLink"):
+        self.link = link
+
+    def get(self, name: str) -> RemoteAsyncJob:
+        rep = self.link.call("async_job", name, 0)
+        return RemoteAsyncJob(rep["name"], Layout.from_wire(rep["specs"]), _Latest(rep["latest"]))
+
+    def check(self, aj: RemoteAsyncJob, client: str, base: int) -> None:
+        self.link.call("async_check", aj.name, 0, client=client, base=base)
+
+    def accept(self, aj: RemoteAsyncJob, client: str, base: int, weight: float, slot: str) -> RemoteTicket:
+        rep = self.link.call("async_accept", aj.name, 0, client=client, base=base, weight=weight, slot=slot)
+        return RemoteTicket(rep["buffer"], rep["tau"], rep["position"])
+
+    def close(self) -> None:
+        """Nothing runs here (the head publishes)."""
 
 
 class HeadLink(Admission):

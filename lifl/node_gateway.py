@@ -12,6 +12,8 @@ from __future__ import annotations
 import grpc
 
 from .gateway import Gateway
+from .head_link import RemoteAsyncJobs
+from .rounds import job_name
 
 _FORWARD_META = ("authorization",)
 
@@ -20,6 +22,12 @@ class NodeGateway(Gateway):
     def __init__(self, config, arena, link, metrics):
         super().__init__(config, arena, link, metrics)
         self.link = link
+        self.asyncs = RemoteAsyncJobs(link)   # asynchronous jobs live at the head
+
+    def _async_job(self, h):
+        """Only a push with a base version asks the head (a round's push pays no extra call); a push
+        without one to an asynchronous job is then refused as a round that does not exist."""
+        return self.asyncs.get(job_name(h.job)) if h.HasField("base_version") else None
 
     def _relay(self, method: str, streaming: bool):
         path = f"/lifl.v1.{method}"

@@ -83,7 +83,7 @@ class EmbeddedServer:
             head = None
             if cfg.runtime == "ray":  # node gateways call the head's dispatcher through this
                 from .head_link import HeadService
-                head = HeadService(self.dispatcher, secrets.token_hex(16))
+                head = HeadService(self.dispatcher, secrets.token_hex(16), asyncs=gateway.asyncs)
                 handlers.append(head.handler())
                 self.runtime.events.open_streams = head.forget_node
             limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096

@@ -130,9 +130,7 @@ class RoundDriver:
         run.segs.extend(segs)
         if run.red is None:
             run.red = Reduction(run.round.id, shape.hier, new, self._gens, lazy=self.lazy,
-                                numel=run.round.layout.numel,
-                                # a server step needs the whole mean in one function: no spans then
-                                flat_on=self.runtime.head if run.step is None else "")
+                                numel=run.round.layout.numel, flat_on=self.runtime.head)
         else:
             run.red.extend(shape.hier, new)
         run.shape = shape
@@ -165,8 +163,10 @@ class RoundDriver:
         self.metrics.rounds.labels("failed").inc()
         for name in run.red.drain_pending():
             self.release_slot(name)
+        run.parked = []
         run.finish()
         self.maybe_release(run)
+        self._release_next(run)
         self.table.evict_old()
 
     def advance(self, run: RoundRun) -> None:
@@ -187,7 +187,31 @@ class RoundDriver:
                 run.result = self.arena.result_segment(run.round.layout.total_size)
                 if run.step is not None and "t" not in run.step:   # re-sends keep the step they follow
                     run.step["t"] = int(self.arena.get(run.step["state"]).array(np.uint64, 1)[0])
+            if isinstance(cmd, Finalize) and self._behind(run):
+                run.parked.append(cmd)   # its step follows the previous buffer's: sent once that one is done
+                log.debug("round %d's finalize waits for round %d's server step", run.round.id, run.step["after"])
+                continue
             self.enqueue(fn, Task(cmd, run))
+
+    def _behind(self, run: RoundRun) -> bool:
+        """True while the round whose step this round's step follows (``step["after"]``: the
+        previous buffer of an asynchronous job) has not finished."""
+        after = (run.step or {}).get("after")
+        prev = self.table.runs.get(after) if after else None
+        return prev is not None and not prev.finished
+
+    def _release_next(self, run: RoundRun) -> None:
+        """``run`` finished: send the finalize that waited for it, or fail that round if ``run``
+        failed (its step would read a master copy that was never written)."""
+        for nxt in self.table.all():
+            if not nxt.parked or (nxt.step or {}).get("after") != run.round.id:
+                continue
+            cmds, nxt.parked = nxt.parked, []
+            if run.round.state == State.FAILED:
+                self.fail(nxt, f"round {run.round.id}, whose server step this one follows, failed")
+                continue
+            for cmd in cmds:
+                self.enqueue(nxt.workers[cmd.leaf], Task(cmd, nxt))
 
     def _committed(self, run: RoundRun, fn: PooledFunction, cmd: Command, secs: float) -> None:
         """A function finished a command: commit it to the reduction, free what it read, go on."""
@@ -220,6 +244,7 @@ class RoundDriver:
         log.info("round %d of job %s done: %d updates, total weight %g", rnd.id, quote(rnd.job),
                  len(rnd.accepted), rnd.total_weight)
         run.finish()
+        self._release_next(run)
         self.table.evict_old()
 
     def maybe_release(self, run: RoundRun) -> None:

@@ -186,28 +186,37 @@ def _step(opt: ServerOptimizer, t: int, x: np.ndarray, d: np.ndarray, m_in, v_in
 
 
 # -- exactly once: a double-buffered state for steps that a replacement function may re-run ----------
-def pingpong_nbytes(opt: ServerOptimizer, n: int) -> int:
-    """Bytes of a double-buffered state (:func:`step_once`): the step counter and two copies."""
-    return _HEADER + 2 * 8 * opt.vectors * n
+def pingpong_nbytes(opt: ServerOptimizer, n: int, itemsize: int = 8) -> int:
+    """Bytes of a double-buffered state (:func:`step_once`): the step counter and two copies
+    (moments of ``itemsize`` bytes: 8, or 4 for float32 models, as Flower keeps them)."""
+    return _HEADER + 2 * itemsize * opt.vectors * n
+
+
+def pingpong_views(opt: ServerOptimizer, buf, n: int, t_before: int = 0, dtype=np.float64):
+    """(step counter, the moments of step ``t_before``, the copy step ``t_before + 1`` writes)
+    over a double-buffered state; each a list of vectors of ``dtype`` (m, then v)."""
+    dtype = np.dtype(dtype)
+    mv = memoryview(buf).cast("B")
+    need = pingpong_nbytes(opt, n, dtype.itemsize)
+    if len(mv) < need:
+        raise ValueError(f"optimizer state needs {need} bytes, buffer has {len(mv)}")
+    steps = np.frombuffer(mv, dtype=np.uint64, count=1)
+    size = dtype.itemsize * opt.vectors * n
+
+    def copy(k: int) -> list[np.ndarray]:
+        off = _HEADER + size * k
+        return [np.frombuffer(mv, dtype=dtype, count=n, offset=off + dtype.itemsize * n * i)
+                for i in range(opt.vectors)]
+    return steps, copy(t_before % 2), copy((t_before + 1) % 2)
 
 
 def step_once(opt: ServerOptimizer, buf, n: int, t_before: int, x: np.ndarray, d: np.ndarray) -> None:
     """Step ``t_before + 1`` over a double-buffered state, idempotent: it reads the copy of step
     ``t_before`` and writes the other, then commits the counter; a command re-run after a crash
     (or after its reply was lost) reads the same untouched copy and gives the same ``x``."""
-    mv = memoryview(buf).cast("B")
-    if len(mv) < pingpong_nbytes(opt, n):
-        raise ValueError(f"optimizer state needs {pingpong_nbytes(opt, n)} bytes, buffer has {len(mv)}")
-    steps = np.frombuffer(mv, dtype=np.uint64, count=1)
+    steps, src, dst = pingpong_views(opt, buf, n, t_before)
     if int(steps[0]) not in (t_before, t_before + 1):
         raise ValueError(f"optimizer state is at step {int(steps[0])}, this step follows step {t_before}")
-    size = 8 * opt.vectors * n
-
-    def copy(k: int) -> list[np.ndarray]:
-        off = _HEADER + size * k
-        return [np.frombuffer(mv, dtype=np.float64, count=n, offset=off + 8 * n * i) for i in range(opt.vectors)]
-
-    src, dst = copy(t_before % 2), copy((t_before + 1) % 2)
     m_in, v_in = (src + [None, None])[:2]
     m_out, v_out = (dst + [None, None])[:2]
     _step(opt, t_before + 1, x, d, m_in, v_in, m_out, v_out)

@@ -47,7 +47,10 @@ class RoundRun:
     lost_nodes: set[str] = field(default_factory=set)
     # a server optimizer applied at finalize: {"opt": ServerOptimizer fields, "base": initial model
     # segment, "state": double-buffered state segment, "t": step it follows (fixed at the first send)}
+    # an asynchronous job's buffer: also "x_in"/"x_out" (master copies), "w" (Σw), "after" (the
+    # previous buffer's round, whose step this one follows: its finalize (or spans) wait, ``parked``)
     step: dict | None = None
+    parked: list = field(default_factory=list)
 
     @property
     def hier(self) -> Hierarchy:
@@ -113,9 +116,12 @@ class Task:
             return {"op": "forget", "segments": list(cmd.segments), "layouts": list(cmd.layouts)}
         segs = run.segs[cmd.leaf]
         if isinstance(cmd, Finalize) and cmd.span is not None:   # one span of a flat finalize
-            return {"op": "finalize", "layout": cmd.round, "weight": cmd.weight, "out": run.result.name,
-                    "span": list(cmd.span), "partials": [run.segs[c].acc.name for c in cmd.children],
-                    "updates": [[u.slot, u.weight] for u in cmd.updates]}
+            out = {"op": "finalize", "layout": cmd.round, "weight": cmd.weight, "out": run.result.name,
+                   "span": list(cmd.span), "partials": [run.segs[c].acc.name for c in cmd.children],
+                   "updates": [[u.slot, u.weight] for u in cmd.updates]}
+            if run.step is not None:     # each span steps its elements (lifl.serverstep)
+                out["step"] = run.step
+            return out
         if isinstance(cmd, Finalize):
             out = {"op": "finalize", "layout": cmd.round, "acc": segs.acc.name, "weight": cmd.weight,
                    "out": run.result.name}

@@ -28,19 +28,22 @@ def _flower(kind, initial, kw):
                                                                                       eta=kw["lr"])
 
 
-@pytest.mark.parametrize("kind,kw,leaves", [("fedadam", dict(lr=0.05), 2),            # top folds children, steps
-                                            ("fedavgm", dict(lr=0.7, momentum=0.9), 1)])  # one leaf: last fold + step
-def test_rounds_equal_flower_strategy(make_server, kind, kw, leaves):
+@pytest.mark.parametrize("kind,kw,leaves,dtype", [
+    ("fedadam", dict(lr=0.05), 2, np.float64),             # top folds children, steps
+    ("fedavgm", dict(lr=0.7, momentum=0.9), 1, np.float64),  # one leaf: last fold + step
+    ("fedadam", dict(lr=0.05), 1, np.float32),             # float32 model: float32 moments, as Flower keeps them
+    ("fedyogi", dict(lr=0.05), 2, np.float32)])
+def test_rounds_equal_flower_strategy(make_server, kind, kw, leaves, dtype):
     srv = make_server(leaves=leaves, workers=2)
     rng = np.random.default_rng(5)
-    x = {k: rng.normal(size=s) for k, s in SHAPES.items()}            # float64 model
+    x = {k: rng.normal(size=s).astype(dtype) for k, s in SHAPES.items()}
     strategy = _flower(kind, list(x.values()), kw)
     opt = ServerOptimizer.of(kind, **kw)
     rid = 0
     with Client(srv.address) as c:
         for rnd in range(1, 4):
-            clients = [({k: v + rng.normal(scale=0.1, size=v.shape) for k, v in x.items()}, float(rng.integers(1, 30)))
-                       for _ in range(5)]
+            clients = [({k: (v + rng.normal(scale=0.1, size=v.shape)).astype(dtype) for k, v in x.items()},
+                        float(rng.integers(1, 30))) for _ in range(5)]
             rid = (c.open_round(x, expected=5, job="opt", optimizer=opt) if rnd == 1
                    else c.open_round(expected=5, job="opt", from_round=rid, optimizer=opt))
             ts = [threading.Thread(target=c.push, args=(rid, m, w, f"c{i}"), kwargs={"job": "opt"})
@@ -54,7 +57,9 @@ def test_rounds_equal_flower_strategy(make_server, kind, kw, leaves):
                    for m, w in clients]
             ref = parameters_to_ndarrays(strategy.aggregate_fit(rnd, res, [])[0])
             for k, r in zip(SHAPES, ref):
-                np.testing.assert_allclose(got[k], r, rtol=1e-6, atol=1e-9, err_msg=f"round {rnd}, {k}")
+                assert got[k].dtype == dtype
+                np.testing.assert_allclose(got[k], r, rtol=1e-6, atol=1e-9 if dtype == np.float64 else 1e-7,
+                                           err_msg=f"round {rnd}, {k}")
             x = {k: np.array(v) for k, v in got.items()}
         # a round with only a layout has no model to step from
         expect(grpc.StatusCode.INVALID_ARGUMENT, "steps from the round's initial model", c.open_round,

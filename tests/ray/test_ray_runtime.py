@@ -7,7 +7,6 @@ machines. Nothing is mocked.
 """
 from __future__ import annotations
 
-import os
 import time
 import uuid
 
@@ -354,3 +353,39 @@ def test_encoded_updates_through_node_gateways_are_exact(ray_server):
                 c.push(rid, u, w, f"c{i}", encoding=nm)
         got = admin.pull(rid, wait_s=60)
     assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(updates, names)], weights))
+
+
+def test_async_job_takes_deltas_through_every_node_gateway(ray_server):
+    """An asynchronous job on the Ray runtime: deltas pushed to every node's gateway (some encoded)
+    land in that node's memory and are folded there; the head decides staleness and refusals and
+    publishes. Each version equals a float64 FedBuff replay of the decoded deltas (FedAvgM step)."""
+    from support import decode, wire_bytes
+    from lifl.engine.buffered import AsyncSpec
+    from lifl.engine.optimizers import ServerOptimizer
+    srv = ray_server(leaves=3)
+    # float32/float64 tensors: on this runtime the publisher takes the step from the buffer's mean in
+    # the model's dtypes (docs/async.md), which a float16 tensor would round to 1e-3
+    x0 = {k: v for k, v in small_model(5).items() if v.dtype in (np.float32, np.float64)}
+    spec = AsyncSpec(buffer_size=3, concurrency=3, optimizer=ServerOptimizer.of("fedavgm", lr=0.9, momentum=0.5))
+    f64 = lambda a: np.concatenate([np.asarray(a[k], np.float64).ravel() for k in x0])  # noqa: E731
+    gws = sorted(srv.gateways().items())
+    x, m, names = f64(x0), 0.0, ["int8", "raw", "float16"]
+    with Client(srv.address) as admin:
+        admin.open_async(x0, spec, job="fb")
+        for v in range(2):
+            deltas = [{k: (perturb(x0, 10 * v + i)[k] - x0[k]).astype(x0[k].dtype) for k in x0} for i in range(3)]
+            ws = [1.0 + i for i in range(3)]
+            for i, (d, w) in enumerate(zip(deltas, ws)):
+                with Client(gws[i % len(gws)][1]) as c:
+                    r = c.push(0, d, w, f"c{i}", job="fb", base_version=v, encoding=names[i])
+                assert (r.version, r.staleness) == (v + 1, 0)
+            mean = sum(w * f64(decode(d, wire_bytes(d, nm), nm)) for d, w, nm in zip(deltas, ws, names)) / sum(ws)
+            m = 0.5 * m + mean      # Flower's FedAvgM, written out in float64
+            x = x + 0.9 * m
+            got_v, got = admin.pull_version(v + 1, job="fb", wait_s=60)
+            np.testing.assert_allclose(f64(got), x, rtol=1e-6, atol=1e-7)
+            with Client(gws[1][1]) as c:   # refused at a node gateway as at the head: wrong version
+                with pytest.raises(RpcFailure) as e:
+                    c.push(0, deltas[0], 1.0, "late", job="fb", base_version=v + 5)
+                assert e.value.code == grpc.StatusCode.OUT_OF_RANGE and f"current version is {v + 1}" in str(e.value)
+        admin.close_job("fb")
