@@ -130,7 +130,8 @@ class HeadLink(Admission):
     def check_open(self, run: RemoteRun) -> None:
         """Per chunk: nothing to ask (the head's accept re-checks and refuses a closed round)."""
 
-    def accept(self, run: RemoteRun, client: str, slot: str, weight: float) -> int:
+    def accept(self, run: RemoteRun, client: str, slot: str, weight: float, digest=None) -> int:
+        """``digest`` stays on this node: the head records none, so a repeat is plain ALREADY_EXISTS."""
         return self.call("accept", run.round.job, run.round.id, client=client, slot=slot,
                          weight=weight)["accepted"]
 
