@@ -54,6 +54,13 @@ def server_credentials(config) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=True)
 
 
+def listen(server: grpc.Server, target: str, creds: grpc.ServerCredentials | None) -> int:
+    """Add ``target`` to ``server`` with these credentials (None: plaintext); the port, 0 on failure.
+    The head's gateway and every node gateway of the Ray runtime listen through here, so a node
+    gateway serves exactly the TLS / mutual TLS the server is configured with."""
+    return server.add_secure_port(target, creds) if creds is not None else server.add_insecure_port(target)
+
+
 def connection_options(config) -> list[tuple[str, int]]:
     """gRPC channel arguments that enforce the keep-alive and connection-lifetime settings."""
     ms = lambda s: int(s * 1000)  # noqa: E731
