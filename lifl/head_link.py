@@ -99,9 +99,12 @@ class RemoteRun:
 class HeadLink(Admission):
     """What a node gateway uses in place of the head's dispatcher: the same ``Admission``."""
 
-    def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0):
+    def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None):
+        """``credentials``: the head serves TLS (``transport.head_link_credentials``); None: plaintext."""
         self.node, self.timeout_s = node, timeout_s
-        self.channel = grpc.insecure_channel(head_address)
+        self.channel = (grpc.secure_channel(head_address, credentials) if credentials is not None
+                        else grpc.insecure_channel(head_address))
         self._call = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
         self._md = ((SECRET_KEY, secret),)
         self._layouts: dict[tuple[str, int], Layout] = {}

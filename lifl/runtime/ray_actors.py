@@ -27,7 +27,7 @@ from ..head_link import HeadLink
 from ..metrics import Metrics
 from ..node_gateway import NodeGateway
 from ..shm import Arena
-from ..transport import listen, server_credentials
+from ..transport import head_link_credentials, listen, server_credentials
 
 
 def _node_id() -> str:
@@ -40,7 +40,7 @@ class NodeAgent:
         cfg = ServerConfig(**json.loads(config_json))
         self.node = node
         self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=prefix)
-        self.link = HeadLink(head_address, secret, node)
+        self.link = HeadLink(head_address, secret, node, credentials=head_link_credentials(cfg))
         self.gateway = NodeGateway(cfg, self.arena, self.link, Metrics())
         limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads),
