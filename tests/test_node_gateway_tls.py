@@ -1,7 +1,7 @@
 """The path every listening gateway takes (the head's and, on the Ray runtime, each node's):
 ``transport.listen`` with ``transport.server_credentials(config)``. Unit level: a real gRPC server on
-loopback with the mutual-TLS settings a node gateway receives; the Ray NodeAgent itself is not
-started here (tests/ray covers the runtime in plaintext)."""
+loopback with the mutual-TLS settings a node gateway receives. The Ray node gateways themselves
+serve mutual TLS in tests/ray/test_ray_runtime.py::test_node_gateways_serve_the_servers_mutual_tls."""
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
