@@ -14,8 +14,12 @@ Updates stream as the flat layout in ``chunk_size`` pieces straight from the
 arrays (no whole-model copy). A push is retried for up to ``retry_s`` only when the
 server said a retry may succeed (:func:`retryable`): RESOURCE_EXHAUSTED with its
 ``retry-after-ms`` hint (slot budget full) or from grpcio's call limit
-(``max_concurrent_rpcs``), and UNAVAILABLE. Everything else raises
-:class:`RpcFailure` at once with the gRPC status and message.
+(``max_concurrent_rpcs``), UNAVAILABLE, and ABORTED (another stream of the same
+client is still being received: once it ends, this push is either taken or
+answered as a duplicate). Everything else raises :class:`RpcFailure` at once with
+the gRPC status and message. Pushing the same update again (e.g. after a timeout)
+is safe: an identical repeat of an accepted update succeeds with
+``Receipt.duplicate`` and is not folded twice (docs/clients.md).
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ class Receipt:
     accepted: int
     version: int = 0        # asynchronous jobs: the version this update's buffer publishes
     staleness: int = 0      # asynchronous jobs: versions published since its base
+    duplicate: bool = False  # this push repeated an accepted update with identical content (not folded again)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,8 @@ def retryable(e: grpc.RpcError) -> float | None:
     code = e.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return 0.5
+    if code == grpc.StatusCode.ABORTED:     # our own stream of this update is still being received
+        return 0.2
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         hint = _retry_after(e)
         if hint is not None:
@@ -196,7 +203,8 @@ class Client:
         while True:
             try:
                 r = self._push(self._stream(first, layout, arrays, pieces), metadata=self._md, timeout=self.timeout_s)
-                return Receipt(r.round, r.client_id, r.bytes_received, r.accepted, r.version, r.staleness)
+                return Receipt(r.round, r.client_id, r.bytes_received, r.accepted, r.version, r.staleness,
+                               r.duplicate)
             except grpc.RpcError as e:
                 wait = retryable(e)
                 if wait is not None and time.monotonic() + wait < give_up:
@@ -210,7 +218,7 @@ class Client:
             r = self._push(messages, metadata=self._md, timeout=self.timeout_s)
         except grpc.RpcError as e:
             raise _failure(e) from None
-        return Receipt(r.round, r.client_id, r.bytes_received, r.accepted)
+        return Receipt(r.round, r.client_id, r.bytes_received, r.accepted, duplicate=r.duplicate)
 
     def pull(self, round: int, wait_s: float = 0.0, initial: bool = False, job: str = "default"
              ) -> dict[str, np.ndarray]:

@@ -38,7 +38,7 @@ from .engine.ticker import Ticker, guarded
 from .errors import LiflError
 from .layout import Layout
 from .metrics import Metrics
-from .rounds import Round, State, job_name
+from .rounds import Digest, Round, State, job_name
 from .runtime.base import Reply, Runtime
 from .shm import Arena, Segment
 
@@ -151,19 +151,23 @@ class Dispatcher(Admission):
     def begin_push(self, job: str, rid: int, client: str) -> RoundRun:
         with self._lock:
             run = self.get(job, rid)
-            run.round.begin(client)
+            run.round.begin(client, self.clock.monotonic())
             return run
 
     def check_open(self, run: RoundRun) -> None:
         if run.round.state != State.OPEN:
             raise LiflError("DEADLINE_EXCEEDED" if "deadline" in run.round.detail else "FAILED_PRECONDITION",
                             f"round {run.round.id} closed while this update was being received ({run.round.detail})")
+        if run.round.past_deadline(self.clock.monotonic()):   # before the control loop closes it
+            raise LiflError("DEADLINE_EXCEEDED", f"round {run.round.id}'s deadline passed while this update was "
+                                                 "being received; it was not stored")
 
     def abandon(self, run: RoundRun, client: str) -> None:
         with self._lock:
             run.round.abandon(client)
 
-    def accept(self, run: RoundRun, client: str, slot: str, weight: float, node: str = "") -> int:
+    def accept(self, run: RoundRun, client: str, slot: str, weight: float, node: str = "",
+               digest: Digest | None = None) -> int:
         """Record a complete update (in ``slot`` on ``node``) and route it to a leaf fed by that
         node's gateway; returns the round's accepted count. A function for the leaf comes first:
         if it must be started, that happens outside the lock; if none can start, nothing is
@@ -171,7 +175,7 @@ class Dispatcher(Admission):
         t0 = self.clock.monotonic()
         node = node or self.runtime.head
         with self._lock:
-            run.round.check_accept(weight)
+            run.round.check_accept(weight, self.clock.monotonic())
             index = run.red.route(node)
             leaf_node = run.red.leaves[index].node
             cold = index not in run.workers and self.pool.reserve(leaf_node, "leaf")
@@ -183,12 +187,12 @@ class Dispatcher(Admission):
                     self.pool.release(leaf_node)
         with self._lock:
             fresh = self.pool.adopt(handle) if cold else None
-            run.round.check_accept(weight)
+            run.round.check_accept(weight, self.clock.monotonic())
             if run.red.leaves[index].lost:   # its node went meanwhile
                 index = run.red.route(node)
             if index not in run.workers:
                 self.driver.bind(run, index, "leaf", fresh)
-            run.round.accept(client, weight, self.clock.monotonic())
+            run.round.accept(client, weight, self.clock.monotonic(), digest)
             run.red.add(index, Update(slot, weight, client))
             self.load.arrived(node)
             self.metrics.updates_received.labels(run.round.job).inc()

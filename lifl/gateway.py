@@ -1,8 +1,9 @@
 """The gRPC gateway: validate, write chunks into shared memory, emit descriptors.
 
 Every refusal is a specific gRPC status with a message a person can act on, and
-leaves the round untouched: the slot is returned, the client may retry (unless
-its update was already accepted: ALREADY_EXISTS). Backpressure: a push whose
+leaves the round untouched: the slot is returned, the client may retry. A repeat of an
+accepted update is read without storing it and succeeds as a duplicate when its content is
+identical (a retry after a lost reply), else ALREADY_EXISTS (docs/clients.md). Backpressure: a push whose
 header is valid waits up to ``admission_timeout_s`` for a slot in the budget,
 then gets RESOURCE_EXHAUSTED with a ``retry-after-ms`` trailer; the Python
 client retries those by itself.
@@ -22,7 +23,7 @@ from .async_jobs import AsyncJob, AsyncJobs
 from .errors import LiflError, quote
 from .encoding import EncodedLayout, Encoding, encoded, scale_encoded, scan_received, write_trailer
 from .layout import Layout
-from .rounds import check_weight, job_name
+from .rounds import Digest, Duplicate, check_weight, job_name
 from .shm import BudgetExhausted
 from .v1 import aggregation_pb2 as pb
 from .wire import encode_chunk
@@ -122,15 +123,34 @@ class Gateway(Service):
             return self._push_async(h, aj, it, encoding)
         run = self.dispatcher.get(h.job, h.round)
         enc = self._check_update_layout(h, run.round.layout, f"round {h.round}", encoding)
-        self.dispatcher.begin_push(h.job, h.round, h.client_id)  # dedup + state
+        try:
+            self.dispatcher.begin_push(h.job, h.round, h.client_id)  # dedup + state
+        except Duplicate as dup:
+            if dup.prior is None:
+                raise
+            return self._repeat(h, it, enc, dup)
+        digest = Digest(h.num_examples, int(enc.encoding))
         n_acc = self._ingest(it, enc, check=lambda: self.dispatcher.check_open(run),
-                             accept=lambda slot: self.dispatcher.accept(run, h.client_id, slot, h.num_examples),
-                             abandon=lambda: self.dispatcher.abandon(run, h.client_id))
+                             accept=lambda slot: self.dispatcher.accept(run, h.client_id, slot, h.num_examples,
+                                                                        digest=digest),
+                             abandon=lambda: self.dispatcher.abandon(run, h.client_id), digest=digest)
         return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size, accepted=n_acc)
 
     def _async_job(self, h: pb.PushHeader) -> AsyncJob | None:
         """The asynchronous job a push goes to, if its job is one (a node gateway asks the head)."""
         return self.asyncs.get(job_name(h.job))
+
+    def _repeat(self, h: pb.PushHeader, it, enc: EncodedLayout, dup: Duplicate) -> pb.PushReply:
+        """A push from a client whose update was accepted: read its bytes (no slot, nothing stored)
+        and compare. Identical content is a retry whose reply was lost: success, ``duplicate``;
+        anything else is ALREADY_EXISTS."""
+        seen = Digest(h.num_examples, int(enc.encoding))
+        self._receive(it, None, pb.PushRequest, "update", size=enc.total_size, digest=seen)
+        if seen != dup.prior:
+            raise LiflError("ALREADY_EXISTS", f"{dup.message}: this push's content differs from the accepted update")
+        run = self.dispatcher.get(h.job, h.round)
+        return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size,
+                            accepted=len(run.round.accepted), duplicate=True)
 
     def _push_async(self, h: pb.PushHeader, aj: AsyncJob | None, it, encoding: Encoding) -> pb.PushReply:
         if aj is None:
@@ -157,9 +177,9 @@ class Gateway(Service):
             raise LiflError("INVALID_ARGUMENT", f"total_size {h.total_size} != {enc.total_size}, {enc.describe()}")
         return enc
 
-    def _ingest(self, it, enc: EncodedLayout, check, accept, abandon):
-        """Receive an update's chunks into a slot and hand it to ``accept``; on any failure
-        ``abandon`` and give the slot back (nothing recorded)."""
+    def _ingest(self, it, enc: EncodedLayout, check, accept, abandon, digest: Digest | None = None):
+        """Receive an update's chunks into a slot (``digest`` takes in each chunk) and hand it to
+        ``accept``; on any failure ``abandon`` and give the slot back (nothing recorded)."""
         slot = None
         accepted = False
         try:
@@ -170,7 +190,7 @@ class Gateway(Service):
             self.metrics.slots_in_use.set(self.arena.stats().slots_in_use)
             dst = slot.array(np.uint8, enc.total_size)
             scan = self._scanner(enc, slot.buf)
-            self._receive(it, dst, pb.PushRequest, "update", check=check, on_chunk=scan)
+            self._receive(it, dst, pb.PushRequest, "update", check=check, on_chunk=scan, digest=digest)
             if scan is not None:
                 self._screen(enc, slot.buf, scan.sumsq)
             write_trailer(enc, slot.buf)

@@ -161,9 +161,12 @@ class RemoteAsyncJobs:
 class HeadLink(Admission):
     """What a node gateway uses in place of the head's dispatcher: the same ``Admission``."""
 
-    def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0):
+    def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0,
+                 credentials: grpc.ChannelCredentials | None = None):
+        """``credentials``: the head serves TLS (``transport.head_link_credentials``); None: plaintext."""
         self.node, self.timeout_s = node, timeout_s
-        self.channel = grpc.insecure_channel(head_address)
+        self.channel = (grpc.secure_channel(head_address, credentials) if credentials is not None
+                        else grpc.insecure_channel(head_address))
         self._call = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
         self._md = ((SECRET_KEY, secret),)
         self._layouts: dict[tuple[str, int], Layout] = {}
@@ -192,7 +195,8 @@ class HeadLink(Admission):
     def check_open(self, run: RemoteRun) -> None:
         """Per chunk: nothing to ask (the head's accept re-checks and refuses a closed round)."""
 
-    def accept(self, run: RemoteRun, client: str, slot: str, weight: float) -> int:
+    def accept(self, run: RemoteRun, client: str, slot: str, weight: float, digest=None) -> int:
+        """``digest`` stays on this node: the head records none, so a repeat is plain ALREADY_EXISTS."""
         return self.call("accept", run.round.job, run.round.id, client=client, slot=slot,
                          weight=weight)["accepted"]
 

@@ -9,12 +9,20 @@ records what was accepted, and learns when to close. Close rules:
 * deadline passed below quorum -> fail (updates discarded);
 * an explicit close (admin) -> like a deadline; an abort -> fail.
 Updates for an unknown, closed or failed round are refused.
+
+Client behaviours (docs/clients.md): a client's update is taken once. A repeat from a client whose
+update was accepted is a :class:`Duplicate` carrying the accepted update's :class:`Digest`, so the
+gateway can answer an identical retry as success and refuse different content (ALREADY_EXISTS); a
+second stream while the first is still being received is ABORTED (exactly one stream wins); once
+the deadline has passed (even before the control loop closes the round) an update is
+DEADLINE_EXCEEDED and nothing is stored.
 """
 from __future__ import annotations
 
 import enum
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from .errors import LiflError, quote
@@ -38,6 +46,31 @@ def check_weight(weight: float) -> None:
         raise LiflError("INVALID_ARGUMENT", f"num_examples must be a positive number of at most 2**53, got {weight}")
 
 
+@dataclass
+class Digest:
+    """What makes two pushes of one client "the same update": a CRC-32 of its bytes (zlib's,
+    which releases the GIL: ~3 GiB/s on one core) plus its size, weight and encoding. Not a
+    cryptographic hash: a different update that collides is answered as a duplicate of the one
+    already accepted — and, like any duplicate, never folded."""
+    weight: float
+    encoding: int
+    size: int = 0
+    crc: int = 0
+
+    def update(self, data) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+
+
+class Duplicate(LiflError):
+    """A push from a client whose update this round already accepted: ALREADY_EXISTS, unless the
+    gateway finds the content identical to ``prior`` (then the push succeeds as a duplicate)."""
+
+    def __init__(self, message: str, prior: "Digest | None"):
+        super().__init__("ALREADY_EXISTS", message)
+        self.prior = prior
+
+
 class State(enum.IntEnum):
     OPEN = 1
     AGGREGATING = 2
@@ -57,6 +90,7 @@ class Round:
     opened_mono: float = 0.0         # the engine clock's monotonic reading at opening (deadlines)
     state: State = State.OPEN
     accepted: dict[str, float] = field(default_factory=dict)   # client -> weight
+    digests: dict[str, Digest] = field(default_factory=dict)   # client -> its accepted update's digest
     in_flight: set[str] = field(default_factory=set)
     detail: str = ""
     closed: float = 0.0
@@ -81,22 +115,38 @@ class Round:
         return self.opened + self.deadline_s if self.deadline_s else 0.0
 
     # -- admission -----------------------------------------------------------
-    def begin(self, client: str) -> None:
-        """An update's header was valid: may its bytes be received?"""
-        if self.state != State.OPEN:
-            raise LiflError("FAILED_PRECONDITION",
-                            f"round {self.id} is {self.state.name.lower()} and takes no more updates"
-                            + (f" ({self.detail})" if self.detail else ""))
+    def past_deadline(self, now: float) -> bool:
+        """Has the deadline passed at monotonic time ``now`` (whether or not the round closed yet)?"""
+        return bool(self.deadline_s) and now >= self.opened_mono + self.deadline_s
+
+    def _refuse_closed(self, what: str) -> LiflError:
+        code = "DEADLINE_EXCEEDED" if self.detail.startswith("deadline passed") else "FAILED_PRECONDITION"
+        return LiflError(code, f"round {self.id} is {self.state.name.lower()} and {what}"
+                               + (f" ({self.detail})" if self.detail else ""))
+
+    def _refuse_late(self, now: float) -> LiflError:
+        return LiflError("DEADLINE_EXCEEDED", f"round {self.id}'s deadline passed {now - self.opened_mono - self.deadline_s:.3g} s "
+                                              f"ago (deadline {self.deadline_s:g} s); the update was not stored")
+
+    def begin(self, client: str, now: float | None = None) -> None:
+        """An update's header was valid: may its bytes be received? ``now``: the engine's
+        monotonic time (None: the deadline is left to the control loop)."""
         if not client:
             raise LiflError("INVALID_ARGUMENT", "client_id must not be empty")
         if len(client) > MAX_ID_CHARS:
             raise LiflError("INVALID_ARGUMENT", f"client_id {quote(client)} is longer than {MAX_ID_CHARS} characters")
-        if client in self.accepted:
-            raise LiflError("ALREADY_EXISTS",
-                            f"round {self.id} already accepted an update from client {quote(client)}; it is counted once")
+        if client in self.accepted and self.state != State.FAILED:
+            raise Duplicate(f"round {self.id} already accepted an update from client {quote(client)}; it is "
+                            "counted once (a retry of identical content succeeds, different content is refused)",
+                            self.digests.get(client))
+        if self.state != State.OPEN:
+            raise self._refuse_closed("takes no more updates")
+        if now is not None and self.past_deadline(now):
+            raise self._refuse_late(now)
         if client in self.in_flight:
-            raise LiflError("ALREADY_EXISTS",
-                            f"an update from client {quote(client)} for round {self.id} is still being received")
+            raise LiflError("ABORTED",
+                            f"an update from client {quote(client)} for round {self.id} is still being received "
+                            "on another stream; one stream per client is taken: push again if that one fails")
         if len(self.accepted) + len(self.in_flight) >= self.expected:
             raise LiflError("FAILED_PRECONDITION",
                             f"round {self.id} already has all {self.expected} expected updates (accepted or in flight)")
@@ -106,19 +156,24 @@ class Round:
         """The stream failed; the client may try again."""
         self.in_flight.discard(client)
 
-    def check_accept(self, weight: float) -> None:
-        """May an update of this weight be recorded now? Raises without changing anything."""
+    def check_accept(self, weight: float, now: float | None = None) -> None:
+        """May an update of this weight be recorded now (monotonic ``now``)? Raises without
+        changing anything."""
         if self.state != State.OPEN:
-            raise LiflError("FAILED_PRECONDITION", f"round {self.id} closed while the update was being received")
+            raise self._refuse_closed("closed while the update was being received")
+        if now is not None and self.past_deadline(now):
+            raise self._refuse_late(now)
         check_weight(weight)
         if not math.isfinite(self.total_weight + weight):
             raise LiflError("INVALID_ARGUMENT", f"num_examples {weight} would make the round's total weight "
                                                 f"overflow ({self.total_weight} so far); the update was refused")
 
-    def accept(self, client: str, weight: float, now: float) -> None:
+    def accept(self, client: str, weight: float, now: float, digest: Digest | None = None) -> None:
         self.in_flight.discard(client)
-        self.check_accept(weight)
+        self.check_accept(weight, now)
         self.accepted[client] = weight
+        if digest is not None:
+            self.digests[client] = digest
         self.total_weight += weight
         self.last_arrival = now
 

@@ -163,16 +163,22 @@ class Service:
             raise LiflError("INVALID_ARGUMENT", f"the first message must be a {what}, got {msg.WhichOneof('kind')}")
         return msg.header
 
-    def _receive(self, it, dst: np.ndarray, cls, what: str, check=None, on_chunk=None) -> int:
-        """Copy the chunks that follow a header into dst; return the byte count (must equal dst's size)."""
-        size, pos = dst.nbytes, 0
+    def _receive(self, it, dst: np.ndarray | None, cls, what: str, check=None, on_chunk=None, size: int = 0,
+                 digest=None) -> int:
+        """Copy the chunks that follow a header into dst; return the byte count (must equal dst's
+        size). ``digest`` (``rounds.Digest``) takes in every chunk; with ``dst`` None the bytes are
+        only counted against ``size`` and digested (a duplicate's, which is not stored)."""
+        size, pos = (dst.nbytes if dst is not None else size), 0
         for raw in it:
             payload = chunk_payload(raw, cls, what)
             n = len(payload)
             if pos + n > size:
                 raise LiflError("INVALID_ARGUMENT",
                                 f"{what}: received more bytes than the declared total_size of {size}")
-            np.copyto(dst[pos:pos + n], np.frombuffer(payload, np.uint8))
+            if dst is not None:
+                np.copyto(dst[pos:pos + n], np.frombuffer(payload, np.uint8))
+            if digest is not None:
+                digest.update(payload)
             if on_chunk is not None:
                 on_chunk(pos, pos + n)
             pos += n

@@ -17,7 +17,7 @@ from .gateway import Gateway
 from .metrics import Metrics
 from .runtime.local import LocalRuntime
 from .shm import Arena
-from .transport import connection_options, server_credentials
+from .transport import connection_options, listen, server_credentials
 
 log = logging.getLogger("lifl.server")
 
@@ -102,10 +102,7 @@ class EmbeddedServer:
                          # 64 KiB and a stream being read still gets a window of a whole chunk.
                          ("grpc.http2.bdp_probe", int(cfg.grpc_bdp_probe))] + connection_options(cfg))
             target = f"{cfg.host}:{cfg.port}"
-            if creds is not None:
-                self.port = self.grpc.add_secure_port(target, creds)
-            else:
-                self.port = self.grpc.add_insecure_port(target)
+            self.port = listen(self.grpc, target, creds)
             if not self.port:
                 raise OSError(f"cannot listen on {target}")
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -54,6 +54,28 @@ def server_credentials(config) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=True)
 
 
+def listen(server: grpc.Server, target: str, creds: grpc.ServerCredentials | None) -> int:
+    """Add ``target`` to ``server`` with these credentials (None: plaintext); the port, 0 on failure.
+    The head's gateway and every node gateway of the Ray runtime listen through here, so a node
+    gateway serves exactly the TLS / mutual TLS the server is configured with."""
+    return server.add_secure_port(target, creds) if creds is not None else server.add_insecure_port(target)
+
+
+def head_link_credentials(config) -> grpc.ChannelCredentials | None:
+    """How a Ray node gateway reaches the head (``head_link``), whose port serves the server's own
+    TLS: None for plaintext; else it trusts ``tls_client_ca`` (the project CA, which must then also
+    have signed the server certificate) or, without one, the server certificate itself (self-signed),
+    and under mutual TLS presents the server's certificate and key as its client certificate."""
+    if not config.tls_cert:
+        return None
+    with open(config.tls_cert, "rb") as c, open(config.tls_key, "rb") as k:
+        cert, key = c.read(), k.read()
+    if not config.tls_client_ca:
+        return grpc.ssl_channel_credentials(cert)
+    with open(config.tls_client_ca, "rb") as f:
+        return grpc.ssl_channel_credentials(f.read(), key, cert)
+
+
 def connection_options(config) -> list[tuple[str, int]]:
     """gRPC channel arguments that enforce the keep-alive and connection-lifetime settings."""
     ms = lambda s: int(s * 1000)  # noqa: E731

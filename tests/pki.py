@@ -50,7 +50,9 @@ class CA:
                      .sign(self.key, hashes.SHA256()))
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, cn: str, server: bool = False) -> Issued:
+    def issue(self, cn: str, server: bool = False, client_too: bool = False) -> Issued:
+        """``client_too``: a server certificate that may also authenticate as a client (both EKUs:
+        the Ray runtime's node gateways present the server's certificate to the head)."""
         key = _key()
         now = dt.datetime.now(dt.timezone.utc)
         b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.name).public_key(key.public_key())
@@ -61,7 +63,8 @@ class CA:
             b = (b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
                                                              x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                                  critical=False)
-                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH] + (
+                     [ExtendedKeyUsageOID.CLIENT_AUTH] if client_too else [])), critical=False))
         else:
             b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         cert = b.sign(self.key, hashes.SHA256())

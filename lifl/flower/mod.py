@@ -23,7 +23,9 @@ is ``1000 + gRPC status`` and whose reason is ``"LIFL <STATUS>: <message>"`` —
 never a silent drop.
 
 Settings, first match wins: node config (``lifl-address``, ``lifl-token``,
-``lifl-root-cert``, ``lifl-chunk-mib``, ``lifl-timeout-s``, ``lifl-encoding``: ``raw``,
+``lifl-root-cert`` or ``lifl-ca``, ``lifl-cert`` + ``lifl-key`` for mutual TLS, ``lifl-client-id``
+(default: the common name of ``lifl-cert``, which a mutual-TLS server requires as the client id;
+without a certificate ``node-<node id>``), ``lifl-chunk-mib``, ``lifl-timeout-s``, ``lifl-encoding``: ``raw``,
 ``float16``, ``bfloat16`` or ``int8``, see docs/encodings.md), then what the
 strategy put in the message (``lifl.address``), then the run config (same
 ``lifl-*`` keys).
@@ -56,20 +58,35 @@ _clients: dict[tuple, Client] = {}
 _clients_lock = threading.Lock()
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _client(address: str, token: str | None, root_cert_path: str | None, chunk_mib: float,
-            timeout_s: float | None) -> Client:
-    """One gRPC channel per (address, credentials) per ClientApp process, reused across rounds."""
-    key = (address, token, root_cert_path, chunk_mib, timeout_s)
+            timeout_s: float | None, cert_path: str | None = None, key_path: str | None = None) -> Client:
+    """One gRPC channel per (address, credentials) per ClientApp process, reused across rounds.
+    ``cert_path``/``key_path``: this node's client certificate and key (mutual TLS)."""
+    key = (address, token, root_cert_path, chunk_mib, timeout_s, cert_path, key_path)
     with _clients_lock:
         c = _clients.get(key)
         if c is None:
-            cert = None
-            if root_cert_path:
-                with open(root_cert_path, "rb") as f:
-                    cert = f.read()
-            c = Client(address, token=token, root_cert=cert, chunk_size=int(chunk_mib * MiB), timeout_s=timeout_s)
+            c = Client(address, token=token, root_cert=_read(root_cert_path), chunk_size=int(chunk_mib * MiB),
+                       timeout_s=timeout_s, client_cert=_read(cert_path), client_key=_read(key_path))
             _clients[key] = c
         return c
+
+
+def certificate_identity(cert_path: str) -> str:
+    """The common name of a PEM certificate: the identity a mutual-TLS LIFL server gives its holder."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    names = x509.load_pem_x509_certificate(_read(cert_path)).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise ValueError(f"{cert_path} has no common name; set lifl-client-id")
+    return str(names[0].value)
 
 
 def _drop_client(c: Client) -> None:
@@ -285,7 +302,11 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         return call_next(msg, context)
     address = K.setting(K.NODE_ADDRESS, node, {K.NODE_ADDRESS: cfg.get(K.ADDRESS)}, run)
     token = K.setting(K.NODE_TOKEN, node, run)
-    cert = K.setting(K.NODE_ROOT_CERT, node, run)
+    cert = K.setting(K.NODE_ROOT_CERT, node, run) or K.setting(K.NODE_CA, node, run)
+    client_cert, client_key = K.setting(K.NODE_CERT, node, run), K.setting(K.NODE_KEY, node, run)
+    if bool(client_cert) != bool(client_key):
+        return _error_reply(msg, grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{K.NODE_CERT} and {K.NODE_KEY} go together: set both (mutual TLS) or neither")
     chunk_mib = float(K.setting(K.NODE_CHUNK_MIB, node, run, default=2))
     timeout = K.setting(K.NODE_TIMEOUT_S, node, run)
     timeout = float(timeout) if timeout is not None else None
@@ -296,14 +317,19 @@ def lifl_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     rid, job = int(cfg[K.ROUND]), str(cfg.get(K.JOB, "default"))
     weight_key = str(cfg.get(K.WEIGHT_KEY, "num-examples"))
     arrays_key = str(cfg.get(K.ARRAYS_KEY, "arrays"))
-    client_id = f"node-{context.node_id}"
+    client_id = K.setting(K.NODE_CLIENT_ID, node, run)
     if not address:
         return _error_reply(msg, grpc.StatusCode.FAILED_PRECONDITION,
                             "no gateway address: set node config 'lifl-address' or let the strategy announce one")
     try:
-        client = _client(str(address), token and str(token), cert and str(cert), chunk_mib, timeout)
-    except OSError as e:
-        return _error_reply(msg, grpc.StatusCode.FAILED_PRECONDITION, f"cannot read lifl-root-cert: {e}")
+        if client_id is None:
+            client_id = certificate_identity(str(client_cert)) if client_cert else f"node-{context.node_id}"
+        client = _client(str(address), token and str(token), cert and str(cert), chunk_mib, timeout,
+                         client_cert and str(client_cert), client_key and str(client_key))
+    except (OSError, ValueError) as e:
+        return _error_reply(msg, grpc.StatusCode.FAILED_PRECONDITION,
+                            f"cannot read lifl-root-cert/lifl-ca/lifl-cert/lifl-key: {e}")
+    client_id = str(client_id)
 
     # 1. pull option: fetch the global model from LIFL instead of the SuperLink
     if bool(cfg.get(K.PULL, False)):

@@ -27,6 +27,7 @@ from ..head_link import HeadLink
 from ..metrics import Metrics
 from ..node_gateway import NodeGateway
 from ..shm import Arena
+from ..transport import head_link_credentials, listen, server_credentials
 
 
 def _node_id() -> str:
@@ -39,7 +40,7 @@ class NodeAgent:
         cfg = ServerConfig(**json.loads(config_json))
         self.node = node
         self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=prefix)
-        self.link = HeadLink(head_address, secret, node)
+        self.link = HeadLink(head_address, secret, node, credentials=head_link_credentials(cfg))
         self.gateway = NodeGateway(cfg, self.arena, self.link, Metrics())
         limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads),
@@ -47,7 +48,9 @@ class NodeAgent:
                                   options=[("grpc.max_receive_message_length", limit),
                                            ("grpc.max_send_message_length", 16 * MiB), ("grpc.so_reuseport", 0)])
         host = cfg.host if cfg.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()  # nosec B104  # a test of the bind address (any interface), not a bind
-        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.node_gateway_port}")
+        # the server's own TLS / mutual TLS (its files must exist at the same paths on every node:
+        # the Helm chart mounts one secret in every pod), under the same plaintext rule
+        port = listen(self.server, f"{cfg.host}:{cfg.node_gateway_port}", server_credentials(cfg))
         if not port:
             raise OSError(f"node {node}: cannot listen on {cfg.host}:{cfg.node_gateway_port}")
         self.server.start()

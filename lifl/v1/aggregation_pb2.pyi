@@ -90,20 +90,22 @@ class PushRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("round", "client_id", "bytes_received", "accepted", "version", "staleness")
+    __slots__ = ("round", "client_id", "bytes_received", "accepted", "version", "staleness", "duplicate")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     round: int
     client_id: str
     bytes_received: int
     accepted: int
     version: int
     staleness: int
-    def __init__(self, round: _Optional[int] = ..., client_id: _Optional[str] = ..., bytes_received: _Optional[int] = ..., accepted: _Optional[int] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, round: _Optional[int] = ..., client_id: _Optional[str] = ..., bytes_received: _Optional[int] = ..., accepted: _Optional[int] = ..., version: _Optional[int] = ..., staleness: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("job", "round", "kind", "wait_seconds", "latest", "version")

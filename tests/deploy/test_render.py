@@ -199,7 +199,7 @@ def test_configs_env_and_ports_agree_with_lifl_serve(all_renders, tmp_path):
                 mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
                 assert "/srv/lifl/config" in mounts, "config/lifl.toml relative to WORKDIR /srv/lifl"
                 if cfg.tls_cert:
-                    assert cfg.tls_cert.startswith("tls/") and "/srv/lifl/tls" in mounts
+                    assert cfg.tls_cert.startswith(("tls/", "/srv/lifl/tls/")) and "/srv/lifl/tls" in mounts
             elif role != "Deployment":  # a Ray worker: its LIFL gateway
                 assert ports["gateway"] == cfg.node_gateway_port
         kinds = {o["kind"] for o in objs}
@@ -207,6 +207,34 @@ def test_configs_env_and_ports_agree_with_lifl_serve(all_renders, tmp_path):
             assert cfg.runtime == "ray" and cfg.ray_address == "auto" and cfg.node_gateway_port > 0
         else:
             assert cfg.runtime == "local"
+
+
+def test_key_files_the_config_names_are_mounted_where_lifl_reads_them(all_renders, tmp_path):
+    """TLS, the client CA (mutual TLS), the token key and the revocation list: every file the rendered
+    config names is in a volume mounted at its directory in every LIFL container — the head and, on
+    Ray, each worker, whose node gateway serves the same TLS — from the Secret/ConfigMap the values
+    name; the revocation list as a directory (not a subPath), so that edits reach the running pod."""
+    checked = set()
+    for name, objs in all_renders.items():
+        cfg = _config_of(objs, tmp_path)
+        files = [f for f in (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.token_key, cfg.token_revoked) if f]
+        for obj, role, labels, spec, c in _containers(objs):
+            if not c["image"].startswith("lifl:"):
+                continue
+            mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for f in files:
+                d = f.rsplit("/", 1)[0] if f.startswith("/") else "/srv/lifl/" + f.rsplit("/", 1)[0]  # WORKDIR
+                assert d in mounts, f"{name}: {role} does not mount {d} for {f}"
+                assert "subPath" not in mounts[d] and mounts[d].get("readOnly"), f"{name}: {d}"
+                vol = volumes[mounts[d]["name"]]
+                source = vol.get("secret", {}).get("secretName") or vol.get("configMap", {}).get("name")
+                assert source, f"{name}: {d} comes from no Secret or ConfigMap"
+                checked.add(f)
+        if name == "helm:mtls-keys":
+            assert cfg.tls_client_ca and cfg.tls_operators == ["ops-1", "ops-2"]
+            assert cfg.token_key and cfg.token_revoked
+    assert {"/srv/lifl/client-ca/ca.crt", "/srv/lifl/token-key/lifl.pub", "/srv/lifl/revoked/revoked.txt"} <= checked
 
 
 def test_shared_memory_and_cpus_add_up(all_renders, tmp_path):
@@ -268,7 +296,7 @@ def test_selectors_and_references_find_their_objects(all_renders):
         for obj in objs:
             for _, _, spec in pod_templates(obj):
                 for v in spec.get("volumes", []):
-                    if "configMap" in v:
+                    if "configMap" in v and v["name"] != "revoked":   # the operator's own list (auth.revokedConfigMap)
                         assert v["configMap"]["name"] in by_kind["ConfigMap"], f"{name}: volume {v['name']}"
 
 

@@ -112,7 +112,8 @@ def test_dockerfile_runs_what_the_manifests_expect(all_renders):
                 assert spec["securityContext"]["runAsUser"] == int(stage.user.split(":")[0]), name
                 for m in spec["containers"][0]["volumeMounts"]:
                     assert not m["mountPath"].startswith(stage.workdir) or m["mountPath"] in (
-                        f"{stage.workdir}/config", f"{stage.workdir}/tls"), f"{name}: {m}"
+                        f"{stage.workdir}/config", f"{stage.workdir}/tls", f"{stage.workdir}/client-ca",
+                        f"{stage.workdir}/token-key", f"{stage.workdir}/revoked"), f"{name}: {m}"
     # the image listens where it says, by its baked-in settings and ENV
     cfg = load_config(ROOT / "deploy" / "kustomize" / "base" / "lifl.toml",
                       env={k: v for k, v in stage.env.items() if k.startswith("LIFL_")})

@@ -483,3 +483,41 @@ def test_run_config_encoding_pushes_int8_and_a_bad_one_is_an_error_reply(server)
         scale = np.float32(np.abs(v).max() / 127)
         q = np.clip(np.rint(v.astype(np.float64) / np.float64(scale)), -127, 127)
         np.testing.assert_allclose(got[k], q * np.float64(scale), rtol=1e-6)
+
+
+def test_mod_presents_a_client_certificate_to_a_mutual_tls_server(tmp_path):
+    """``lifl-ca`` + ``lifl-cert`` + ``lifl-key``: the mod pushes over mutual TLS as its certificate's
+    identity (the common name, the client id such a server requires). Without a certificate the
+    handshake fails (UNAVAILABLE); a ``lifl-client-id`` other than the certificate's is
+    PERMISSION_DENIED; a certificate without its key is refused before anything is sent."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pki import CA
+    ca = CA()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.pem)
+    scert, skey = ca.issue("localhost", server=True).write(tmp_path, "server")
+    site_cert, site_key = ca.issue("site-3").write(tmp_path, "site-3")
+    ops = ca.issue("ops")
+    cfg = ServerConfig(port=0, metrics_port=-1, shm_budget_mb=16, tls_cert=scert, tls_key=skey,
+                       tls_client_ca=str(ca_file), tls_operators=["ops"])
+    tls = {"lifl-ca": str(ca_file), "lifl-cert": site_cert, "lifl-key": site_key}
+    with EmbeddedServer(cfg) as srv, Client(srv.address, root_cert=ca.pem, client_cert=ops.cert,
+                                            client_key=ops.key) as admin:
+        rid = admin.open_round(model(), expected=1)
+        msg = lifl_cfg(rid, srv.address)
+        bare = lifl_mod(train_msg(msg, model()), ctx({"lifl-ca": str(ca_file)}), handler(model(1)))
+        assert bare.has_error() and status_of(bare.error.code) == grpc.StatusCode.UNAVAILABLE
+        other = lifl_mod(train_msg(msg, model()), ctx({**tls, "lifl-client-id": "site-4"}), handler(model(1)))
+        assert other.has_error() and status_of(other.error.code) == grpc.StatusCode.PERMISSION_DENIED
+        half = lifl_mod(train_msg(msg, model()), ctx({"lifl-ca": str(ca_file), "lifl-cert": site_cert}),
+                        handler(model(1)))
+        assert half.has_error() and "go together" in half.error.reason
+        assert admin.round_info(rid).accepted == 0
+        ok = lifl_mod(train_msg(msg, model()), ctx(run_config=tls), handler(model(1), 3.0))
+        assert not ok.has_error(), ok.error.reason if ok.has_error() else ""
+        assert ok.content.config_records[K.RECEIPT]["client-id"] == "site-3"
+        got = admin.pull(rid, wait_s=30)
+    for k, v in model(1).items():
+        np.testing.assert_array_equal(got[k], v)

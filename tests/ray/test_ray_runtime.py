@@ -389,3 +389,31 @@ def test_async_job_takes_deltas_through_every_node_gateway(ray_server):
                     c.push(0, deltas[0], 1.0, "late", job="fb", base_version=v + 5)
                 assert e.value.code == grpc.StatusCode.OUT_OF_RANGE and f"current version is {v + 1}" in str(e.value)
         admin.close_job("fb")
+
+
+
+def test_node_gateways_serve_the_servers_mutual_tls(ray_server, tmp_path):
+    """With tls_cert/tls_key/tls_client_ca, every node's gateway serves mutual TLS (and reaches the
+    head over TLS): a client with a certificate of the CA pushes through each of them, one without
+    a certificate is turned away at the handshake, and the result is exact."""
+    from pki import CA
+    ca = CA()
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    # node gateways present the server's certificate to the head: it must allow clientAuth too
+    cert, key = ca.issue("localhost", server=True, client_too=True).write(tmp_path, "server")
+    srv = ray_server(tls_cert=cert, tls_key=key, tls_client_ca=str(tmp_path / "ca.pem"), tls_operators=["ops"])
+    ops = ca.issue("ops")
+    gws = sorted(srv.gateways().items())
+    assert len(gws) >= 2
+    ups = [perturb(small_model(), i) for i in range(len(gws))]
+    with Client(srv.address, root_cert=ca.pem, client_cert=ops.cert, client_key=ops.key) as admin:
+        rid = admin.open_round(small_model(), expected=len(gws))
+        for i, (node, addr) in enumerate(gws):
+            with Client(addr, retry_s=0) as plain, pytest.raises(RpcFailure) as ei:
+                plain.push(rid, ups[i], 1, f"site-{i}")
+            assert ei.value.code == grpc.StatusCode.UNAVAILABLE
+            site = ca.issue(f"site-{i}")
+            with Client(addr, root_cert=ca.pem, client_cert=site.cert, client_key=site.key) as c:
+                c.push(rid, ups[i], i + 1, f"site-{i}")
+        got = admin.pull(rid, wait_s=60)
+    assert_matches(got, fedavg64(ups, [i + 1 for i in range(len(gws))]))

@@ -60,8 +60,18 @@ ray_address = "auto"
 node_gateway_port = {{ .Values.ray.nodeGatewayPort }}
 {{- end }}
 {{- if .Values.tls.enabled }}
-tls_cert = "tls/tls.crt"
-tls_key = "tls/tls.key"
+tls_cert = "/srv/lifl/tls/tls.crt"
+tls_key = "/srv/lifl/tls/tls.key"
+{{- end }}
+{{- if .Values.tls.clientCASecret }}
+tls_client_ca = "/srv/lifl/client-ca/ca.crt"
+tls_operators = [{{ range $i, $o := .Values.tls.operators }}{{ if $i }}, {{ end }}{{ $o | quote }}{{ end }}]
+{{- end }}
+{{- if .Values.auth.tokenKeySecret }}
+token_key = "/srv/lifl/token-key/lifl.pub"
+{{- end }}
+{{- if .Values.auth.revokedConfigMap }}
+token_revoked = "/srv/lifl/revoked/revoked.txt"
 {{- end }}
 {{- range $k, $v := $cfg }}
 {{ $k }} = {{ if kindIs "string" $v }}{{ $v | quote }}{{ else }}{{ $v }}{{ end }}
@@ -128,15 +138,68 @@ envFrom:
 {{- end }}
 {{- end -}}
 
-{{- define "lifl.servingMounts" -}}
-- name: config
-  mountPath: /srv/lifl/config
-  readOnly: true
+{{/* key material at absolute paths: the head and, on Ray, every worker's node gateway read the
+     same settings (revoked.txt is a ConfigMap directory, not a subPath, so edits reach the pod) */}}
+{{- define "lifl.keyMounts" -}}
 {{- if .Values.tls.enabled }}
 - name: tls
   mountPath: /srv/lifl/tls
   readOnly: true
 {{- end }}
+{{- if .Values.tls.clientCASecret }}
+- name: client-ca
+  mountPath: /srv/lifl/client-ca
+  readOnly: true
+{{- end }}
+{{- if .Values.auth.tokenKeySecret }}
+- name: token-key
+  mountPath: /srv/lifl/token-key
+  readOnly: true
+{{- end }}
+{{- if .Values.auth.revokedConfigMap }}
+- name: revoked
+  mountPath: /srv/lifl/revoked
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "lifl.keyVolumes" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+{{- end }}
+{{- if .Values.tls.clientCASecret }}
+- name: client-ca
+  secret:
+    secretName: {{ .Values.tls.clientCASecret }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- if .Values.auth.tokenKeySecret }}
+- name: token-key
+  secret:
+    secretName: {{ .Values.auth.tokenKeySecret }}
+    items:
+      - key: lifl.pub
+        path: lifl.pub
+{{- end }}
+{{- if .Values.auth.revokedConfigMap }}
+- name: revoked
+  configMap:
+    name: {{ .Values.auth.revokedConfigMap }}
+    items:
+      - key: revoked.txt
+        path: revoked.txt
+{{- end }}
+{{- end -}}
+
+{{- define "lifl.servingMounts" -}}
+- name: config
+  mountPath: /srv/lifl/config
+  readOnly: true
+{{- include "lifl.keyMounts" . | nindent 0 }}
 - name: dshm
   mountPath: /dev/shm
 - name: tmp
@@ -147,11 +210,7 @@ envFrom:
 - name: config
   configMap:
     name: {{ include "lifl.fullname" .root }}-config
-{{- if .root.Values.tls.enabled }}
-- name: tls
-  secret:
-    secretName: {{ .root.Values.tls.secretName }}
-{{- end }}
+{{- include "lifl.keyVolumes" .root | nindent 0 }}
 - name: dshm
   emptyDir:
     medium: Memory
