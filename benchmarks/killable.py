@@ -60,6 +60,10 @@ class KillableServe:
             time.sleep(0.02)
         return self
 
+    def tracebacks(self) -> int:
+        """Tracebacks logged by every start so far (a background loop that logged and went on)."""
+        return sum(p.read_text(errors="replace").count("Traceback") for p in self.workdir.glob("serve-*.log"))
+
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 

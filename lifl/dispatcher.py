@@ -117,7 +117,8 @@ class Dispatcher(Admission):
                    initial: Segment | None, from_round: int = 0, step: dict | None = None,
                    resume: tuple[int, float] | None = None) -> Round:
         """``step``: a server optimizer the top applies at finalize (``RoundRun.step``).
-        ``resume``: (round id, wall-clock opening) of a round recovered from the journal."""
+        ``resume``: (round id, wall-clock opening) of a round recovered from the journal; its
+        deadline counts from now until recovery has replayed its updates (``lifl.durable.recover``)."""
         quorum = Round.check_params(expected, quorum, deadline_s)
         job = job_name(job)
         staged = self.journal.stage(initial.buf) if initial is not None and resume is None else None
@@ -139,8 +140,7 @@ class Dispatcher(Admission):
                 raise LiflError("UNAVAILABLE", "the server is shutting down")
             now, mono = self.clock.time(), self.clock.monotonic()
             opened = resume[1] if resume else now
-            rnd = Round(job, rid, layout, expected, quorum, deadline_s, opened=opened,
-                        opened_mono=mono - max(0.0, now - opened))   # a deadline keeps running while down
+            rnd = Round(job, rid, layout, expected, quorum, deadline_s, opened=opened, opened_mono=mono)
             self.journal.opened(rnd, staged, from_round)
             run = RoundRun(rnd, initial=initial, from_round=from_round, step=step)
             self.driver.install(run, shape, segs)

@@ -134,6 +134,7 @@ def test_sigkill_of_the_whole_server_at_every_point_loses_no_acknowledged_update
         # round ids go on after the recovered ones
         assert c.open_round(BASE, expected=1) == r3 + 1
     # on disk: the kept results, and the open round's initial model; done rounds' updates are let go
+    assert s.tracebacks() == 0
     files = data_files(s)
     assert [f for f in files if f.startswith("result-")] == [f"result-{r}.bin" for r in sorted((r1, r2, r3))]
     assert len(files) == 4
@@ -160,6 +161,7 @@ def test_a_killed_function_and_refusals_in_durable_mode(durable):
         expect(grpc.StatusCode.UNIMPLEMENTED, "durable mode", c.open_round, BASE, expected=1,
                optimizer=ServerOptimizer.of("fedavgm", lr=1.0, momentum=0.9))
     assert s.stop() == 0
+    assert s.tracebacks() == 0
 
 
 def test_wal_drops_a_torn_last_record_and_refuses_damage_elsewhere(tmp_path):
@@ -183,6 +185,13 @@ def test_restart_after_a_torn_tail_resumes_and_refuses_a_damaged_log(durable):
         rid = c.open_round(BASE, expected=3)
         push(c, rid, "c0")
         push(c, rid, "c1")
+        done = c.open_round(BASE, expected=1)
+        push(c, done, "c5")
+        c.pull(done, wait_s=30)
+        nxt = c.open_round(from_round=done, expected=1)          # starts from a persisted result
+        dl = c.open_round(BASE, expected=4, quorum=2, deadline_s=2.0)
+        push(c, dl, "c6")
+        push(c, dl, "c7")
     s.kill_tree()
     log = os.path.join(s.settings["durable_dir"], WAL_NAME)
     with open(log, "ab") as f:      # what a kill during an append leaves
@@ -192,6 +201,14 @@ def test_restart_after_a_torn_tail_resumes_and_refuses_a_damaged_log(durable):
         assert c.round_info(rid).accepted == 2
         push(c, rid, "c2")
         assert_matches(c.pull(rid, wait_s=30), reference(["c0", "c1", "c2"]))
+        # the round opened from a result still serves it as its model; its own result follows
+        assert_matches(c.pull(nxt, initial=True), reference(["c5"]))
+        push(c, nxt, "c8")
+        assert_matches(c.pull(nxt, wait_s=30), reference(["c8"]))
+        # a deadline keeps running while the server is down: closed with the quorum it had
+        assert_matches(c.pull(dl, wait_s=30), reference(["c6", "c7"]))
+        assert "deadline passed with 2 of 4" in c.round_info(dl).detail
+    assert s.tracebacks() == 0
     s.kill_tree()
     data = bytearray(open(log, "rb").read())
     data[12] ^= 0x01                # the first record: not a torn write

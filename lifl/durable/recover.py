@@ -169,6 +169,10 @@ def resume(dispatcher, journal: Journal, rounds: dict[int, RoundLog]) -> int:
                     raise
                 dispatcher.accept(run, a["client"], slot.name, a["weight"], durable=a["file"])
                 n += 1
+            # the deadline kept running while the server was down: it counts from the opening again
+            # only now, so that no replayed accept could close the round half replayed
+            clock = dispatcher.clock
+            run.round.opened_mono = clock.monotonic() - max(0.0, clock.time() - o["opened"])
             if rl.close is not None and run.round.state == State.OPEN:
                 dispatcher.close_round(o["job"], rid, abort=False)
                 run.round.detail = rl.close["detail"]
