@@ -15,6 +15,8 @@ acknowledgement must get ALREADY_EXISTS ("already accepted"). Anything else is r
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import json
 import random
 import statistics
@@ -32,6 +34,9 @@ from lifl.shm import Arena, list_segments
 
 from .killable import KillableServe
 
+#: what a client retries: the server died under the call, or was starting again
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -123,7 +128,7 @@ class Loop:
                 with Client(self.serve.address, retry_s=0, timeout_s=30) as c:
                     return fn(c)
             except RpcFailure as e:
-                if e.code == grpc.StatusCode.ALREADY_EXISTS:
+                if e.code not in RETRYABLE:   # ALREADY_EXISTS is the caller's; anything else is a failure
                     raise
                 with self.lock:
                     self.retries += 1
@@ -196,10 +201,15 @@ class Loop:
                     print(f"  round {r['round']:3d} ({r['job']}): {r['accepted']}/{r['expected']} updates, "
                           f"max rel err {r['max_rel_err']:.2e}; kills so far {dict(self.kills)}", flush=True)
                     k += 1
+        except BaseException:
+            self.stop.set()
+            killer.join(60)
+            self.serve.kill_tree()
+            raise
         finally:
             self.stop.set()
             killer.join(60)
-            status = self.serve.stop()
+        status = self.serve.stop()
         with Arena(1 << 20, prefix=self.prefix):   # reclaims only what a dead pid left: none expected
             leaked = list_segments(self.prefix)
         return {"kills": dict(self.kills), "kills_total": sum(self.kills.values()), "kill_log": self.kill_log,
@@ -210,11 +220,13 @@ class Loop:
                 "max_rel_err": max(r["max_rel_err"] for r in rounds), "retries": self.retries,
                 "retried_errors": self.errors, "restart_s_median": statistics.median(self.restart_s or [0]),
                 "restart_s_max": max(self.restart_s or [0]), "final_stop_status": status,
+                "server_tracebacks": self.serve.tracebacks(),
                 "shm_left_after_stop": leaked, "seconds": round(time.monotonic() - self.t0, 1),
                 "settings": vars(a)}
 
 
 def main(argv=None) -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # a stuck loop shows where
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kills", type=int, default=24)
     p.add_argument("--clients", type=int, default=8, help="updates per round")
@@ -235,7 +247,8 @@ def main(argv=None) -> None:
           f"retries {res['retries']} {res['retried_errors']}")
     print(f"ACKNOWLEDGED UPDATES LOST: {res['acknowledged_lost']}; rounds exact (<= 1e-6 of float64 FedAvg, "
           f"total weight equal): {res['rounds_exact']}/{len(res['rounds'])}, max rel err {res['max_rel_err']:.2e}; "
-          f"shared memory left: {len(res['shm_left_after_stop'])}; final stop status {res['final_stop_status']}")
+          f"shared memory left: {len(res['shm_left_after_stop'])}; final stop status {res['final_stop_status']}; "
+          f"tracebacks in the server logs: {res['server_tracebacks']}")
     ok = (res["acknowledged_lost"] == 0 and res["rounds_exact"] == len(res["rounds"])
           and not res["shm_left_after_stop"] and res["kills_total"] >= args.kills)
     raise SystemExit(0 if ok else 1)

@@ -82,11 +82,9 @@ class Round:
 
     # -- admission -----------------------------------------------------------
     def begin(self, client: str) -> None:
-        """An update's header was valid: may its bytes be received?"""
-        if self.state != State.OPEN:
-            raise LiflError("FAILED_PRECONDITION",
-                            f"round {self.id} is {self.state.name.lower()} and takes no more updates"
-                            + (f" ({self.detail})" if self.detail else ""))
+        """An update's header was valid: may its bytes be received? A client whose update was
+        accepted hears so (ALREADY_EXISTS) even once the round has closed: a resend after an
+        acknowledgement that a crash cut (durable mode) learns that its update counts."""
         if not client:
             raise LiflError("INVALID_ARGUMENT", "client_id must not be empty")
         if len(client) > MAX_ID_CHARS:
@@ -94,6 +92,10 @@ class Round:
         if client in self.accepted:
             raise LiflError("ALREADY_EXISTS",
                             f"round {self.id} already accepted an update from client {quote(client)}; it is counted once")
+        if self.state != State.OPEN:
+            raise LiflError("FAILED_PRECONDITION",
+                            f"round {self.id} is {self.state.name.lower()} and takes no more updates"
+                            + (f" ({self.detail})" if self.detail else ""))
         if client in self.in_flight:
             raise LiflError("ALREADY_EXISTS",
                             f"an update from client {quote(client)} for round {self.id} is still being received")
