@@ -18,6 +18,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from ..errors import LiflError
 from .wal import Wal, fsync_dir
 
 log = logging.getLogger("lifl.durable")
@@ -79,8 +80,14 @@ class Journal(NoJournal):
         """Persist bytes (an update's slot, an initial model) and return the file's name. Called
         outside the engine's lock: this is the slow part (a copy and an fsync)."""
         name = f"{uuid.uuid4().hex}.bin"
-        write_file(self.data / name, buf)
-        fsync_dir(self.data)
+        try:
+            write_file(self.data / name, buf)
+            fsync_dir(self.data)
+        except OSError as e:
+            self._unlink(name)
+            log.error("durable mode: cannot persist %d bytes in %s: %s", len(memoryview(buf)), self.data, e)
+            raise LiflError("UNAVAILABLE", f"the server cannot persist updates in its durable_dir ({e.strerror}); "
+                                           "nothing was recorded: push again later") from None
         return name
 
     def discard(self, name: str | None) -> None:
@@ -106,7 +113,12 @@ class Journal(NoJournal):
     def _append(self, rec: dict) -> None:
         if not self.replaying:
             with self._lock:
-                self.wal.append(rec)
+                try:
+                    self.wal.append(rec)
+                except OSError as e:
+                    log.error("durable mode: cannot append to %s: %s", self.wal.path, e)
+                    raise LiflError("UNAVAILABLE", f"the server cannot write its log in its durable_dir "
+                                                   f"({e.strerror}); nothing was recorded") from None
 
     def opened(self, rnd, initial: str | None, from_round: int) -> None:
         self.track(rnd.id, initial)

@@ -88,11 +88,18 @@ class Wal:
         fsync_dir(path.parent)
 
     def append(self, record: dict) -> None:
+        """Append and fsync; on a write error the log is cut back to where it was (a failed
+        append must not leave a damaged record that later ones would follow)."""
         data = frame(record)
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            os.ftruncate(self._fd, end)
+            raise
 
     def close(self) -> None:
         if self._fd >= 0:
