@@ -221,6 +221,7 @@ class Loop:
                 "retried_errors": self.errors, "restart_s_median": statistics.median(self.restart_s or [0]),
                 "restart_s_max": max(self.restart_s or [0]), "final_stop_status": status,
                 "server_tracebacks": self.serve.tracebacks(),
+                "recovered_rounds_and_updates": self.serve.recovered(),
                 "shm_left_after_stop": leaked, "seconds": round(time.monotonic() - self.t0, 1),
                 "settings": vars(a)}
 
@@ -242,6 +243,8 @@ def main(argv=None) -> None:
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"kills: {res['kills_total']} ({res['kills']}), {len(res['rounds'])} rounds in {res['seconds']} s, "
           f"restart median {res['restart_s_median']:.2f} s (max {res['restart_s_max']:.2f})")
+    print(f"restarts recovered {res['recovered_rounds_and_updates'][0]} rounds (open or kept) and re-folded "
+          f"{res['recovered_rounds_and_updates'][1]} logged updates from disk")
     print(f"updates acknowledged {res['updates_acknowledged']}, logged but their ack cut by a kill "
           f"{res['updates_logged_but_ack_cut']}, resends after an ack refused {res['resends_after_ack_refused']}, "
           f"retries {res['retries']} {res['retried_errors']}")

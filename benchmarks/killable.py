@@ -64,6 +64,13 @@ class KillableServe:
         """Tracebacks logged by every start so far (a background loop that logged and went on)."""
         return sum(p.read_text(errors="replace").count("Traceback") for p in self.workdir.glob("serve-*.log"))
 
+    def recovered(self) -> tuple[int, int]:
+        """(rounds, updates) the starts so far recovered from the durable directory, as logged."""
+        import re
+        found = [re.search(r"durable mode: (\d+) round\(s\) and (\d+) update\(s\) recovered", p.read_text(errors="replace"))
+                 for p in self.workdir.glob("serve-*.log")]
+        return sum(int(m[1]) for m in found if m), sum(int(m[2]) for m in found if m)
+
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
