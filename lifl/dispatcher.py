@@ -330,11 +330,12 @@ class Dispatcher(Admission):
             self._closing = self.recovery.closing = True
             # durable mode: a shutdown is not a failure; what the journal holds resumes on restart
             journal, self.journal, self.driver.journal = self.journal, NO_JOURNAL, NO_JOURNAL
-            self.table._on_drop = NO_JOURNAL.forgotten
+            self.table.on_drop = NO_JOURNAL.forgotten
             journal.close()
             for run in self.table.all():  # failing a round evicts finished ones: iterate a copy
                 if run.running:
-                    self.driver.fail(run, "the server shut down")
+                    self.driver.fail(run, "the server shut down" + (
+                        "; durable mode resumes this round when it starts again" if journal.on else ""))
         if self._ticker is not None:
             self._ticker.stop()
         self.runtime.close()

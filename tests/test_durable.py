@@ -114,8 +114,9 @@ def test_sigkill_of_the_whole_server_at_every_point_loses_no_acknowledged_update
         push(c, r2, "c7")
         assert_matches(c.pull(r1, wait_s=30), reference(["c0", "c1", "c2", "c5", "c6"]))
         assert_matches(c.pull(r2, wait_s=30), reference(["c3", "c4", "c7"]))
-    # 3. killed after finalize (results persisted), and 4. after close, before finalize
-    s.kill_tree()
+    # 3. killed after finalize (results persisted): the server process alone this time (its
+    # functions follow it by PR_SET_PDEATHSIG), and 4. the whole tree after close, before finalize
+    s.kill_gateway()
     s.start(fault_fold_delay_s=2.0)   # functions pause 2 s after each fold: a window after close
     with Client(s.address) as c:
         assert c.round_info(r1).state == "done"

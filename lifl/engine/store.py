@@ -164,7 +164,7 @@ class RoundTable:
                  on_drop: Callable[[int], None] = lambda rid: None):
         """``on_drop(rid)``: a finished round left the table (durable mode forgets its result)."""
         self.arena, self.keep_rounds, self.release_idle, self._forget = arena, keep_rounds, release_idle, forget
-        self._on_drop = on_drop
+        self.on_drop = on_drop
         self.runs: dict[int, RoundRun] = {}
 
     def get(self, job: str, rid: int) -> RoundRun:
@@ -205,7 +205,7 @@ class RoundTable:
                 if run.initial is not None:
                     self.arena.free(run.initial.name)
                 del self.runs[run.round.id]
-                self._on_drop(run.round.id)
+                self.on_drop(run.round.id)
         self.let_go_of_memory()
 
     @staticmethod
