@@ -48,6 +48,10 @@ class Admin(Service):
         opt = optimizer_from_proto(h.optimizer) if h.HasField("optimizer") else None
         if opt is not None and opt.is_identity:
             opt = None
+        if opt is not None and self.config.durable_dir:
+            raise LiflError("UNIMPLEMENTED", "this server runs in durable mode (durable_dir), which does not cover "
+                                             "server optimizers on rounds (their state spans rounds); open the "
+                                             "round without one, or use a server without durable_dir")
         if opt is not None and self.config.runtime != "local":
             raise LiflError("UNIMPLEMENTED", "server optimizers on synchronous rounds need the local runtime on "
                                              "this server; use an asynchronous job, or Flower's strategy "
@@ -104,6 +108,10 @@ class Admin(Service):
         return {"opt": dataclasses.asdict(opt), "base": base, "state": held[2].name, "moments": state_dtype(layout)}
 
     def _open_async(self, h: pb.OpenRoundHeader, job: str, it) -> pb.RoundInfo:
+        if self.config.durable_dir:
+            raise LiflError("UNIMPLEMENTED", "this server runs in durable mode (durable_dir), which covers "
+                                             "synchronous rounds only: asynchronous (FedBuff) jobs are not "
+                                             "persisted; run them on a server without durable_dir")
         spec = spec_from_proto(h.async_options, h.optimizer if h.HasField("optimizer") else None)
         if h.from_round or not h.total_size:
             raise LiflError("INVALID_ARGUMENT", "an asynchronous job opens with its initial model (version 0) "

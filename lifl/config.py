@@ -79,6 +79,8 @@ class ServerConfig:
     max_connection_age_grace_s: float = 30.0  # calls still running get this long after max_connection_age_s
     screen_l2_max: float = 0.0        # L2-norm bound on an update's float tensors (0: no screening)
     screen_mode: str = "reject"       # over the bound: "reject" (INVALID_ARGUMENT) or "clip" (scale to the bound)
+    # durability (docs/durability.md)
+    durable_dir: str = ""             # a directory: acknowledged updates and round transitions are fsynced there first
 
     def validate(self) -> "ServerConfig":
         if not 0 <= self.port < 65536:
@@ -119,6 +121,8 @@ class ServerConfig:
             raise ValueError("function_cpus must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if self.durable_dir and self.runtime != "local":
+            raise ValueError("durable_dir (durable mode) needs the local runtime; the Ray runtime is not durable")
         self._validate_trust()
         return self
 

@@ -35,6 +35,7 @@ from .engine.shaping import TreeShaper
 from .engine.snapshot import EngineSnapshot, function_view, round_view
 from .engine.store import Cancel, RoundRun, RoundTable, Task
 from .engine.ticker import Ticker, guarded
+from .durable import NO_JOURNAL, NoJournal
 from .errors import LiflError
 from .layout import Layout
 from .metrics import Metrics
@@ -47,14 +48,17 @@ log = logging.getLogger("lifl.dispatcher")
 
 class Dispatcher(Admission):
     def __init__(self, config: ServerConfig, arena: Arena, runtime: Runtime, metrics: Metrics,
-                 clock: Clock | None = None, ticker: bool = True):
+                 clock: Clock | None = None, ticker: bool = True, journal: NoJournal = NO_JOURNAL):
+        """``journal``: durable mode's hook (``lifl.durable``); the default persists nothing."""
         self.config, self.arena, self.runtime, self.metrics = config, arena, runtime, metrics
+        self.journal = journal
         self.clock = clock or SystemClock()
         self._lock = threading.RLock()
-        self._round_ids = itertools.count(1)
+        self._next_rid = 1
         self._closing = False
         self.load = LoadEstimator()
-        self.table = RoundTable(arena, config.keep_rounds, config.release_idle_shm, lambda n: self.driver.forget(n))
+        self.table = RoundTable(arena, config.keep_rounds, config.release_idle_shm, lambda n: self.driver.forget(n),
+                                on_drop=journal.forgotten)
         self.shaper = TreeShaper(config, runtime.node_models)
         self.pool = FunctionPool(runtime, metrics, self.clock, max_functions=config.workers,
                                  on_message=self._on_message, wire=Task.wire,
@@ -63,7 +67,7 @@ class Dispatcher(Admission):
                                  inline_updates=config.update_transport == "pipe")
         gens = itertools.count(1)   # accumulator generations: never reused (fold.Journal)
         self.driver = RoundDriver(runtime, arena, self.table, self.pool, self.load, metrics, self.clock, gens,
-                                  lazy=config.fold_when == "lazy")
+                                  lazy=config.fold_when == "lazy", journal=journal)
         self.recovery = Recovery(runtime, self.pool, self.table, self.driver, metrics)
         self.scaler = ScaleExecutor(config, runtime, self.pool, self.table, self.load, metrics)
         runtime.events.on_node_lost = self.node_lost
@@ -72,7 +76,15 @@ class Dispatcher(Admission):
         with self._lock:
             for _ in range(config.min_workers):
                 self.pool.start(runtime.head)
-        self._ticker = Ticker(self.tick, name="lifl-deadlines").start() if ticker else None
+        self._ticker = None
+        if ticker:
+            self.start_ticker()
+
+    def start_ticker(self) -> None:
+        """Start the control loop (deadlines, autoscaling). Durable mode starts it only after
+        recovery has re-accepted every logged update: a deadline that passed while the server
+        was down must not close a round half replayed."""
+        self._ticker = Ticker(self.tick, name="lifl-deadlines").start()
 
     @property
     def last_plan(self) -> str:
@@ -102,22 +114,34 @@ class Dispatcher(Admission):
 
     # -- rounds ------------------------------------------------------------------------------
     def open_round(self, job: str, layout: Layout, expected: int, quorum: int, deadline_s: float,
-                   initial: Segment | None, from_round: int = 0, step: dict | None = None) -> Round:
-        """``step``: a server optimizer the top applies at finalize (``RoundRun.step``)."""
+                   initial: Segment | None, from_round: int = 0, step: dict | None = None,
+                   resume: tuple[int, float] | None = None) -> Round:
+        """``step``: a server optimizer the top applies at finalize (``RoundRun.step``).
+        ``resume``: (round id, wall-clock opening) of a round recovered from the journal; its
+        deadline counts from now until recovery has replayed its updates (``lifl.durable.recover``)."""
         quorum = Round.check_params(expected, quorum, deadline_s)
         job = job_name(job)
-        with self._lock:
-            if self._closing:
-                raise LiflError("UNAVAILABLE", "the server is shutting down")
-            rid = next(self._round_ids)
-            shape = self.shaper.shape(rid, expected, layout, deadline_s, self.load)
-        segs = allocate(self.runtime, shape, 0, layout.numel)   # may wait on other nodes: unlocked
+        staged = self.journal.stage(initial.buf) if initial is not None and resume is None else None
+        try:
+            with self._lock:
+                if self._closing:
+                    raise LiflError("UNAVAILABLE", "the server is shutting down")
+                rid = resume[0] if resume else self._next_rid
+                self._next_rid = max(self._next_rid, rid + 1)
+                shape = self.shaper.shape(rid, expected, layout, deadline_s, self.load)
+            segs = allocate(self.runtime, shape, 0, layout.numel)   # may wait on other nodes: unlocked
+        except BaseException:
+            self.journal.discard(staged)
+            raise
         with self._lock:
             if self._closing:
                 free(self.runtime, segs)
+                self.journal.discard(staged)
                 raise LiflError("UNAVAILABLE", "the server is shutting down")
-            rnd = Round(job, rid, layout, expected, quorum, deadline_s, opened=self.clock.time(),
-                        opened_mono=self.clock.monotonic())
+            now, mono = self.clock.time(), self.clock.monotonic()
+            opened = resume[1] if resume else now
+            rnd = Round(job, rid, layout, expected, quorum, deadline_s, opened=opened, opened_mono=mono)
+            self.journal.opened(rnd, staged, from_round)
             run = RoundRun(rnd, initial=initial, from_round=from_round, step=step)
             self.driver.install(run, shape, segs)
             self.table.runs[rid] = run
@@ -166,12 +190,31 @@ class Dispatcher(Admission):
         with self._lock:
             run.round.abandon(client)
 
+    def restore(self, run: RoundRun) -> None:
+        """Put a finished round recovered from the journal back in the table (``lifl.durable``)."""
+        with self._lock:
+            self._next_rid = max(self._next_rid, run.round.id + 1)
+            self.table.runs[run.round.id] = run
+
     def accept(self, run: RoundRun, client: str, slot: str, weight: float, node: str = "",
-               digest: Digest | None = None) -> int:
+               durable: str | None = None, digest: Digest | None = None) -> int:
         """Record a complete update (in ``slot`` on ``node``) and route it to a leaf fed by that
         node's gateway; returns the round's accepted count. A function for the leaf comes first:
         if it must be started, that happens outside the lock; if none can start, nothing is
-        recorded and the client may push again (UNAVAILABLE)."""
+        recorded and the client may push again (UNAVAILABLE). In durable mode the slot's bytes
+        are persisted first, and the update is logged before it is recorded (``durable``: the
+        file recovery re-accepts it from)."""
+        staged = durable if durable is not None else (
+            self.journal.stage(self.arena.get(slot).buf) if self.journal.on else None)
+        try:
+            return self._accept(run, client, slot, weight, node, staged, digest)
+        except BaseException:
+            if durable is None:
+                self.journal.discard(staged)
+            raise
+
+    def _accept(self, run: RoundRun, client: str, slot: str, weight: float, node: str, staged: str | None,
+                digest: Digest | None) -> int:
         t0 = self.clock.monotonic()
         node = node or self.runtime.head
         with self._lock:
@@ -192,7 +235,10 @@ class Dispatcher(Admission):
                 index = run.red.route(node)
             if index not in run.workers:
                 self.driver.bind(run, index, "leaf", fresh)
-            run.round.accept(client, weight, self.clock.monotonic(), digest)
+            now = self.clock.monotonic()
+            run.round.check_accept(weight, now)   # nothing is logged for an update refused here
+            self.journal.accepted(run.round.id, client, weight, staged, digest)   # fsynced before any ack
+            run.round.accept(client, weight, now, digest)
             run.red.add(index, Update(slot, weight, client))
             self.load.arrived(node)
             self.metrics.updates_received.labels(run.round.job).inc()
@@ -287,9 +333,14 @@ class Dispatcher(Admission):
     def close(self) -> None:
         with self._lock:
             self._closing = self.recovery.closing = True
+            # durable mode: a shutdown is not a failure; what the journal holds resumes on restart
+            journal, self.journal, self.driver.journal = self.journal, NO_JOURNAL, NO_JOURNAL
+            self.table.on_drop = NO_JOURNAL.forgotten
+            journal.close()
             for run in self.table.all():  # failing a round evicts finished ones: iterate a copy
                 if run.running:
-                    self.driver.fail(run, "the server shut down")
+                    self.driver.fail(run, "the server shut down" + (
+                        "; durable mode resumes this round when it starts again" if journal.on else ""))
         if self._ticker is not None:
             self._ticker.stop()
         self.runtime.close()

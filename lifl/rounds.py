@@ -130,7 +130,9 @@ class Round:
 
     def begin(self, client: str, now: float | None = None) -> None:
         """An update's header was valid: may its bytes be received? ``now``: the engine's
-        monotonic time (None: the deadline is left to the control loop)."""
+        monotonic time (None: the deadline is left to the control loop). A client whose update
+        was accepted hears so even once the round has closed: a resend after an acknowledgement
+        that a crash cut (durable mode) learns that its update counts."""
         if not client:
             raise LiflError("INVALID_ARGUMENT", "client_id must not be empty")
         if len(client) > MAX_ID_CHARS:

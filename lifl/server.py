@@ -7,12 +7,14 @@ import sys
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .config import MiB, ServerConfig
 from .dispatcher import Dispatcher
+from .durable import NO_JOURNAL
 from .gateway import Gateway
 from .metrics import Metrics
 from .runtime.local import LocalRuntime
@@ -75,8 +77,19 @@ class EmbeddedServer:
         try:
             self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=cfg.shm_prefix)
             self.runtime = (self._given_runtime or _make_runtime)(cfg, self.arena, self.metrics)
+            journal, logged = NO_JOURNAL, {}
+            if cfg.durable_dir:
+                from .durable.recover import open_journal
+                journal, logged = open_journal(Path(cfg.durable_dir))
             self.dispatcher = Dispatcher(cfg, self.arena, self.runtime, self.metrics, clock=self._clock,
-                                         ticker=self._clock is None)
+                                         ticker=False, journal=journal)
+            if logged:
+                from .durable.recover import resume
+                n = resume(self.dispatcher, journal, logged)
+                log.info("durable mode: %d round(s) and %d update(s) recovered from %s", len(logged), n,
+                         cfg.durable_dir)
+            if self._clock is None:
+                self.dispatcher.start_ticker()
             gateway = self._gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics, clock=self._clock)
             creds = server_credentials(cfg)   # before listening: a plaintext refusal or a bad file stops here
             handlers = gateway.handlers()

@@ -54,8 +54,11 @@ def free(runtime: Runtime, segs: list[LeafSegs]) -> None:
 
 class RoundDriver:
     def __init__(self, runtime: Runtime, arena, table: RoundTable, pool: FunctionPool, load: LoadEstimator,
-                 metrics, clock: Clock, generations: Callable[[], int], lazy: bool = False):
-        """``lazy``: the ``fold_when = "lazy"`` ablation (leaves fold only once a round closes)."""
+                 metrics, clock: Clock, generations: Callable[[], int], lazy: bool = False, journal=None):
+        """``lazy``: the ``fold_when = "lazy"`` ablation (leaves fold only once a round closes).
+        ``journal``: durable mode's hook (``lifl.durable``), told of closes, failures and results."""
+        from ..durable import NO_JOURNAL
+        self.journal = journal or NO_JOURNAL
         self.runtime, self.arena, self.table, self.pool = runtime, arena, table, pool
         self.load, self.metrics, self.clock, self._gens, self.lazy = load, metrics, clock, generations, lazy
 
@@ -149,6 +152,7 @@ class RoundDriver:
             self.fail(run, detail)
             return
         run.round.close(State.AGGREGATING, detail, self.clock.time())
+        self.journal.closed(run.round)
         run.red.close()
         self.advance(run)
         if self.lazy:   # the leaves' updates may be folded now
@@ -159,6 +163,7 @@ class RoundDriver:
         if run is None or run.finished:
             return
         run.round.close(State.FAILED, detail, self.clock.time())
+        self.journal.failed(run.round)
         log.warning("round %d of job %s failed: %s", run.round.id, quote(run.round.job), detail)
         self.metrics.rounds.labels("failed").inc()
         for name in run.red.drain_pending():
@@ -237,6 +242,7 @@ class RoundDriver:
         now = self.clock.monotonic()
         self.load.round_finished(len(rnd.accepted), now - rnd.opened_mono)
         rnd.post_arrival_s = now - rnd.last_arrival
+        self.journal.finalized(run)   # the result is on disk before anyone is told it exists
         rnd.state = State.DONE
         self.metrics.post_arrival.observe(rnd.post_arrival_s)
         self.metrics.round_duration.observe(now - rnd.opened_mono)

@@ -28,7 +28,7 @@ class ScaleExecutor:
 
     def observation(self) -> Observation:
         """What the autoscaler sees: functions, arrival rate, backlog, leaves that hold a function."""
-        runs = self.table.all()
+        runs = [r for r in self.table.all() if r.red is not None]   # not a finished round restored from disk
         return Observation(self.pool.instances(), self.load.arrivals_per_s, sum(r.red.backlog() for r in runs),
                            sum(len(r.workers) for r in runs), self.load.service_rate)
 

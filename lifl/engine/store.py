@@ -166,8 +166,11 @@ class RoundTable:
     """Rounds by id, and the memory finished ones hold. ``forget(names)`` tells every function to
     unmap segments that were unlinked."""
 
-    def __init__(self, arena: Arena, keep_rounds: int, release_idle: bool, forget: Callable[[list[str]], None]):
+    def __init__(self, arena: Arena, keep_rounds: int, release_idle: bool, forget: Callable[[list[str]], None],
+                 on_drop: Callable[[int], None] = lambda rid: None):
+        """``on_drop(rid)``: a finished round left the table (durable mode forgets its result)."""
         self.arena, self.keep_rounds, self.release_idle, self._forget = arena, keep_rounds, release_idle, forget
+        self.on_drop = on_drop
         self.runs: dict[int, RoundRun] = {}
 
     def get(self, job: str, rid: int) -> RoundRun:
@@ -208,6 +211,7 @@ class RoundTable:
                 if run.initial is not None:
                     self.arena.free(run.initial.name)
                 del self.runs[run.round.id]
+                self.on_drop(run.round.id)
         self.let_go_of_memory()
 
     @staticmethod
