@@ -72,8 +72,13 @@ class HeadService:
                 d.abandon(run, req["client"])
                 return {}
             d.check_open(run)
-            return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]), node=node)}
+            return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]),
+                                         node=self.engine_node(node))}
         raise ValueError(f"unknown op {op!r}")
+
+    def engine_node(self, node: str) -> str:
+        """The node the engine routes an update received by ``node``'s gateway to (its own)."""
+        return node
 
     def forget_node(self, node: str) -> list[tuple[str, int, str]]:
         """The node is gone: its streams in flight will never finish (the caller abandons them)."""
@@ -99,9 +104,9 @@ class RemoteRun:
 class HeadLink(Admission):
     """What a node gateway uses in place of the head's dispatcher: the same ``Admission``."""
 
-    def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0):
+    def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0, options=()):
         self.node, self.timeout_s = node, timeout_s
-        self.channel = grpc.insecure_channel(head_address)
+        self.channel = grpc.insecure_channel(head_address, options=list(options))
         self._call = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
         self._md = ((SECRET_KEY, secret),)
         self._layouts: dict[tuple[str, int], Layout] = {}
