@@ -10,11 +10,14 @@ choose the head).
 """
 from __future__ import annotations
 
+import itertools
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .config import MiB
+from .errors import LiflError
 from .gateway import Gateway
 from .transport import connection_options
 
@@ -45,6 +48,24 @@ class NodeGateway(Gateway):
     def __init__(self, config, arena, link, metrics):
         super().__init__(config, arena, link, metrics)
         self.link = link
+
+    def push(self, it, context):
+        """Rounds' updates land here; an asynchronous job's delta (``base_version`` set) is relayed
+        to the head whole, where asynchronous jobs live."""
+        from .v1 import aggregation_pb2 as pb
+        first = next(it, None)
+        rest = itertools.chain(() if first is None else (first,), it)
+        try:
+            m = pb.PushRequest.FromString(first) if first and len(first) <= self.config.header_limit_bytes else None
+        except DecodeError:
+            m = None   # the gateway's own parse says what is wrong with it
+        if m is None or m.WhichOneof("kind") != "header" or not m.header.HasField("base_version"):
+            return super().push(rest, context)
+        try:
+            raw = self.link.channel.stream_unary("/lifl.v1.Aggregation/Push")(rest, metadata=self._forwarded(context))
+        except grpc.RpcError as e:
+            raise LiflError(e.code().name, e.details() or "") from None
+        return pb.PushReply.FromString(raw)
 
     def _relay(self, method: str, streaming: bool, client_stream: bool = False):
         path = f"/lifl.v1.{method}"
