@@ -155,3 +155,23 @@ def test_setting():
     for bad in ("0", "lots", -1):
         with pytest.raises(ValueError, match="gateway_processes"):
             ServerConfig(gateway_processes=bad).validate()
+
+
+def test_async_deltas_through_a_pool_process(pool):
+    """Asynchronous jobs live in the head: a delta pushed to a pool process is relayed there whole."""
+    from lifl.engine.buffered import AsyncSpec
+    srv = pool
+    x0 = {k: np.ones_like(v) for k, v in BASE.items()}
+    deltas = [update(10), update(11)]
+    with Client(srv.address) as admin:
+        admin.open_async(x0, AsyncSpec(buffer_size=2, concurrency=2), job="fb")
+    for i, ch in enumerate(srv.pool.children()):
+        with Client(ch.address) as c:
+            r = c.push(0, deltas[i], num_examples=1, client_id=f"d{i}", job="fb", base_version=0)
+            assert r.staleness == 0
+    with Client(srv.pool.children()[0].address) as c:
+        version, got = c.pull_version(1, job="fb", wait_s=30)
+    mean = fedavg64(deltas, [1.0, 1.0])
+    assert version == 1
+    for k in BASE:   # x1 = x0 + mean delta (docs/async.md, sgd lr 1), rounded once to the model's dtype
+        np.testing.assert_allclose(got[k], x0[k] + mean[k], rtol=0, atol=4 * np.finfo(BASE[k].dtype).eps)
