@@ -136,11 +136,14 @@ class GatewayPool:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "GatewayPool":
         gw = self.gateway
-        self._server = gateway_server(self.config, gw.handlers() + [self.service.handler()], [gw.auth()])
+        # a thread for every call the children may have waiting here at once (a slot wait holds
+        # one): fewer, and waits for slots could starve the accepts that free them
+        n = self.config.gateway_count() - 1
+        self._server = gateway_server(self.config, gw.handlers() + [self.service.handler()], [gw.auth()],
+                                      threads=n * (self.config.grpc_threads + 4) + 8)
         if not self._server.add_insecure_port(self.socket):
             raise OSError(f"gateway pool: cannot listen on {self.socket}")
         self._server.start()
-        n = self.config.gateway_count() - 1
         with ThreadPoolExecutor(max_workers=max(1, n)) as ex:
             children = list(ex.map(self._spawn, range(1, n + 1)))
         for i, c in enumerate(children, start=1):

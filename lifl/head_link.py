@@ -20,7 +20,7 @@ import grpc
 from .admission import Admission
 from .errors import LiflError
 from .layout import Layout
-from .rounds import State
+from .rounds import State, job_name
 
 SERVICE, METHOD = "lifl.v1.Head", "Call"
 SECRET_KEY = "x-lifl-cluster-secret"  # nosec B105  # the metadata key's name; the secret is random per server
@@ -110,6 +110,7 @@ class HeadLink(Admission):
         self._call = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
         self._md = ((SECRET_KEY, secret),)
         self._layouts: dict[tuple[str, int], Layout] = {}
+        self._runs: dict[tuple[str, int], RemoteRun] = {}
 
     def call(self, op: str, job: str, rid: int, **kw) -> dict:
         req = json.dumps({"op": op, "job": job, "round": rid, "node": self.node, **kw}).encode()
@@ -123,11 +124,21 @@ class HeadLink(Admission):
         return rep
 
     def get(self, job: str, rid: int) -> RemoteRun:
+        """A round this gateway has seen is not asked for again (its layout never changes; the
+        head's ``begin`` and ``accept`` check its state): one call less per push."""
+        known = self._runs.get((job_name(job), rid))
+        if known is not None:
+            return known
         rep = self.call("round", job, rid)
         layout = self._layouts.get((rep["job"], rid))
         if layout is None:
             layout = self._layouts[(rep["job"], rid)] = Layout.from_wire(rep["specs"])
-        return RemoteRun(RemoteRound(rep["job"], rid, layout, State(rep["state"])))
+        run = RemoteRun(RemoteRound(rep["job"], rid, layout, State(rep["state"])))
+        if run.round.state == State.OPEN:
+            if len(self._runs) >= 64:
+                self._runs.clear()
+            self._runs[(rep["job"], rid)] = run
+        return run
 
     def begin_push(self, job: str, rid: int, client: str) -> None:
         self.call("begin", job, rid, client=client)

@@ -24,16 +24,17 @@ from .transport import connection_options
 _FORWARD_META = ("authorization",)
 
 
-def gateway_server(cfg, handlers, interceptors=(), reuseport: bool = False) -> grpc.Server:
+def gateway_server(cfg, handlers, interceptors=(), reuseport: bool = False, threads: int = 0) -> grpc.Server:
     """The gRPC server every gateway runs (the head's, a Ray node's, a pool process's): one set of
-    limits and options. ``reuseport``: several processes serve one port (the gateway pool)."""
+    limits and options. ``reuseport``: several processes serve one port (the gateway pool);
+    ``threads``: more than ``grpc_threads`` (and as many calls at once)."""
     limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
     return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads, thread_name_prefix="lifl-grpc"),
+        futures.ThreadPoolExecutor(max_workers=max(threads, cfg.grpc_threads), thread_name_prefix="lifl-grpc"),
         handlers=handlers, interceptors=list(interceptors),
         # calls in progress (running or queued for a thread); memory per client is set by
         # grpc_bdp_probe, not by this (README, "Memory under many clients")
-        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=max(threads, cfg.max_concurrent_rpcs),
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", 16 * MiB),
                  ("grpc.so_reuseport", int(reuseport)),
