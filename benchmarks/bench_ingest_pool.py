@@ -25,7 +25,27 @@ import time
 from lifl.client import Client
 from lifl.layout import Layout
 
-from .common import ROOT, Report, ServerProc, cpu_list, interleave, model_arrays, parser
+from .common import ROOT, Report, ServerProc, cpu_list, interleave, median, model_arrays, parser
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of ``pid`` and of all its descendants now alive (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats, kids = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                f = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d)] = (int(f[11]) + int(f[12])) / tick
+            kids.setdefault(int(f[1]), []).append(int(d))
+    todo, rest = list(kids.get(pid, [])), 0.0
+    while todo:
+        q = todo.pop()
+        rest += stats.get(q, 0.0)
+        todo += kids.get(q, [])
+    return stats.get(pid, 0.0), rest
 
 
 # -- client processes -----------------------------------------------------------------------------
@@ -43,7 +63,8 @@ def _worker() -> None:
         conns = clients.get(cmd["address"])
         if conns is None:
             conns = clients[cmd["address"]] = [
-                Client(cmd["address"], channel_options=[("grpc.use_local_subchannel_pool", 1)])
+                Client(cmd["address"], chunk_size=spec["chunk_mib"] * 2**20,
+                       channel_options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(spec["conns"])]
         for i in range(cmd["n"]):
             conns[i % len(conns)].push(cmd["round"], arrays, num_examples=1 + spec["index"],
@@ -52,12 +73,13 @@ def _worker() -> None:
 
 
 class Clients:
-    def __init__(self, n: int, model: str, cpus: str, conns: int):
+    def __init__(self, n: int, model: str, cpus: str, conns: int, chunk_mib: int):
         self.procs = []
         for i in range(n):
             p = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_ingest_pool", "--worker"], cwd=ROOT,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            p.stdin.write(json.dumps({"index": i, "model": model, "cpus": cpus, "conns": conns}) + "\n")
+            p.stdin.write(json.dumps({"index": i, "model": model, "cpus": cpus, "conns": conns,
+                                     "chunk_mib": chunk_mib}) + "\n")
             p.stdin.flush()
             self.procs.append(p)
         for p in self.procs:
@@ -94,6 +116,9 @@ def main(argv=None) -> None:
     p.add_argument("--e2e", action="store_true", help="clock to the pullable result (LIFL cases only)")
     p.add_argument("--no-null", action="store_true", help="leave out the null-sink peer")
     p.add_argument("--shm-budget-mb", type=int, default=2048)
+    p.add_argument("--chunk-mib", type=int, default=2, help="the clients' chunk size")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=JSON: one more LIFL server with N processes and these settings, as a case")
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 5)
     pushes = args.pushes or (4 if args.quick else 16)
@@ -105,14 +130,18 @@ def main(argv=None) -> None:
     lifl_cfg = {"shm_budget_mb": args.shm_budget_mb, "reject_nonfinite": True}
     servers = {"lifl1": ServerProc("lifl", env=env, gateway_processes="1", **lifl_cfg),
                f"lifl{n}": ServerProc("lifl", env=env, gateway_processes=str(n), **lifl_cfg)}
+    for v in args.variant:
+        name, _, conf = v.partition("=")
+        servers[name] = ServerProc("lifl", env=env, **{**lifl_cfg, "gateway_processes": str(n), **json.loads(conf)})
     nulls = []
     if not (args.no_null or args.e2e):
         nulls.append(ServerProc("null", env=env, reuseport=True))
         port = int(nulls[0].address.rsplit(":", 1)[1])
         nulls += [ServerProc("null", env=env, reuseport=True, port=port) for _ in range(n - 1)]
         servers[f"null{n}"] = nulls[0]
-    clients = Clients(args.clients, args.model, args.client_cpus, args.conns)
-    admins = {k: Client(s.address) for k, s in servers.items() if k.startswith("lifl")}
+    clients = Clients(args.clients, args.model, args.client_cpus, args.conns, args.chunk_mib)
+    admins = {k: Client(s.address) for k, s in servers.items() if not k.startswith("null")}
+    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in admins}   # (head, other processes) CPU-s
     seq = iter(range(10**9))
 
     def lifl_case(name):
@@ -120,11 +149,15 @@ def main(argv=None) -> None:
 
         def run():
             rid = admin.open_round(layout=layout, expected=total)
+            c0 = tree_cpu(srv.pid)
             t0 = time.perf_counter()
             clients.push(srv.address, rid, f"s{next(seq)}", pushes)
             acked = time.perf_counter() - t0
             admin.pull(rid, wait_s=600)
-            return time.perf_counter() - t0 if args.e2e else acked
+            dt = time.perf_counter() - t0 if args.e2e else acked
+            c1 = tree_cpu(srv.pid)
+            cpu[name].append((c1[0] - c0[0], c1[1] - c0[1]))
+            return dt
         return run
 
     def null_case(name):
@@ -134,7 +167,7 @@ def main(argv=None) -> None:
             return time.perf_counter() - t0
         return run
 
-    cases = [(k, lifl_case(k) if k.startswith("lifl") else null_case(k)) for k in servers]
+    cases = [(k, null_case(k) if k.startswith("null") else lifl_case(k)) for k in servers]
     print(f"bench_ingest_pool: {args.model} ({layout.describe()}), {args.clients} client processes x "
           f"{args.conns} connections, {pushes} pushes each per sample, {n} processes, {reps} reps, "
           f"servers on cpus [{args.server_cpus or 'any'}], clients on [{args.client_cpus or 'any'}]", flush=True)
@@ -168,6 +201,15 @@ def main(argv=None) -> None:
                 "updates/s", ours_label=f"LIFL x{n}", peer_label="LIFL x1")
         rep.add(f"{n} vs 1 gateway processes", "round time (s), lower is better", s[f"lifl{n}"], s["lifl1"], "s",
                 ours_label=f"LIFL x{n}", peer_label="LIFL x1")
+    for k in servers:
+        if k not in ("lifl1", f"lifl{n}") and not k.startswith("null"):
+            rep.add(f"variant {k}", f"GiB/s ÷ LIFL x{n} defaults", gibs[k], gibs[f"lifl{n}"], "GiB/s",
+                    ours_label=k, peer_label=f"LIFL x{n}")
+    for k, v in cpu.items():   # where the servers' CPU went (from /proc), per sample
+        head, rest = [h for h, _ in v[-reps:]], [r for _, r in v[-reps:]]
+        rep.notes.append(f"{k}: CPU-s per sample: head process {median(head):.2f}, its other processes "
+                         f"(pool gateways, functions) {median(rest):.2f}")
+        rep.raw[f"cpu|{k}"] = v[-reps:]
     rep.print()
     rep.write(args.out)
 
