@@ -1,9 +1,11 @@
 """The gateway pool: more processes serving the gRPC port, one engine deciding.
 
 One Python gRPC server is one interpreter, and it, not the fold, caps what a node
-ingests. With ``gateway_processes = N`` the head's own gateway is joined by N − 1
-gateway processes (``python -m lifl.pool_gateway``) that listen on the same port
-(SO_REUSEPORT: the kernel spreads connections over them). Each one validates a
+ingests. With ``gateway_processes = N`` N gateway processes (``python -m
+lifl.pool_gateway``) listen on the server's port (SO_REUSEPORT: the kernel spreads
+connections over them); the head holds the port bound but does not listen on it, so
+that its one interpreter only decides (measured: as one of the gateways it was the
+pool's bottleneck). Each one validates a
 push and writes its chunks straight into a slot of the head's arena — a segment
 the head created and the child only attaches — and asks the head, over a Unix
 domain socket, everything that must be decided in one place: the round and its
@@ -27,6 +29,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import subprocess  # nosec B404  # starts this package's own gateway module
 import sys
 import tempfile
@@ -118,7 +121,7 @@ class Child:
 
 
 class GatewayPool:
-    """Starts and keeps ``config.gateway_count() - 1`` gateway processes on ``port``."""
+    """Starts and keeps ``config.gateway_count()`` gateway processes on ``port``."""
 
     def __init__(self, config, arena, dispatcher, gateway, port: int):
         self.config, self.port, self.gateway = config, port, gateway
@@ -138,7 +141,7 @@ class GatewayPool:
         gw = self.gateway
         # a thread for every call the children may have waiting here at once (a slot wait holds
         # one): fewer, and waits for slots could starve the accepts that free them
-        n = self.config.gateway_count() - 1
+        n = self.config.gateway_count()
         self._server = gateway_server(self.config, gw.handlers() + [self.service.handler()], [gw.auth()],
                                       threads=n * (self.config.grpc_threads + 4) + 8)
         if not self._server.add_insecure_port(self.socket):
@@ -148,7 +151,7 @@ class GatewayPool:
             children = list(ex.map(self._spawn, range(1, n + 1)))
         for i, c in enumerate(children, start=1):
             self._adopt(i, c)
-        log.info("gateway pool: %d processes on port %d (head + pids %s)", n + 1, self.port,
+        log.info("gateway pool: %d processes on port %d (pids %s)", n, self.port,
                  [c.proc.pid for c in children])
         return self
 
@@ -229,6 +232,20 @@ class GatewayPool:
             except grpc.RpcError as e:
                 log.warning("gateway process %s: no metrics (%s)", c.node, e.code())
         return out
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` (0: any free port) with SO_REUSEPORT and do not listen: the pool's
+    processes can then bind it too, and only they receive connections."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise OSError(e.errno, f"cannot bind {host}:{port} for the gateway pool: {e.strerror}") from None
+    return s
 
 
 def _stop(proc: subprocess.Popen, timeout: float) -> None:

@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 from prometheus_client import generate_latest
 
 from .config import ServerConfig
@@ -104,9 +106,14 @@ def serve(spec: dict) -> None:
     private = server.add_insecure_port("127.0.0.1:0")
     if port != cfg.port or not private:
         raise OSError(f"gateway process {spec['node']}: cannot listen on {target} (SO_REUSEPORT)")
+    health = HealthServicer(experimental_non_blocking=True)   # probes reach the pool, not the head
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.start()
+    for service in ("", "lifl.v1.Aggregation", "lifl.v1.Admin"):
+        health.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"READY 127.0.0.1:{private}", flush=True)
     sys.stdin.read()   # the head closes our stdin to stop us
+    health.enter_graceful_shutdown()
     server.stop(1.0).wait()
     gateway.close()
     link.close()

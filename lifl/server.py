@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .config import MiB, ServerConfig
 from .dispatcher import Dispatcher
 from .gateway import Gateway
-from .gateway_pool import GatewayPool
+from .gateway_pool import GatewayPool, reserve_port
 from .node_gateway import gateway_server
 from .metrics import Metrics
 from .runtime.local import LocalRuntime
@@ -54,6 +54,7 @@ class EmbeddedServer:
         self.dispatcher: Dispatcher | None = None
         self._gateway: Gateway | None = None
         self.pool: GatewayPool | None = None
+        self._reserved = None   # the pool's port, bound (not listening) while the pool serves it
         self.grpc: grpc.Server | None = None
         self.port = 0
         self.metrics_port = -1
@@ -90,7 +91,11 @@ class EmbeddedServer:
             pooled = cfg.gateway_count() > 1 and cfg.runtime == "local"
             self.grpc = gateway_server(cfg, handlers, [gateway.auth()], reuseport=pooled)
             target = f"{cfg.host}:{cfg.port}"
-            if creds is not None:
+            if pooled:   # the head only decides: the pool's processes take every client connection
+                self._reserved = reserve_port(cfg.host, cfg.port)
+                self.port = self._reserved.getsockname()[1]
+                self.grpc.add_insecure_port("127.0.0.1:0")   # health and tests; clients use the pool
+            elif creds is not None:
                 self.port = self.grpc.add_secure_port(target, creds)
             else:
                 self.port = self.grpc.add_insecure_port(target)
@@ -160,6 +165,9 @@ class EmbeddedServer:
         pool, self.pool = self.pool, None
         if pool is not None:
             pool.close(grace)
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
         if self.grpc is not None:
             server, self.grpc = self.grpc, None
             server.stop(grace).wait()
