@@ -9,9 +9,18 @@ model-sized buffer, and for reference the naive per-tensor ``acc += w * x``.
 All cases run interleaved on one thread; throughput = update bytes / second.
 
     python -m benchmarks.bench_fold [--quick]
+
+``--processes 1,2,4,8,16``: scaling instead — that many processes (one per core, pinned),
+each folding its own updates into its own accumulator (fuse 8) or copying them (the
+memory ceiling), started together; throughput = all update bytes ÷ wall time, and each
+count's ratio to one process.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -19,16 +28,21 @@ import numpy as np
 from lifl.fold import UpdateViews, fold_updates, have_c_kernel
 from lifl.layout import Layout
 
-from .common import Report, interleave, model_arrays, parser, perturbed
+from .common import ROOT, Report, interleave, model_arrays, parser, perturbed
 
 FUSES = (1, 4, 8, 16)
 
 
 def main(argv=None) -> None:
+    if argv is None and sys.argv[1:2] == ["--worker"]:
+        return _worker()
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--pool", type=int, default=None, help="distinct update buffers cycled through")
+    p.add_argument("--processes", default="", help="scaling: process counts, e.g. 1,2,4,8,16")
     args = p.parse_args(argv)
+    if args.processes:
+        return scaling(args)
     reps = args.reps or (5 if args.quick else 9)
     pool_n = args.pool or (16 if args.quick else 32)
     per_sample = 16  # updates folded (or copied) per timed sample, whatever the fuse
@@ -95,6 +109,95 @@ def main(argv=None) -> None:
     rep.add("naive acc += w*x", "fold GB/s ÷ copy GB/s", gbs["naive"], gbs["copy"], "GB/s", goal="(reference)",
             ours_label="naive", peer_label="copy")
     rep.notes.append("throughput counts update bytes (float32 in), not the float64 accumulator's traffic")
+    rep.print()
+    rep.write(args.out)
+
+
+# -- scaling over processes --------------------------------------------------------------------------
+def _worker() -> None:
+    """One folding process: ``{"core", "model", "pool", "per_sample"}``, then ``fold``/``copy`` lines,
+    each answered with ``done`` once that many updates are folded (copied)."""
+    spec = json.loads(sys.stdin.readline())
+    os.sched_setaffinity(0, {spec["core"]})
+    base = model_arrays(spec["model"])
+    layout = Layout.from_arrays(base)
+    bufs = []
+    for i in range(spec["pool"]):
+        b = np.empty(layout.total_size, np.uint8)
+        layout.pack_into(perturbed(base, i + 100 * spec["core"]), b)
+        bufs.append(b)
+    views = [UpdateViews(layout, b) for b in bufs]
+    acc = np.zeros(layout.numel, np.float64)
+    dst = np.empty(layout.total_size, np.uint8)
+    fold_updates(acc, layout, views[:8], [1.0] * min(8, len(views)))   # warm: pages faulted in
+    dst[:] = bufs[0]
+    print("ready", flush=True)
+    i, k = 0, 8
+    for line in sys.stdin:
+        for _ in range(spec["per_sample"] // k):
+            idx = [(i + j) % len(bufs) for j in range(k)]
+            i = (i + k) % len(bufs)
+            if line.strip() == "fold":
+                fold_updates(acc, layout, [views[j] for j in idx], [1.5] * k)
+            else:
+                for j in idx:
+                    np.copyto(dst, bufs[j])
+        print("done", flush=True)
+
+
+def scaling(args) -> None:
+    counts = [int(c) for c in args.processes.split(",")]
+    cores = sorted(os.sched_getaffinity(0))
+    reps = args.reps or (3 if args.quick else 5)
+    pool_n, per_sample = args.pool or 8, 16
+    layout = Layout.from_arrays(model_arrays(args.model))
+    procs = []
+    for core in cores[:max(counts)]:
+        pr = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_fold", "--worker"], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        pr.stdin.write(json.dumps({"core": core, "model": args.model, "pool": pool_n,
+                                   "per_sample": per_sample}) + "\n")
+        pr.stdin.flush()
+        procs.append(pr)
+    for pr in procs:
+        assert pr.stdout.readline().strip() == "ready"
+
+    def case(n, what):
+        def run():
+            t0 = time.perf_counter()
+            for pr in procs[:n]:
+                pr.stdin.write(what + "\n")
+                pr.stdin.flush()
+            for pr in procs[:n]:
+                assert pr.stdout.readline().strip() == "done"
+            return time.perf_counter() - t0
+        return run
+
+    cases = [(f"{w}{n}", case(n, w)) for n in counts for w in ("fold", "copy")]
+    print(f"bench_fold scaling: {args.model} ({layout.describe()}), processes {counts} on cores {cores}, "
+          f"{pool_n} updates each, {per_sample} per sample per process, {reps} reps", flush=True)
+    try:
+        s = interleave(cases, reps)
+    finally:
+        for pr in procs:
+            pr.stdin.close()
+            pr.wait(30)
+    gbs = {k: [int(k[4:]) * per_sample * layout.total_size / t / 1e9 for t in v] for k, v in s.items()}
+    rep = Report("bench_fold_scaling", "Fold throughput over processes ÷ one process; numpy copy beside "
+                 "(higher is better)", {"model": f"{args.model}: {layout.describe()}", "fuse": 8,
+                                        "accumulator": "float64, one per process", "C kernel": have_c_kernel(),
+                                        "updates per process": f"{pool_n} distinct, {per_sample} per sample",
+                                        "cores": len(cores), "reps (interleaved)": reps})
+    one = counts[0]
+    for n in counts[1:]:
+        goal = dict(goal=">= 8", better="higher", threshold=8.0) if n == 16 else {}
+        rep.add(f"{n} processes", f"fold GB/s ÷ {one} process", gbs[f"fold{n}"], gbs[f"fold{one}"], "GB/s",
+                ours_label=f"fold x{n}", peer_label=f"fold x{one}", **goal)
+        rep.add(f"{n} processes", f"copy GB/s ÷ {one} process (the ceiling's scaling)", gbs[f"copy{n}"],
+                gbs[f"copy{one}"], "GB/s", ours_label=f"copy x{n}", peer_label=f"copy x{one}")
+    for n in counts:
+        rep.add(f"{n} processes", "fold GB/s ÷ copy GB/s", gbs[f"fold{n}"], gbs[f"copy{n}"], "GB/s",
+                ours_label="fold", peer_label="copy")
     rep.print()
     rep.write(args.out)
 

@@ -14,8 +14,10 @@ its slot and accepted), the rest of the round is waited for outside the clock.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
+from pathlib import Path
 
 from lifl.client import Client
 from lifl.layout import Layout
@@ -28,6 +30,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--updates", type=int, default=None, help="pushes per sample")
     p.add_argument("--chunks", default="1,2,4", help="chunk sizes in MiB")
+    p.add_argument("--ab", default="", help="another checkout: its server (defaults) as a case too, "
+                                            "for a before/after ratio (its C kernel built)")
     args = p.parse_args(argv)
     reps = args.reps or (5 if args.quick else 7)
     n_up = args.updates or (3 if args.quick else 8)
@@ -40,7 +44,8 @@ def main(argv=None) -> None:
     diag_c = 2 if 2 in chunks else chunks[0]
     with ServerProc("lifl") as lifl_srv, ServerProc("null") as null_srv, \
             ServerProc("lifl", reject_nonfinite=False) as nocheck_srv, \
-            ServerProc("lifl", grpc_bdp_probe=True) as bdp_srv:
+            ServerProc("lifl", grpc_bdp_probe=True) as bdp_srv, \
+            (ServerProc("lifl", root=Path(args.ab)) if args.ab else contextlib.nullcontext()) as ab_srv:
         clients = {}
         for c in chunks:
             clients[("lifl", c)] = Client(lifl_srv.address, chunk_size=c * MiB)
@@ -49,6 +54,9 @@ def main(argv=None) -> None:
         clients[("bdp", diag_c)] = Client(bdp_srv.address, chunk_size=diag_c * MiB)
         admins = {"lifl": Client(lifl_srv.address), "nocheck": Client(nocheck_srv.address),
                   "bdp": Client(bdp_srv.address)}
+        if args.ab:
+            clients[("ab", diag_c)] = Client(ab_srv.address, chunk_size=diag_c * MiB)
+            admins["ab"] = Client(ab_srv.address)
 
         def lifl_case(c, which="lifl"):
             cl = clients[(which, c)]
@@ -77,6 +85,8 @@ def main(argv=None) -> None:
         cases = []
         for c in chunks:
             cases += [(f"null{c}", null_case(c)), (f"lifl{c}", lifl_case(c))]
+        if args.ab:
+            cases += [(f"ab{diag_c}", lifl_case(diag_c, "ab"))]
         if not args.quick:  # diagnostics: the same server without the non-finite scan; with BDP probing
             cases += [(f"nocheck{diag_c}", lifl_case(diag_c, "nocheck")), (f"bdp{diag_c}", lifl_case(diag_c, "bdp"))]
         print(f"bench_ingest: {args.model} ({layout.describe()}), {n_up} pushes per sample, chunks {chunks} MiB, "
@@ -100,6 +110,9 @@ def main(argv=None) -> None:
                 gibs[f"null{diag_c}"], "GiB/s", goal="(diagnostic)", ours_label="LIFL-nocheck", peer_label="null")
         rep.add(f"chunk {diag_c} MiB", "diagnostic: grpc_bdp_probe=on ÷ null", gibs[f"bdp{diag_c}"],
                 gibs[f"null{diag_c}"], "GiB/s", goal="(diagnostic)", ours_label="LIFL-bdp", peer_label="null")
+    if args.ab:
+        rep.add(f"chunk {diag_c} MiB", f"this tree ÷ {args.ab} (before/after)", gibs[f"lifl{diag_c}"],
+                gibs[f"ab{diag_c}"], "GiB/s", goal="(no regression: ~1)", ours_label="this", peer_label="other")
     rep.print()
     rep.write(args.out)
 

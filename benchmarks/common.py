@@ -355,7 +355,25 @@ class ServerProc:
         self.close()
 
 
+def _pin_from_env() -> None:
+    """``LIFL_BENCH_CPUS=0-7`` (a list of ranges): run this server, and what it starts, on those cores."""
+    spec = os.environ.get("LIFL_BENCH_CPUS", "")
+    if spec:
+        os.sched_setaffinity(0, cpu_list(spec))
+
+
+def cpu_list(spec: str) -> set[int]:
+    """``"0-3,8"`` -> {0, 1, 2, 3, 8}."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        if part:
+            a, _, b = part.partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
 def _serve_lifl(cfg: dict) -> None:
+    _pin_from_env()
     from lifl.config import ServerConfig
     from lifl.server import EmbeddedServer
 
@@ -365,7 +383,7 @@ def _serve_lifl(cfg: dict) -> None:
         sys.stdin.read()
 
 
-def null_sink_server(max_msg: int = 16 * MiB, threads: int = 32):
+def null_sink_server(max_msg: int = 16 * MiB, threads: int = 32, port: int = 0, reuseport: bool = False):
     """A bare grpcio server whose Push (stream-unary, identity deserializer) only counts bytes."""
     from concurrent import futures
 
@@ -384,13 +402,14 @@ def null_sink_server(max_msg: int = 16 * MiB, threads: int = 32):
     handler = grpc.method_handlers_generic_handler(
         "lifl.v1.Aggregation", {"Push": grpc.stream_unary_rpc_method_handler(push)})
     srv = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), handlers=[handler],
-                      options=[("grpc.max_receive_message_length", max_msg), ("grpc.so_reuseport", 0)])
-    port = srv.add_insecure_port("127.0.0.1:0")
+                      options=[("grpc.max_receive_message_length", max_msg), ("grpc.so_reuseport", int(reuseport))])
+    port = srv.add_insecure_port(f"127.0.0.1:{port}")
     srv.start()
     return srv, f"127.0.0.1:{port}", counted
 
 
 def _serve_null(cfg: dict) -> None:
+    _pin_from_env()
     srv, addr, _ = null_sink_server(**cfg)
     print(f"ADDR {addr}", flush=True)
     sys.stdin.read()

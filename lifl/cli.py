@@ -60,6 +60,7 @@ def cmd_serve(args) -> int:
         "host": args.host, "port": args.port, "metrics_port": args.metrics_port, "runtime": args.runtime,
         "leaves": args.leaves, "fan_in": args.fan_in, "workers": args.workers, "shm_budget_mb": args.shm_budget_mb,
         "min_workers": args.min_workers, "keep_alive_s": args.keep_alive, "planner": args.planner,
+        "gateway_processes": args.gateway_processes,
         "ray_address": args.ray_address, "placement": args.placement, "insecure": args.insecure or None})
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     srv = EmbeddedServer(cfg).start()
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--placement", choices=["locality", "random"], help="ray runtime: where functions go")
     s.add_argument("--fan-in", type=int); s.add_argument("--workers", type=int)
     s.add_argument("--shm-budget-mb", type=int)
+    s.add_argument("--gateway-processes", help="processes serving the port (SO_REUSEPORT): a number or 'auto'")
     s.add_argument("--min-workers", type=int, help="functions kept warm while idle (default 0: scale to zero)")
     s.add_argument("--keep-alive", type=float, help="seconds an idle function lives before it is stopped")
     s.add_argument("--planner", choices=["elastic", "static"])

@@ -145,14 +145,17 @@ def retryable(e: grpc.RpcError) -> float | None:
 class Client:
     def __init__(self, address: str, token: str | None = None, root_cert: bytes | None = None,
                  chunk_size: int = 2 * MiB, retry_s: float = 60.0, timeout_s: float | None = None,
-                 client_cert: bytes | None = None, client_key: bytes | None = None):
+                 client_cert: bytes | None = None, client_key: bytes | None = None, channel_options=()):
         """``root_cert``: PEM CA that signed the server's certificate (TLS); ``client_cert`` and
-        ``client_key``: this client's PEM certificate and key, for servers that require mutual TLS."""
+        ``client_key``: this client's PEM certificate and key, for servers that require mutual TLS.
+        ``channel_options``: more gRPC channel options, e.g. ``("grpc.use_local_subchannel_pool", 1)``
+        for a connection of this client's own (channels in one process otherwise share one)."""
         if not MiB // 4 <= chunk_size <= 8 * MiB:
             raise ValueError("chunk_size must be between 256 KiB and 8 MiB")
         if bool(client_cert) != bool(client_key):
             raise ValueError("client_cert and client_key go together")
-        opts = [("grpc.max_receive_message_length", 16 * MiB), ("grpc.max_send_message_length", 16 * MiB)]
+        opts = [("grpc.max_receive_message_length", 16 * MiB), ("grpc.max_send_message_length", 16 * MiB),
+                *channel_options]
         if root_cert or client_cert:
             creds = grpc.ssl_channel_credentials(root_cert, client_key, client_cert)
             self._channel = grpc.secure_channel(address, creds, opts)

@@ -35,6 +35,7 @@ class ServerConfig:
     keep_rounds: int = 8              # results kept for Pull
     release_idle_shm: bool = True     # no round running: unlink cached update slots and accumulators
     grpc_threads: int = 32
+    gateway_processes: str = "auto"   # processes serving the gRPC port (SO_REUSEPORT); "auto": 1 up to 4 cores
     switch_interval_ms: float = 0.5   # the interpreter's GIL switch interval while serving (0: leave it); restored on stop
     max_model_mb: int = 1024          # largest model a round may have (also capped by shm_budget_mb)
     max_concurrent_rpcs: int = 256    # calls in progress at once (more get RESOURCE_EXHAUSTED): bounds calls and threads
@@ -95,6 +96,7 @@ class ServerConfig:
             raise ValueError("max_concurrent_rpcs must be >= 1")
         if self.pull_buffer_mb < 1:
             raise ValueError("pull_buffer_mb must be >= 1")
+        self.gateway_count()
         if self.leaves < 1 or self.workers < 1:
             raise ValueError("leaves and workers must be >= 1")
         if not 0 <= self.min_workers <= self.workers:
@@ -149,6 +151,21 @@ class ServerConfig:
             raise ValueError("screen_l2_max must be >= 0 (0: no screening)")
         if self.screen_mode not in ("reject", "clip"):
             raise ValueError(f"screen_mode must be 'reject' or 'clip', got {self.screen_mode!r}")
+
+    def gateway_count(self) -> int:
+        """Gateway processes to run: ``gateway_processes`` as a number, or for ``auto`` 1 on up to 4
+        cores (one process already fills a small machine) and half the cores, at most 8, above."""
+        v = str(self.gateway_processes).strip().lower()
+        if v == "auto":
+            cores = os.cpu_count() or 1
+            return 1 if cores <= 4 else min(8, cores // 2)
+        try:
+            n = int(v)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 256:
+            raise ValueError(f"gateway_processes must be 'auto' or 1..256, got {self.gateway_processes!r}")
+        return n
 
     @property
     def address(self) -> str:

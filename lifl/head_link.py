@@ -20,7 +20,7 @@ import grpc
 from .admission import Admission
 from .errors import LiflError
 from .layout import Layout
-from .rounds import State
+from .rounds import State, job_name
 
 SERVICE, METHOD = "lifl.v1.Head", "Call"
 SECRET_KEY = "x-lifl-cluster-secret"  # nosec B105  # the metadata key's name; the secret is random per server
@@ -76,7 +76,8 @@ class HeadService:
                 d.abandon(run, req["client"])
                 return {}
             d.check_open(run)
-            return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]), node=node)}
+            return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]),
+                                         node=self.engine_node(node))}
         raise ValueError(f"unknown op {op!r}")
 
     def _async(self, op: str, job: str, node: str, req: dict) -> dict:
@@ -92,9 +93,13 @@ class HeadService:
             self.asyncs.check(aj, req["client"], int(req["base"]))
             return {}
         if op == "async_accept":
-            t = self.asyncs.accept(aj, req["client"], int(req["base"]), float(req["weight"]), req["slot"], node=node)
+            t = self.asyncs.accept(aj, req["client"], int(req["base"]), float(req["weight"]), req["slot"], node=self.engine_node(node))
             return {"buffer": t.buffer, "tau": t.tau, "position": t.position}
         raise ValueError(f"unknown op {op!r}")
+
+    def engine_node(self, node: str) -> str:
+        """The node the engine routes an update received by ``node``'s gateway to (its own)."""
+        return node
 
     def forget_node(self, node: str) -> list[tuple[str, int, str]]:
         """The node is gone: its streams in flight will never finish (the caller abandons them)."""
@@ -162,14 +167,15 @@ class HeadLink(Admission):
     """What a node gateway uses in place of the head's dispatcher: the same ``Admission``."""
 
     def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, options=()):
         """``credentials``: the head serves TLS (``transport.head_link_credentials``); None: plaintext."""
         self.node, self.timeout_s = node, timeout_s
-        self.channel = (grpc.secure_channel(head_address, credentials) if credentials is not None
-                        else grpc.insecure_channel(head_address))
+        self.channel = (grpc.secure_channel(head_address, credentials, options=list(options))
+                        if credentials is not None else grpc.insecure_channel(head_address, options=list(options)))
         self._call = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
         self._md = ((SECRET_KEY, secret),)
         self._layouts: dict[tuple[str, int], Layout] = {}
+        self._runs: dict[tuple[str, int], RemoteRun] = {}
 
     def call(self, op: str, job: str, rid: int, **kw) -> dict:
         req = json.dumps({"op": op, "job": job, "round": rid, "node": self.node, **kw}).encode()
@@ -183,11 +189,21 @@ class HeadLink(Admission):
         return rep
 
     def get(self, job: str, rid: int) -> RemoteRun:
+        """A round this gateway has seen is not asked for again (its layout never changes; the
+        head's ``begin`` and ``accept`` check its state): one call less per push."""
+        known = self._runs.get((job_name(job), rid))
+        if known is not None:
+            return known
         rep = self.call("round", job, rid)
         layout = self._layouts.get((rep["job"], rid))
         if layout is None:
             layout = self._layouts[(rep["job"], rid)] = Layout.from_wire(rep["specs"])
-        return RemoteRun(RemoteRound(rep["job"], rid, layout, State(rep["state"])))
+        run = RemoteRun(RemoteRound(rep["job"], rid, layout, State(rep["state"])))
+        if run.round.state == State.OPEN:
+            if len(self._runs) >= 64:
+                self._runs.clear()
+            self._runs[(rep["job"], rid)] = run
+        return run
 
     def begin_push(self, job: str, rid: int, client: str) -> None:
         self.call("begin", job, rid, client=client)

@@ -5,7 +5,11 @@ apart; ``serve_http`` exposes it at ``/metrics``.
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -67,12 +71,17 @@ class Metrics:
         self.refused_stale = Counter("lifl_async_refused_stale", "Asynchronous updates refused as too stale",
                                      ["job"], registry=r)
         self._http = None
+        # other processes' metrics in the text format (the gateway pool's children): /metrics
+        # shows their sums with this registry's
+        self.sources: list[Callable[[], Iterable[bytes]]] = []
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Start /metrics on ``port`` (0 picks one); return the bound port. A bind error names the
         address (a second server on one machine needs its own ``metrics_port``, or -1 for none)."""
         try:
-            server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+            exposed = CollectorRegistry(auto_describe=False)
+            exposed.register(_Merged(self))
+            server, _thread = start_http_server(port, addr=addr, registry=exposed)
         except OSError as e:
             raise OSError(e.errno, f"cannot serve /metrics on {addr}:{port}: {e.strerror}; "
                                    "set metrics_port (--metrics-port) to a free port, 0 for any, -1 for none") from None
@@ -84,3 +93,39 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _Merged:
+    """A collector: this process's metrics plus every source's, samples with the same name and
+    labels summed (counters, histogram buckets, gauges of per-process quantities). A source's
+    ``_created`` samples are dropped: a creation time does not add up."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        sums: dict[str, dict[tuple, float]] = {}
+        order: dict[str, dict[tuple, object]] = {}
+
+        def add(fam, foreign: bool) -> None:
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                sums[fam.name], order[fam.name] = {}, {}
+            for smp in fam.samples:
+                if foreign and smp.name.endswith("_created"):
+                    continue
+                key = (smp.name, tuple(sorted(smp.labels.items())))
+                sums[fam.name][key] = sums[fam.name].get(key, 0.0) + smp.value
+                order[fam.name].setdefault(key, smp)
+
+        for fam in self.metrics.registry.collect():
+            add(fam, False)
+        for source in self.metrics.sources:
+            for text in source():
+                for fam in text_string_to_metric_families(text.decode()):
+                    add(fam, True)
+        for name, fam in families.items():
+            for (sname, labels), value in sums[name].items():
+                fam.add_sample(sname, dict(labels), value)
+            yield fam

@@ -6,7 +6,6 @@ import secrets
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -16,10 +15,12 @@ from .config import MiB, ServerConfig
 from .dispatcher import Dispatcher
 from .durable import NO_JOURNAL
 from .gateway import Gateway
+from .gateway_pool import GatewayPool, reserve_port
+from .node_gateway import gateway_server
 from .metrics import Metrics
 from .runtime.local import LocalRuntime
 from .shm import Arena
-from .transport import connection_options, listen, server_credentials
+from .transport import listen, server_credentials
 
 log = logging.getLogger("lifl.server")
 
@@ -55,6 +56,8 @@ class EmbeddedServer:
         self.runtime = None
         self.dispatcher: Dispatcher | None = None
         self._gateway: Gateway | None = None
+        self.pool: GatewayPool | None = None
+        self._reserved = None   # the pool's port, bound (not listening) while the pool serves it
         self.grpc: grpc.Server | None = None
         self.port = 0
         self.metrics_port = -1
@@ -99,23 +102,15 @@ class EmbeddedServer:
                 head = HeadService(self.dispatcher, secrets.token_hex(16), asyncs=gateway.asyncs)
                 handlers.append(head.handler())
                 self.runtime.events.open_streams = head.forget_node
-            limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
-            self.grpc = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads, thread_name_prefix="lifl-grpc"),
-                handlers=handlers, interceptors=[gateway.auth()],
-                # calls in progress (running or queued for a thread); memory per client is set by
-                # grpc_bdp_probe, not by this (README, "Memory under many clients")
-                maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-                options=[("grpc.max_receive_message_length", limit),
-                         ("grpc.max_send_message_length", 16 * MiB),
-                         ("grpc.so_reuseport", 0),
-                         # BDP probing grows each stream's window to megabytes: ~25 % more ingest
-                         # for one stream on loopback, but every push waiting for a slot buffers its
-                         # window (30 waiting ResNet-18 pushes: ~230 MiB). Off, a waiting push holds
-                         # 64 KiB and a stream being read still gets a window of a whole chunk.
-                         ("grpc.http2.bdp_probe", int(cfg.grpc_bdp_probe))] + connection_options(cfg))
+            pooled = cfg.gateway_count() > 1 and cfg.runtime == "local"
+            self.grpc = gateway_server(cfg, handlers, [gateway.auth()], reuseport=pooled)
             target = f"{cfg.host}:{cfg.port}"
-            self.port = listen(self.grpc, target, creds)
+            if pooled:   # the head only decides: the pool's processes take every client connection
+                self._reserved = reserve_port(cfg.host, cfg.port)
+                self.port = self._reserved.getsockname()[1]
+                self.grpc.add_insecure_port("127.0.0.1:0")   # health and tests; clients use the pool
+            else:
+                self.port = listen(self.grpc, target, creds)
             if not self.port:
                 raise OSError(f"cannot listen on {target}")
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -123,6 +118,9 @@ class EmbeddedServer:
             if head is not None:
                 host = cfg.host if cfg.host not in ("0.0.0.0", "::") else _node_ip()  # nosec B104  # a test of the bind address
                 self.runtime.start_gateways(f"{host}:{self.port}", head._secret.decode())
+            if pooled:   # the other gateway processes, on the same port (lifl.gateway_pool)
+                self.pool = GatewayPool(cfg, self.arena, self.dispatcher, gateway, self.port).start()
+                self.metrics.sources.append(self.pool.metrics_texts)
             if cfg.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.host)
             threading.Thread(target=self._sample_stats, name="lifl-stats", daemon=True).start()
@@ -176,6 +174,12 @@ class EmbeddedServer:
             raise errors[0]
 
     def _stop_grpc(self, grace: float) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close(grace)
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
         if self.grpc is not None:
             server, self.grpc = self.grpc, None
             server.stop(grace).wait()

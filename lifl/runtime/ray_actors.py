@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent import futures
 
-import grpc
 import numpy as np
 import ray
 
@@ -25,7 +23,7 @@ from ..config import MiB, ServerConfig
 from ..function import Function
 from ..head_link import HeadLink
 from ..metrics import Metrics
-from ..node_gateway import NodeGateway
+from ..node_gateway import NodeGateway, gateway_server
 from ..shm import Arena
 from ..transport import head_link_credentials, listen, server_credentials
 
@@ -42,11 +40,7 @@ class NodeAgent:
         self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=prefix)
         self.link = HeadLink(head_address, secret, node, credentials=head_link_credentials(cfg))
         self.gateway = NodeGateway(cfg, self.arena, self.link, Metrics())
-        limit = max(cfg.max_chunk_bytes, cfg.header_limit_bytes) + 4096
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc_threads),
-                                  handlers=self.gateway.handlers(), interceptors=[self.gateway.auth()],
-                                  options=[("grpc.max_receive_message_length", limit),
-                                           ("grpc.max_send_message_length", 16 * MiB), ("grpc.so_reuseport", 0)])
+        self.server = gateway_server(cfg, self.gateway.handlers(), [self.gateway.auth()])
         host = cfg.host if cfg.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()  # nosec B104  # a test of the bind address (any interface), not a bind
         # the server's own TLS / mutual TLS (its files must exist at the same paths on every node:
         # the Helm chart mounts one secret in every pod), under the same plaintext rule

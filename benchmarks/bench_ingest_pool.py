@@ -1,0 +1,218 @@
+"""Ingest with many clients: LIFL with N gateway processes ÷ one gateway process, and ÷ N
+grpcio null-sink processes on one port (SO_REUSEPORT), same client processes, one run
+(issue 17: goals >= 4x and >= 0.9x with N = 8).
+
+Servers run in their own processes pinned to ``--server-cpus`` (the pool's gateway
+processes and aggregator functions inherit it); the clients are ``--clients`` processes
+pinned to ``--client-cpus``, each pushing over ``--conns`` connections of its own (what
+many devices would open; the kernel spreads connections, not calls, over the processes of
+a port). A sample: every client pushes ``--pushes`` updates (``lifl.client.Client.push``);
+for LIFL into one round opened for all of them. ``ingest`` stops the clock at the last
+acknowledgement (every update is in a slot and accepted); ``--e2e`` stops it when the
+round's result can be pulled (1,000 clients x ResNet-18: ``--model resnet18 --clients 16
+--pushes 63 --e2e``).
+
+    python -m benchmarks.bench_ingest_pool [--processes 8] [--clients 16] [--quick]
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from lifl.client import Client
+from lifl.layout import Layout
+
+from .common import ROOT, Report, ServerProc, cpu_list, interleave, median, model_arrays, parser
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of ``pid`` and of all its descendants now alive (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats, kids = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                f = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d)] = (int(f[11]) + int(f[12])) / tick
+            kids.setdefault(int(f[1]), []).append(int(d))
+    todo, rest = list(kids.get(pid, [])), 0.0
+    while todo:
+        q = todo.pop()
+        rest += stats.get(q, 0.0)
+        todo += kids.get(q, [])
+    return stats.get(pid, 0.0), rest
+
+
+# -- client processes -----------------------------------------------------------------------------
+def _worker() -> None:
+    """A client process: reads ``{"address", "round", "tag", "n"}`` lines, pushes ``n`` updates
+    round-robin over its connections, answers ``done``."""
+    spec = json.loads(sys.stdin.readline())
+    if spec["cpus"]:
+        os.sched_setaffinity(0, cpu_list(spec["cpus"]))
+    arrays = model_arrays(spec["model"], seed=spec["index"])
+    clients: dict[str, list[Client]] = {}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        conns = clients.get(cmd["address"])
+        if conns is None:
+            conns = clients[cmd["address"]] = [
+                Client(cmd["address"], chunk_size=spec["chunk_mib"] * 2**20,
+                       channel_options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(spec["conns"])]
+        for i in range(cmd["n"]):
+            conns[i % len(conns)].push(cmd["round"], arrays, num_examples=1 + spec["index"],
+                                       client_id=f"{cmd['tag']}-{spec['index']}-{i}")
+        print("done", flush=True)
+
+
+class Clients:
+    def __init__(self, n: int, model: str, cpus: str, conns: int, chunk_mib: int):
+        self.procs = []
+        for i in range(n):
+            p = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_ingest_pool", "--worker"], cwd=ROOT,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            p.stdin.write(json.dumps({"index": i, "model": model, "cpus": cpus, "conns": conns,
+                                     "chunk_mib": chunk_mib}) + "\n")
+            p.stdin.flush()
+            self.procs.append(p)
+        for p in self.procs:
+            assert p.stdout.readline().strip() == "ready"
+
+    def push(self, address: str, rid: int, tag: str, n: int) -> None:
+        for p in self.procs:
+            p.stdin.write(json.dumps({"address": address, "round": rid, "tag": tag, "n": n}) + "\n")
+            p.stdin.flush()
+        for p in self.procs:
+            line = p.stdout.readline().strip()
+            if line != "done":
+                raise RuntimeError(f"a client process failed ({line!r})")
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.close()
+        for p in self.procs:
+            p.wait(30)
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    if argv is None and sys.argv[1:2] == ["--worker"]:
+        return _worker()
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--model", default="mlp1m")
+    p.add_argument("--processes", type=int, default=8, help="gateway (and null-sink) processes")
+    p.add_argument("--clients", type=int, default=16, help="client processes")
+    p.add_argument("--conns", type=int, default=4, help="connections per client process")
+    p.add_argument("--pushes", type=int, default=None, help="updates per client per sample")
+    p.add_argument("--server-cpus", default="", help="e.g. 0-7 (default: not pinned)")
+    p.add_argument("--client-cpus", default="", help="e.g. 8-15 (default: not pinned)")
+    p.add_argument("--e2e", action="store_true", help="clock to the pullable result (LIFL cases only)")
+    p.add_argument("--no-null", action="store_true", help="leave out the null-sink peer")
+    p.add_argument("--shm-budget-mb", type=int, default=2048)
+    p.add_argument("--chunk-mib", type=int, default=2, help="the clients' chunk size")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=JSON: one more LIFL server with N processes and these settings, as a case")
+    args = p.parse_args(argv)
+    reps = args.reps or (3 if args.quick else 5)
+    pushes = args.pushes or (4 if args.quick else 16)
+    n = args.processes
+    arrays = model_arrays(args.model)
+    layout = Layout.from_arrays(arrays)
+    total = args.clients * pushes
+    env = {"LIFL_BENCH_CPUS": args.server_cpus} if args.server_cpus else None
+    lifl_cfg = {"shm_budget_mb": args.shm_budget_mb, "reject_nonfinite": True}
+    servers = {"lifl1": ServerProc("lifl", env=env, gateway_processes="1", **lifl_cfg),
+               f"lifl{n}": ServerProc("lifl", env=env, gateway_processes=str(n), **lifl_cfg)}
+    for v in args.variant:
+        name, _, conf = v.partition("=")
+        servers[name] = ServerProc("lifl", env=env, **{**lifl_cfg, "gateway_processes": str(n), **json.loads(conf)})
+    nulls = []
+    if not (args.no_null or args.e2e):
+        nulls.append(ServerProc("null", env=env, reuseport=True))
+        port = int(nulls[0].address.rsplit(":", 1)[1])
+        nulls += [ServerProc("null", env=env, reuseport=True, port=port) for _ in range(n - 1)]
+        servers[f"null{n}"] = nulls[0]
+    clients = Clients(args.clients, args.model, args.client_cpus, args.conns, args.chunk_mib)
+    admins = {k: Client(s.address) for k, s in servers.items() if not k.startswith("null")}
+    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in admins}   # (head, other processes) CPU-s
+    seq = iter(range(10**9))
+
+    def lifl_case(name):
+        srv, admin = servers[name], admins[name]
+
+        def run():
+            rid = admin.open_round(layout=layout, expected=total)
+            c0 = tree_cpu(srv.pid)
+            t0 = time.perf_counter()
+            clients.push(srv.address, rid, f"s{next(seq)}", pushes)
+            acked = time.perf_counter() - t0
+            admin.pull(rid, wait_s=600)
+            dt = time.perf_counter() - t0 if args.e2e else acked
+            c1 = tree_cpu(srv.pid)
+            cpu[name].append((c1[0] - c0[0], c1[1] - c0[1]))
+            return dt
+        return run
+
+    def null_case(name):
+        def run():
+            t0 = time.perf_counter()
+            clients.push(servers[name].address, 0, f"s{next(seq)}", pushes)
+            return time.perf_counter() - t0
+        return run
+
+    cases = [(k, null_case(k) if k.startswith("null") else lifl_case(k)) for k in servers]
+    print(f"bench_ingest_pool: {args.model} ({layout.describe()}), {args.clients} client processes x "
+          f"{args.conns} connections, {pushes} pushes each per sample, {n} processes, {reps} reps, "
+          f"servers on cpus [{args.server_cpus or 'any'}], clients on [{args.client_cpus or 'any'}]", flush=True)
+    try:
+        s = interleave(cases, reps)
+    finally:
+        clients.close()
+        for c in admins.values():
+            c.close()
+        for srv in [*servers.values(), *nulls]:
+            srv.close()
+
+    gibs = {k: [total * layout.total_size / t / 2**30 for t in v] for k, v in s.items()}
+    what = "to the pullable result" if args.e2e else "to the last acknowledgement"
+    rep = Report("bench_ingest_pool", f"Ingest with {n} gateway processes, many clients (higher is better)",
+                 {"model": f"{args.model}: {layout.describe()}", "client processes": args.clients,
+                  "connections per client": args.conns, "pushes per client per sample": pushes,
+                  "updates per sample": total, "clock": what, "server cpus": args.server_cpus or "any",
+                  "client cpus": args.client_cpus or "any", "cpus": os.cpu_count(), "reps (interleaved)": reps,
+                  "LIFL": f"own process, defaults + shm_budget_mb={args.shm_budget_mb}",
+                  "null sink": f"{n} processes on one port (SO_REUSEPORT), count bytes"})
+    rep.add(f"{n} vs 1 gateway processes", "GiB/s ratio", gibs[f"lifl{n}"], gibs["lifl1"], "GiB/s",
+            goal=">= 4", better="higher", threshold=4.0, ours_label=f"LIFL x{n}", peer_label="LIFL x1")
+    if f"null{n}" in gibs:
+        rep.add(f"{n} gateway vs {n} null-sink processes", "GiB/s ratio", gibs[f"lifl{n}"], gibs[f"null{n}"],
+                "GiB/s", goal=">= 0.9", better="higher", threshold=0.9, ours_label=f"LIFL x{n}",
+                peer_label=f"null x{n}")
+    if args.e2e:
+        ups = {k: [total / t for t in v] for k, v in s.items()}
+        rep.add(f"{n} vs 1 gateway processes", "updates/s to the pullable model", ups[f"lifl{n}"], ups["lifl1"],
+                "updates/s", ours_label=f"LIFL x{n}", peer_label="LIFL x1")
+        rep.add(f"{n} vs 1 gateway processes", "round time (s), lower is better", s[f"lifl{n}"], s["lifl1"], "s",
+                ours_label=f"LIFL x{n}", peer_label="LIFL x1")
+    for k in servers:
+        if k not in ("lifl1", f"lifl{n}") and not k.startswith("null"):
+            rep.add(f"variant {k}", f"GiB/s ÷ LIFL x{n} defaults", gibs[k], gibs[f"lifl{n}"], "GiB/s",
+                    ours_label=k, peer_label=f"LIFL x{n}")
+    for k, v in cpu.items():   # where the servers' CPU went (from /proc), per sample
+        head, rest = [h for h, _ in v[-reps:]], [r for _, r in v[-reps:]]
+        rep.notes.append(f"{k}: CPU-s per sample: head process {median(head):.2f}, its other processes "
+                         f"(pool gateways, functions) {median(rest):.2f}")
+        rep.raw[f"cpu|{k}"] = v[-reps:]
+    rep.print()
+    rep.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The gateway pool (``gateway_processes``): real gateway processes on one port, one engine.
+
+Pushes are driven to a chosen process through its private port (every pool process has
+one; the head's own gateway is reached over the pool's Unix socket), so the cross-process
+cases are deterministic; the shared port is used where any process will do.
+"""
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from support import assert_matches, expect, fedavg64
+from lifl.client import Client
+from lifl.config import ServerConfig
+from lifl.layout import Layout
+from lifl.server import EmbeddedServer
+from lifl.shm import list_segments
+from lifl.v1 import aggregation_pb2 as pb
+from lifl.wire import encode_chunk
+
+BASE = {"w": np.zeros((300, 256), np.float32), "b": np.zeros(7, np.float64)}   # ~300 KiB
+LAYOUT = Layout.from_arrays(BASE)
+
+
+def update(i: int) -> dict:
+    rng = np.random.default_rng(i)
+    return {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in BASE.items()}
+
+
+def held_push(address: str, rid: int, client: str, arrays: dict, release: threading.Event, out: dict):
+    """Push whose stream stops after its header and first chunk until ``release`` is set;
+    the outcome (a receipt or the failure) lands in ``out[client]``."""
+    h = pb.PushHeader(round=rid, client_id=client, num_examples=1.0, total_size=LAYOUT.total_size)
+    LAYOUT.to_proto(h.tensors)
+    buf = bytearray(LAYOUT.total_size)
+    LAYOUT.pack_into(arrays, buf)
+
+    def messages():
+        yield pb.PushRequest(header=h).SerializeToString()
+        yield encode_chunk(memoryview(buf)[:4096])
+        release.wait(30)
+        yield encode_chunk(memoryview(buf)[4096:])
+
+    def run():
+        with Client(address, retry_s=0) as c:
+            try:
+                out[client] = c.push_raw(messages())
+            except Exception as e:   # noqa: BLE001  (the test inspects it)
+                out[client] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def poll(pred, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def scrape(srv) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+@pytest.fixture
+def pool(shm_prefix):
+    cfg = ServerConfig(port=0, metrics_port=0, gateway_processes="3", workers=1, leaves=1, shm_prefix=shm_prefix,
+                       shm_budget_mb=1, admission_timeout_s=0.3)
+    with EmbeddedServer(cfg) as srv:
+        assert len(srv.pool.children()) == 3
+        yield srv
+    assert list_segments(shm_prefix) == []
+
+
+def test_one_engine_behind_every_process(pool):
+    """Dedup and the slot budget are global; every process serves Pull and GetRound; /metrics sums
+    all processes; the result is exact."""
+    srv = pool
+    a, b, _ = (ch.address for ch in srv.pool.children())
+    head = srv.pool.socket   # the head's own gateway
+    ups = [update(i) for i in range(5)]
+    with Client(srv.address) as admin:
+        rid = admin.open_round(BASE, expected=5)
+    # one client, two processes: exactly one ALREADY_EXISTS
+    with Client(a) as ca, Client(b, retry_s=0) as cb:
+        assert ca.push(rid, ups[0], num_examples=1, client_id="c0").accepted == 1
+        expect(grpc.StatusCode.ALREADY_EXISTS, "counted once", cb.push, rid, ups[1], 1, "c0")
+    # the budget (1 MiB: 3 slots of ~300 KiB) is one budget: three streams held in three
+    # processes fill it, and a fourth push is refused wherever it lands
+    release, out = threading.Event(), {}
+    threads = [held_push(addr, rid, f"c{i}", ups[i], release, out) for i, addr in ((1, a), (2, b), (3, head))]
+    assert poll(lambda: srv.arena.stats().slots_in_use == 3), srv.arena.stats()
+    with Client(a, retry_s=0) as ca:
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "slot budget full", ca.push, rid, ups[0], 1, "late")
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert sorted(out[f"c{i}"].accepted for i in (1, 2, 3)) == [2, 3, 4], out
+    with Client(srv.address) as c:   # any process
+        assert c.push(rid, ups[4], num_examples=1, client_id="c4").accepted == 5
+    ref = fedavg64(ups, [1.0] * 5)
+    for addr in (a, b, head):
+        with Client(addr) as c:
+            assert_matches(c.pull(rid, wait_s=30), ref)
+            assert c.round_info(rid).accepted == 5
+    m = scrape(srv)
+    assert m['lifl_updates_rejected_total{reason="already_exists"}'] == 1
+    assert m['lifl_updates_rejected_total{reason="resource_exhausted"}'] == 1
+    assert m["lifl_bytes_ingested_total"] == 5 * LAYOUT.total_size   # bytes written by three processes
+
+
+def test_sigkilled_gateway_process(pool):
+    """A gateway process killed mid-stream: its client sees UNAVAILABLE, the slot comes back,
+    the process is replaced, the client's push again succeeds, nothing leaks (fixture)."""
+    srv = pool
+    victim = srv.pool.children()[0]
+    ups = [update(i) for i in range(2)]
+    with Client(srv.address) as admin:
+        rid = admin.open_round(BASE, expected=2)
+    release, out = threading.Event(), {}
+    t = held_push(victim.address, rid, "c0", ups[0], release, out)
+    assert poll(lambda: srv.arena.stats().slots_in_use == 1)
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    t.join(30)
+    assert out["c0"].code == grpc.StatusCode.UNAVAILABLE, out["c0"]
+    assert poll(lambda: srv.arena.stats().slots_in_use == 0 and srv.pool.restarts == 1)
+    assert poll(lambda: victim.proc.pid not in [c.proc.pid for c in srv.pool.children()])
+    with Client(srv.address) as c:   # the retry, through the shared port
+        assert c.round_info(rid).in_flight == 0
+        c.push(rid, ups[0], num_examples=1, client_id="c0")
+    with Client(srv.pool.children()[0].address) as c:   # the replacement serves
+        c.push(rid, ups[1], num_examples=1, client_id="c1")
+        assert_matches(c.pull(rid, wait_s=30), fedavg64(ups, [1.0, 1.0]))
+
+
+def test_setting():
+    assert ServerConfig(gateway_processes="4").gateway_count() == 4
+    assert ServerConfig(gateway_processes=2).gateway_count() == 2
+    auto = ServerConfig().gateway_count()
+    assert auto == (1 if (os.cpu_count() or 1) <= 4 else min(8, os.cpu_count() // 2))
+    for bad in ("0", "lots", -1):
+        with pytest.raises(ValueError, match="gateway_processes"):
+            ServerConfig(gateway_processes=bad).validate()
+
+
+def test_async_deltas_through_a_pool_process(pool):
+    """Asynchronous jobs live in the head: a delta pushed to a pool process is relayed there whole."""
+    from lifl.engine.buffered import AsyncSpec
+    srv = pool
+    x0 = {k: np.ones_like(v) for k, v in BASE.items()}
+    deltas = [update(10), update(11)]
+    with Client(srv.address) as admin:
+        admin.open_async(x0, AsyncSpec(buffer_size=2, concurrency=2), job="fb")
+    for i, ch in enumerate(srv.pool.children()[:2]):
+        with Client(ch.address) as c:
+            r = c.push(0, deltas[i], num_examples=1, client_id=f"d{i}", job="fb", base_version=0)
+            assert r.staleness == 0
+    with Client(srv.pool.children()[0].address) as c:
+        version, got = c.pull_version(1, job="fb", wait_s=30)
+    mean = fedavg64(deltas, [1.0, 1.0])
+    assert version == 1
+    for k in BASE:   # x1 = x0 + mean delta (docs/async.md, sgd lr 1), rounded once to the model's dtype
+        np.testing.assert_allclose(got[k], x0[k] + mean[k], rtol=0, atol=4 * np.finfo(BASE[k].dtype).eps)
