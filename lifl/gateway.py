@@ -149,6 +149,7 @@ class Gateway(Service):
         if seen != dup.prior:
             raise LiflError("ALREADY_EXISTS", f"{dup.message}: this push's content differs from the accepted update")
         run = self.dispatcher.get(h.job, h.round)
+        self.metrics.updates_duplicate.labels(run.round.job).inc()
         return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size,
                             accepted=len(run.round.accepted), duplicate=True)
 

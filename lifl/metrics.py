@@ -20,6 +20,9 @@ class Metrics:
         self.updates_received = Counter("lifl_updates_received", "Updates accepted", ["job"], registry=r)
         self.updates_rejected = Counter("lifl_updates_rejected", "Updates refused, by gRPC status",
                                         ["reason"], registry=r)
+        self.updates_duplicate = Counter("lifl_updates_duplicate", "Identical repeats of an accepted update "
+                                         "(a retry whose reply was lost: answered as duplicates, not folded)",
+                                         ["job"], registry=r)
         self.bytes_ingested = Counter("lifl_bytes_ingested", "Update bytes written into shared memory", registry=r)
         self.fold_seconds = Histogram("lifl_fold_seconds", "Time of one fold command in a function",
                                       ["level"], buckets=_LAT, registry=r)

@@ -183,6 +183,19 @@ def test_wal_drops_a_torn_last_record_and_refuses_damage_elsewhere(tmp_path):
         wal.read(p)
 
 
+def test_a_durable_dir_serves_one_server_at_a_time(tmp_path):
+    """A second server on the same directory is refused (EBUSY, a one-line error from ``lifl
+    serve``) while the first holds it, and gets it once the first lets go."""
+    import errno
+    from lifl.durable.recover import take_lock
+    fd = take_lock(tmp_path)
+    with pytest.raises(OSError, match="in use by another running server") as e:
+        take_lock(tmp_path, wait_s=0.1)
+    assert e.value.errno == errno.EBUSY
+    os.close(fd)
+    os.close(take_lock(tmp_path, wait_s=0.1))
+
+
 def test_restart_after_a_torn_tail_resumes_and_refuses_a_damaged_log(durable):
     s = durable.start()
     with Client(s.address) as c:
@@ -219,3 +232,4 @@ def test_restart_after_a_torn_tail_resumes_and_refuses_a_damaged_log(durable):
     open(log, "wb").write(bytes(data))
     with pytest.raises(RuntimeError, match="damaged and records follow it"):
         s.start()
+    assert s.tracebacks() == 0   # refused in one line ("lifl: ... damaged ..."), exit 1

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support import assert_matches, fedavg64, perturb, small_model
-from lifl.client import Client
+from lifl.client import Client, RpcFailure
 from lifl.demo import start_server
 from lifl.layout import Layout
 from lifl.shm import list_segments
@@ -30,13 +30,15 @@ def test_metrics_endpoint(make_server):
     with Client(srv.address) as c:
         rid = c.open_round(BASE, expected=2)
         c.push(rid, perturb(BASE, 1), 1, "a")
-        with pytest.raises(Exception):
-            c.push(rid, perturb(BASE, 1), 1, "a")
+        assert c.push(rid, perturb(BASE, 1), 1, "a").duplicate        # a retry: counted, not folded
+        with pytest.raises(RpcFailure, match="content differs"):
+            c.push(rid, perturb(BASE, 3), 1, "a")
         c.push(rid, perturb(BASE, 2), 1, "b")
         c.pull(rid, wait_s=10)
     m = scrape(srv.metrics_port)
     assert m[("lifl_updates_received_total", (("job", "default"),))] == 2
     assert m[("lifl_updates_rejected_total", (("reason", "already_exists"),))] == 1
+    assert m[("lifl_updates_duplicate_total", (("job", "default"),))] == 1
     assert m[("lifl_bytes_ingested_total", ())] == 2 * Layout.from_arrays(BASE).total_size
     assert m[("lifl_rounds_total", (("outcome", "done"),))] == 1
     assert m[("lifl_post_arrival_seconds_count", ())] == 1

@@ -11,6 +11,7 @@ files no record names are deleted.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -108,7 +109,7 @@ def take_lock(root: Path, wait_s: float = 10.0) -> int:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 os.close(fd)
-                raise RuntimeError(f"durable_dir {root} is in use by another running server") from None
+                raise OSError(errno.EBUSY, f"durable_dir {root} is in use by another running server") from None
             time.sleep(0.05)
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 log = logging.getLogger("lifl.durable")
 
 
-class WalCorrupt(RuntimeError):
-    """A record other than the last is damaged."""
+class WalCorrupt(ValueError):
+    """A record other than the last is damaged (a ValueError: ``lifl serve`` says so in one line
+    and exits 1, no traceback)."""
 
 
 def fsync_dir(path: Path) -> None:
