@@ -52,10 +52,6 @@ class Admin(Service):
             raise LiflError("UNIMPLEMENTED", "this server runs in durable mode (durable_dir), which does not cover "
                                              "server optimizers on rounds (their state spans rounds); open the "
                                              "round without one, or use a server without durable_dir")
-        if opt is not None and self.config.runtime != "local":
-            raise LiflError("UNIMPLEMENTED", "server optimizers on synchronous rounds need the local runtime on "
-                                             "this server; use an asynchronous job, or Flower's strategy "
-                                             "(lifl.flower) for FedAvgM/FedAdam/FedYogi/FedAdagrad rounds")
         if self.asyncs.get(job) is not None:
             raise LiflError("FAILED_PRECONDITION", f"job {quote(job)} is asynchronous: it has versions, not rounds; "
                                                    "open rounds under another job name")

@@ -14,8 +14,9 @@ next version — the gateway process does no model-sized math. The last ``keep_v
 versions stay pullable; a reader holds its segment (``Arena.share``) so eviction never cuts a
 stream.
 
-On a runtime whose functions cannot reach the head's shared memory (Ray), the round finalizes
-``Σ w s Δ / Σ w s`` and the publisher applies the same step (``lifl.serverstep``) itself.
+On the Ray runtime a top function on another node cannot map the head's segments: the runtime
+hands it the state and master copy through the object store and writes back what it wrote
+(``lifl.runtime.ray``), so the step is the same code in the same place on every runtime.
 
 Tensors: floating point and signed integer ones (integers ride in the float64 master copy and
 are published rounded to nearest and clipped, as a synchronous round's mean is); updates may be
@@ -40,7 +41,7 @@ from .engine.buffered import AsyncSpec, BufferedJob, Ticket
 from .errors import LiflError, quote
 from .fold import as_f64 as to_f64
 from .layout import Layout, is_float
-from .serverstep import commit, state_dtype, state_nbytes, step_writer
+from .serverstep import state_dtype, state_nbytes
 from .shm import Segment
 
 log = logging.getLogger("lifl.async")
@@ -54,6 +55,12 @@ def _unsupported(layout: Layout) -> str | None:
     return None
 
 
+def needs_base_version(aj: "AsyncJob") -> LiflError:
+    """A push by round (no base version) to an asynchronous job: refused alike at every gateway."""
+    return LiflError("INVALID_ARGUMENT", f"job {quote(aj.name)} is asynchronous: set base_version to the "
+                                         f"version the delta was trained on (current: {aj.job.latest})")
+
+
 @dataclass
 class AsyncJob:
     name: str
@@ -62,15 +69,13 @@ class AsyncJob:
     job: BufferedJob
     x_segs: tuple[Segment, Segment]        # float64 master copies: version v's is x_segs[v % 2]
     opt_seg: Segment                       # optimizer state, double buffered (lifl.serverstep)
-    in_function: bool = True               # the buffer's top function takes the server step
     versions: dict[int, Segment] = field(default_factory=dict)
     rounds: dict[int, int] = field(default_factory=dict)        # buffer -> round id of the tree
-    weights: dict[int, list[float]] = field(default_factory=dict)  # buffer -> [Σw, Σw·s]
+    weights: dict[int, float] = field(default_factory=dict)        # buffer -> Σw
     steps: dict[int, dict] = field(default_factory=dict)           # buffer -> its round's server step
     accepted: int = 0
     total_weight: float = 0.0
     failed: str = ""
-    work: np.ndarray | None = None          # the publisher's float64 work vector (in_function False)
     closed: threading.Event = field(default_factory=threading.Event)
     on_stop: list = field(default_factory=list)   # callbacks of waits to end when the job stops
     opened: float = field(default_factory=time.time)
@@ -84,11 +89,8 @@ class AsyncJob:
 class AsyncJobs:
     """The server's asynchronous jobs (created by the gateway, closed by the server)."""
 
-    def __init__(self, arena, dispatcher, metrics, step_in_function: bool = True):
-        """``step_in_function``: buffers' top functions take the server step (they can reach this
-        arena's segments: the local runtime); else the publisher does."""
+    def __init__(self, arena, dispatcher, metrics):
         self.arena, self.dispatcher, self.metrics = arena, dispatcher, metrics
-        self.step_in_function = step_in_function
         self._jobs: dict[str, AsyncJob] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -120,7 +122,7 @@ class AsyncJobs:
                 for size in (8 * n, 8 * n, state_nbytes(spec.optimizer, layout)):
                     made.append(self.arena.segment(size))
                 aj = AsyncJob(name, spec, layout, BufferedJob(spec), (made[0], made[1]), made[2],
-                              in_function=self.step_in_function, versions={0: initial})
+                              versions={0: initial})
                 to_f64(layout, initial.buf, made[0].array(np.float64, n))
                 made[2].array(np.uint8)[:8] = 0        # step counter 0; the moments start at 0 below
                 made[2].array(np.uint8)[8:] = 0
@@ -139,21 +141,18 @@ class AsyncJobs:
         return aj
 
     def _open_buffer(self, aj: AsyncJob) -> None:
-        """The open buffer's round; with the step in its top function, that finalize reads the
+        """The open buffer's round; its top function's finalize takes the step, reading the
         previous version's master copy and step ``b − 1``'s state, so it waits for the round of
         buffer ``b − 1`` (``after``)."""
         k, b = aj.spec.buffer_size, aj.job.open_buffer
-        step = None
-        if aj.in_function:
-            step = {"opt": dataclasses.asdict(aj.spec.optimizer), "state": aj.opt_seg.name,
-                    "moments": state_dtype(aj.layout), "t": b - 1, "w": 0.0,
-                    "x_in": aj.x_segs[(b - 1) % 2].name, "x_out": aj.x_segs[b % 2].name,
-                    "after": aj.rounds.get(b - 1, 0)}
+        step = {"opt": dataclasses.asdict(aj.spec.optimizer), "state": aj.opt_seg.name,
+                "moments": state_dtype(aj.layout), "t": b - 1, "w": 0.0,
+                "x_in": aj.x_segs[(b - 1) % 2].name, "x_out": aj.x_segs[b % 2].name,
+                "after": aj.rounds.get(b - 1, 0)}
         rnd = self.dispatcher.open_round(aj.name, aj.layout, k, k, 0.0, None, step=step)
         aj.rounds[b] = rnd.id
-        aj.weights[b] = [0.0, 0.0]
-        if step is not None:
-            aj.steps[b] = step
+        aj.weights[b] = 0.0
+        aj.steps[b] = step
 
     # -- pushes -------------------------------------------------------------------------------
     def check(self, aj: AsyncJob, client: str, base: int) -> None:
@@ -180,20 +179,16 @@ class AsyncJobs:
             rid = aj.rounds[b]
             factor = aj.job.factor(tau)
             run = self.dispatcher.begin_push(aj.name, rid, client)
-            step = aj.steps.get(b)
-            if step is not None:    # Σw as the finalize will read it once this update seals the buffer
-                step["w"] = aj.weights[b][0] + weight
+            step = aj.steps[b]
+            step["w"] = aj.weights[b] + weight    # Σw as the finalize will read it once this update seals the buffer
             try:
                 self.dispatcher.accept(run, client, slot, weight * factor, node=node)
             except BaseException:
-                if step is not None:
-                    step["w"] = aj.weights[b][0]
+                step["w"] = aj.weights[b]
                 self.dispatcher.abandon(run, client)
                 raise
             ticket = aj.job.accept(client, base, weight)    # the same decision: same state, same lock
-            ws = aj.weights[b]
-            ws[0] += weight
-            ws[1] += weight * factor
+            aj.weights[b] += weight
             aj.accepted += 1
             aj.total_weight += weight
             self.metrics.staleness.labels(aj.name).observe(tau)
@@ -269,12 +264,12 @@ class AsyncJobs:
                 if stopped():
                     return
                 rid = aj.rounds[b]
-                w, ws = aj.weights.pop(b)
+                aj.weights.pop(b)
                 aj.steps.pop(b, None)
             try:
                 with self.dispatcher.model(aj.name, rid, False, 3600.0, cancel=lambda wake: self._on_stop(aj, wake)) \
                         as (_run, seg):
-                    self._publish(aj, b, seg, w, ws)
+                    self._publish(aj, b, seg)
                 with aj.cond:
                     aj.rounds.pop(b, None)
             except Exception as e:   # the tree failed this buffer: the job cannot go on exactly
@@ -287,24 +282,10 @@ class AsyncJobs:
                 return
             b += 1
 
-    def _publish(self, aj: AsyncJob, version: int, result: Segment, w: float, ws: float) -> None:
-        """Publish buffer ``version``'s result: the new version itself when the top function took
-        the step (held, not copied), else ``Σ w s Δ / Σ w s`` from which the step is taken here."""
-        if aj.in_function:
-            seg = self.arena.share(result.name)
-        else:
-            n = aj.numel
-            if aj.work is None:
-                aj.work = np.empty(n, np.float64)
-            acc = to_f64(aj.layout, result.buf, aj.work)
-            acc *= ws                                   # back to the sum Σ w s Δ
-            seg = self.arena.scratch(aj.layout.total_size)
-            x_in = aj.x_segs[(version - 1) % 2].array(np.float64, n)
-            x_out = aj.x_segs[version % 2].array(np.float64, n)
-            write = step_writer(aj.spec.optimizer, aj.layout, version - 1, w, aj.opt_seg.buf, seg.buf,
-                                master=(x_in, x_out), moments=state_dtype(aj.layout))
-            write(acc, 0, n)
-            commit(aj.opt_seg.buf, version - 1)
+    def _publish(self, aj: AsyncJob, version: int, result: Segment) -> None:
+        """Publish buffer ``version``'s result, the new version its top function wrote (held, not
+        copied)."""
+        seg = self.arena.share(result.name)
         with aj.cond:
             aj.versions[version] = seg
             aj.job.published(version)

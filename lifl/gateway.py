@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 
 from .auth import Guard, Refusal, check_scope, current, policy_of
-from .async_jobs import AsyncJob, AsyncJobs
+from .async_jobs import AsyncJob, AsyncJobs, needs_base_version
 from .errors import LiflError, quote
 from .encoding import EncodedLayout, Encoding, encoded, scale_encoded, scan_received, write_trailer
 from .layout import Layout
@@ -66,7 +66,7 @@ class Gateway(Service):
         # chunks handed to gRPC and not yet sent, over all Pull streams: many clients pulling at once
         # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
         self._pull_sends = threading.BoundedSemaphore(max(1, config.pull_buffer_mb * 2**20 // PULL_CHUNK))
-        self.asyncs = AsyncJobs(arena, dispatcher, metrics, step_in_function=config.runtime == "local")
+        self.asyncs = AsyncJobs(arena, dispatcher, metrics)
         self.admin = Admin(config, arena, dispatcher, metrics, self.asyncs)
 
     def close(self) -> None:
@@ -158,8 +158,7 @@ class Gateway(Service):
             raise LiflError("INVALID_ARGUMENT", f"job {quote(job_name(h.job))} has no asynchronous job open; "
                                                 "base_version is only for asynchronous jobs (push by round)")
         if not h.HasField("base_version"):
-            raise LiflError("INVALID_ARGUMENT", f"job {quote(aj.name)} is asynchronous: set base_version to the "
-                                                f"version the delta was trained on (current: {aj.job.latest})")
+            raise needs_base_version(aj)
         enc = self._check_update_layout(h, aj.layout, f"asynchronous job {quote(aj.name)}", encoding)
         self.asyncs.check(aj, h.client_id, h.base_version)
         t = self._ingest(it, enc, check=None, abandon=lambda: None,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from .admission import Admission
+from .async_jobs import needs_base_version
 from .errors import LiflError
 from .layout import Layout
 from .rounds import State, job_name
@@ -60,6 +61,8 @@ class HeadService:
         key = (job, rid, req.get("client", ""))
         if op.startswith("async_"):
             return self._async(op, job, node, req)
+        if op in ("round", "begin", "accept"):
+            self._not_async(job)
         if op == "round":
             r = d.get(job, rid).round
             return {"id": r.id, "job": r.job, "state": int(r.state), "specs": r.layout.to_wire()}
@@ -79,6 +82,13 @@ class HeadService:
             return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]),
                                          node=self.engine_node(node))}
         raise ValueError(f"unknown op {op!r}")
+
+    def _not_async(self, job: str) -> None:
+        """A push by round (no base version: a node gateway asks for no job) to an asynchronous job
+        is refused as the head refuses it; its buffers' rounds take deltas through ``_async`` only."""
+        aj = self.asyncs.get(job_name(job)) if self.asyncs is not None else None
+        if aj is not None:
+            raise needs_base_version(aj)
 
     def _async(self, op: str, job: str, node: str, req: dict) -> dict:
         """A node gateway's push into an asynchronous job: the head's ``AsyncJobs`` decides (the

@@ -40,6 +40,29 @@ def assert_matches(result: dict[str, np.ndarray], ref: dict[str, np.ndarray], rt
             assert np.array_equal(got, np.clip(np.rint(r), info.min, info.max).astype(got.dtype)), k
 
 
+class FlowerStep:
+    """Flower's own server-optimizer strategy (flwr.server.strategy FedAvgM/FedAdam/FedYogi) as an
+    independent reference: ``round(rnd, clients)`` is what its ``aggregate_fit`` makes of
+    ``[(model dict, weight), ...]`` in round ``rnd`` (its state carries over rounds)."""
+
+    def __init__(self, kind: str, initial: dict[str, np.ndarray], **kw):
+        from flwr.common import ndarrays_to_parameters
+        from flwr.server import strategy as fs
+        p = ndarrays_to_parameters(list(initial.values()))
+        if kind == "fedavgm":
+            self.strategy = fs.FedAvgM(initial_parameters=p, server_learning_rate=kw["lr"],
+                                       server_momentum=kw["momentum"])
+        else:
+            self.strategy = {"fedadam": fs.FedAdam, "fedyogi": fs.FedYogi}[kind](initial_parameters=p, eta=kw["lr"])
+        self.names = list(initial)
+
+    def round(self, rnd: int, clients: list[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
+        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+        res = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([m[k] for k in self.names]), int(w), {}))
+               for m, w in clients]
+        return dict(zip(self.names, parameters_to_ndarrays(self.strategy.aggregate_fit(rnd, res, [])[0])))
+
+
 def small_model(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"conv.weight": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),

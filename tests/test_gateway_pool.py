@@ -175,3 +175,11 @@ def test_async_deltas_through_a_pool_process(pool):
     assert version == 1
     for k in BASE:   # x1 = x0 + mean delta (docs/async.md, sgd lr 1), rounded once to the model's dtype
         np.testing.assert_allclose(got[k], x0[k] + mean[k], rtol=0, atol=4 * np.finfo(BASE[k].dtype).eps)
+    # a push by round (no base version) is refused as the head refuses it, whatever round it names
+    # (the open buffer is round 2 of the tree: it takes deltas only through the job's checks)
+    for rid in range(3):
+        with Client(srv.pool.children()[1].address) as c:
+            expect(grpc.StatusCode.INVALID_ARGUMENT, "is asynchronous: set base_version", c.push, rid, deltas[0],
+                   num_examples=1, client_id="byround", job="fb")
+    with Client(srv.address) as admin:
+        assert admin.job_info("fb").buffer_fill == 0

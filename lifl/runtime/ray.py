@@ -167,12 +167,12 @@ class RayWorker:
             if cmd is None:
                 break
             try:
-                reply_ref, out_ref, out_name, kinds = self.runtime.submit(self, cmd)
+                reply_ref, out_ref, returns, kinds = self.runtime.submit(self, cmd)
                 reply = json.loads(ray.get(reply_ref))
                 if reply.get("ok"):
                     self.runtime.count_crossed(kinds, reply.pop("given_bytes", {}))
-                    if out_name:
-                        self.runtime.receive_result(out_name, ray.get(out_ref))
+                    if returns:
+                        self.runtime.receive_result(returns, ray.get(out_ref))
             except RayActorError:
                 break
             except RayTaskError as e:  # an input came from a node that is gone
@@ -220,7 +220,7 @@ class RayRuntime:
         self._workers: list[RayWorker] = []
         self._lock = threading.Lock()
         self.events = NodeEvents()        # the engine and the server subscribe
-        self.crossed: dict[str, int] = {"partial": 0, "update": 0, "result": 0}
+        self.crossed: dict[str, int] = {"partial": 0, "update": 0, "result": 0, "step": 0}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._link: tuple[str, str] | None = None   # (head address, secret) node agents call back
@@ -395,7 +395,9 @@ class RayRuntime:
             return [w for w in self._workers if w.alive()]
 
     def submit(self, w: RayWorker, cmd: dict):
-        """Send one command; segments of other nodes go along as object-store references."""
+        """Send one command; segments of other nodes go along as object-store references. What a
+        finalize writes on another node's segments (the result; a server step's state and master
+        copy) comes back in one array (``returns``: names and sizes, in order)."""
         kinds, refs = {}, []
         for name, kind in _inputs(cmd):
             src = self.node_of(name)
@@ -403,12 +405,12 @@ class RayRuntime:
                 continue
             kinds[name] = kind
             refs.append(self.nodes[src].store.export(name))
-        out_name = None
-        if cmd.get("op") == "finalize" and self.node_of(cmd["out"]) != w.node:
-            out_name = cmd["out"]
-            cmd = {**cmd, "out_size": self.arena.get(out_name).size}
+        returns = [[name, self.arena.get(name).size, kind] for name, kind in _writes(cmd)
+                   if self.node_of(name) != w.node]
+        if returns:
+            cmd = {**cmd, "returns": returns}
         reply_ref, out_ref = w.actor.run.remote(json.dumps(cmd), list(kinds), *refs)
-        return reply_ref, out_ref, out_name, kinds
+        return reply_ref, out_ref, returns, kinds
 
     def count_crossed(self, kinds: dict[str, str], given_bytes: dict[str, int]) -> None:
         """Count the bytes a function received from other nodes (it reports what it was given)."""
@@ -417,10 +419,15 @@ class RayRuntime:
             self.crossed[kind] += nbytes
             self.metrics.cross_node_bytes.labels(kind).inc(nbytes)
 
-    def receive_result(self, out_name: str, data: np.ndarray) -> None:
-        self.nodes[self.head].store.write(out_name, data)
-        self.crossed["result"] += data.nbytes
-        self.metrics.cross_node_bytes.labels("result").inc(data.nbytes)
+    def receive_result(self, returns: list, data: np.ndarray) -> None:
+        """Write back what a function on another node wrote for the head's segments: the result,
+        then a server step's master copy and state (the round finishes only after this)."""
+        store, at = self.nodes[self.head].store, 0
+        for name, size, kind in returns:
+            store.write(name, data[at:at + size])
+            at += size
+            self.crossed[kind] += size
+            self.metrics.cross_node_bytes.labels(kind).inc(size)
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
@@ -454,4 +461,21 @@ def _inputs(cmd: dict):
         yield name, "update"
     for name in cmd.get("partials", ()):
         yield name, "partial"
+    st = cmd.get("step")
+    if st is not None:   # a server step reads its state and base (initial model, or master copy)
+        yield st["state"], "step"
+        yield st["x_in"] if "x_in" in st else st["base"], "step"
+
+
+def _writes(cmd: dict):
+    """(segment, kind) a finalize writes on the head: the result, a server step's master copy, then
+    its state. (A span of a flat finalize writes part of them: spans run on the head's node only.)"""
+    if cmd.get("op") != "finalize":
+        return
+    yield cmd["out"], "result"
+    st = cmd.get("step")
+    if st is not None:
+        if "x_out" in st:
+            yield st["x_out"], "step"
+        yield st["state"], "step"
 

@@ -90,13 +90,22 @@ class FunctionActor:
 
     @ray.method(num_returns=2)
     def run(self, cmd_json: str, given: list[str], *arrays: np.ndarray):
-        """One command. ``given`` names the arrays (imports); a finalize whose output lives on
-        another node (``out_size`` set) returns the result as the second value."""
+        """One command. ``given`` names the arrays (imports). A finalize that writes segments of
+        another node (``returns``: the result, a server step's master copy and state) writes them
+        into one array, returned as the second value; a returned segment that was also given (the
+        step's state: its other half is read) starts as a copy of it."""
         cmd = json.loads(cmd_json)
         self.fn.given = dict(zip(given, arrays))
         out = None
-        if cmd.get("out_size"):
-            out = self.fn.given[cmd["out"]] = np.empty(cmd["out_size"], np.uint8)
+        if cmd.get("returns"):
+            out = np.empty(sum(size for _, size, *_ in cmd["returns"]), np.uint8)
+            at = 0
+            for name, size, *_ in cmd["returns"]:
+                view = out[at:at + size]
+                if name in self.fn.given:
+                    view[:] = self.fn.given[name]
+                self.fn.given[name] = view
+                at += size
         try:
             reply = {"seq": cmd.get("seq"), "ok": True, **self.fn.handle(cmd),
                      "given_bytes": {n: int(a.nbytes) for n, a in zip(given, arrays)}}

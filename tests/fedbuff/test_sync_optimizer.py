@@ -8,24 +8,14 @@ import grpc
 import numpy as np
 import pytest
 
-from support import expect
+from support import FlowerStep, expect
 from lifl.client import Client
 from lifl.layout import Layout
 from lifl.engine.optimizers import ServerOptimizer, new_state, pingpong_nbytes, step, step_once
 
-flwr_strategy = pytest.importorskip("flwr.server.strategy")
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+pytest.importorskip("flwr.server.strategy")
 
 SHAPES = {"w": (40, 9), "b": (9,), "n": (3, 2, 5)}
-
-
-def _flower(kind, initial, kw):
-    p = ndarrays_to_parameters(initial)
-    if kind == "fedavgm":
-        return flwr_strategy.FedAvgM(initial_parameters=p, server_learning_rate=kw["lr"],
-                                     server_momentum=kw["momentum"])
-    return {"fedadam": flwr_strategy.FedAdam, "fedyogi": flwr_strategy.FedYogi}[kind](initial_parameters=p,
-                                                                                      eta=kw["lr"])
 
 
 @pytest.mark.parametrize("kind,kw,leaves,dtype", [
@@ -37,7 +27,7 @@ def test_rounds_equal_flower_strategy(make_server, kind, kw, leaves, dtype):
     srv = make_server(leaves=leaves, workers=2)
     rng = np.random.default_rng(5)
     x = {k: rng.normal(size=s).astype(dtype) for k, s in SHAPES.items()}
-    strategy = _flower(kind, list(x.values()), kw)
+    flower = FlowerStep(kind, x, **kw)
     opt = ServerOptimizer.of(kind, **kw)
     rid = 0
     with Client(srv.address) as c:
@@ -53,10 +43,8 @@ def test_rounds_equal_flower_strategy(make_server, kind, kw, leaves, dtype):
             for t in ts:
                 t.join()
             got = c.pull(rid, wait_s=30, job="opt")
-            res = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(m.values())), int(w), {}))
-                   for m, w in clients]
-            ref = parameters_to_ndarrays(strategy.aggregate_fit(rnd, res, [])[0])
-            for k, r in zip(SHAPES, ref):
+            ref = flower.round(rnd, clients)
+            for k, r in ref.items():
                 assert got[k].dtype == dtype
                 np.testing.assert_allclose(got[k], r, rtol=1e-6, atol=1e-9 if dtype == np.float64 else 1e-7,
                                            err_msg=f"round {rnd}, {k}")

@@ -21,7 +21,7 @@ from lifl.config import ServerConfig  # noqa: E402
 from lifl.layout import Layout  # noqa: E402
 from lifl.server import EmbeddedServer  # noqa: E402
 from lifl.shm import list_segments  # noqa: E402
-from support import assert_matches, fedavg64, metric, perturb, small_model  # noqa: E402
+from support import FlowerStep, assert_matches, expect, fedavg64, metric, perturb, small_model  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -355,21 +355,33 @@ def test_encoded_updates_through_node_gateways_are_exact(ray_server):
     assert_matches(got, fedavg64([decode(u, wire_bytes(u, nm), nm) for u, nm in zip(updates, names)], weights))
 
 
+def _assert_rounded_once(got: dict, x: dict, what: str) -> None:
+    """``got`` is the float64 reference ``x`` rounded once to its dtypes: float16/float32 elements
+    exactly (a step from a mean already rounded to them would miss), integers to nearest."""
+    for k, g in got.items():
+        if g.dtype == np.float64:
+            np.testing.assert_allclose(g, x[k], rtol=1e-12, err_msg=f"{what} {k}")
+        elif g.dtype.kind == "f":
+            np.testing.assert_array_equal(g, x[k].astype(g.dtype), err_msg=f"{what} {k}")
+        else:   # a tie may go either way
+            assert np.all(np.abs(g - x[k]) <= 0.5 + 1e-9), f"{what} {k}"
+
+
 def test_async_job_takes_deltas_through_every_node_gateway(ray_server):
     """An asynchronous job on the Ray runtime: deltas pushed to every node's gateway (some encoded)
-    land in that node's memory and are folded there; the head decides staleness and refusals and
-    publishes. Each version equals a float64 FedBuff replay of the decoded deltas (FedAvgM step)."""
+    land in that node's memory and are folded there; the head decides staleness and refusals, and
+    each buffer's top function (on whichever node) takes the float64 step. Each version equals a
+    float64 FedBuff replay of the decoded deltas (FedAvgM step) rounded once to the model's dtypes:
+    its float16 tensor as well (a step from a mean rounded to float16 would miss by ~1e-3)."""
     from support import decode, wire_bytes
     from lifl.engine.buffered import AsyncSpec
     from lifl.engine.optimizers import ServerOptimizer
     srv = ray_server(leaves=3)
-    # float32/float64 tensors: on this runtime the publisher takes the step from the buffer's mean in
-    # the model's dtypes (docs/async.md), which a float16 tensor would round to 1e-3
-    x0 = {k: v for k, v in small_model(5).items() if v.dtype in (np.float32, np.float64)}
+    x0 = small_model(5)            # float32, float64, float16 and int64 tensors
     spec = AsyncSpec(buffer_size=3, concurrency=3, optimizer=ServerOptimizer.of("fedavgm", lr=0.9, momentum=0.5))
-    f64 = lambda a: np.concatenate([np.asarray(a[k], np.float64).ravel() for k in x0])  # noqa: E731
     gws = sorted(srv.gateways().items())
-    x, m, names = f64(x0), 0.0, ["int8", "raw", "float16"]
+    node_gw = next(a for n, a in gws if n != srv.runtime.head)    # a node gateway, not the head's
+    x, m, names = {k: v.astype(np.float64) for k, v in x0.items()}, 0.0, ["int8", "raw", "float16"]
     with Client(srv.address) as admin:
         admin.open_async(x0, spec, job="fb")
         for v in range(2):
@@ -379,17 +391,83 @@ def test_async_job_takes_deltas_through_every_node_gateway(ray_server):
                 with Client(gws[i % len(gws)][1]) as c:
                     r = c.push(0, d, w, f"c{i}", job="fb", base_version=v, encoding=names[i])
                 assert (r.version, r.staleness) == (v + 1, 0)
-            mean = sum(w * f64(decode(d, wire_bytes(d, nm), nm)) for d, w, nm in zip(deltas, ws, names)) / sum(ws)
-            m = 0.5 * m + mean      # Flower's FedAvgM, written out in float64
-            x = x + 0.9 * m
+            mean = fedavg64([decode(d, wire_bytes(d, nm), nm) for d, nm in zip(deltas, names)], ws)
+            m = {k: 0.5 * (m[k] if v else 0.0) + mean[k] for k in x0}     # Flower's FedAvgM, in float64
+            x = {k: x[k] + 0.9 * m[k] for k in x0}
             got_v, got = admin.pull_version(v + 1, job="fb", wait_s=60)
-            np.testing.assert_allclose(f64(got), x, rtol=1e-6, atol=1e-7)
-            with Client(gws[1][1]) as c:   # refused at a node gateway as at the head: wrong version
+            _assert_rounded_once(got, x, f"version {v + 1}")
+            with Client(node_gw) as c:   # refused at a node gateway as at the head: wrong version
                 with pytest.raises(RpcFailure) as e:
                     c.push(0, deltas[0], 1.0, "late", job="fb", base_version=v + 5)
                 assert e.value.code == grpc.StatusCode.OUT_OF_RANGE and f"current version is {v + 1}" in str(e.value)
+        # a push by round (no base version) at a node gateway: the head's refusal, whatever round it
+        # names (a buffer is a round of the tree, but only takes deltas through the job), nothing folded
+        for rid in range(5):
+            with Client(node_gw) as c:
+                expect(grpc.StatusCode.INVALID_ARGUMENT, "is asynchronous: set base_version", c.push, rid,
+                       deltas[0], 1.0, "byround", job="fb")
+        info = admin.job_info("fb")
+        assert (info.version, info.buffer_fill) == (2, 0)
         admin.close_job("fb")
 
+
+def test_server_optimizers_step_in_top_functions_off_the_head(ray_server):
+    """Server optimizers on the Ray runtime. Synchronous rounds: three of FedAvgM with clients on
+    every node, then three of FedAdam with every client on one node other than the head (the
+    planner puts the tree, top included, where the last round's updates arrived: the step's state
+    and base model go to it through the object store and come back), each equal to Flower's own
+    strategy on the same client models, the state carried over rounds. Then an asynchronous FedAdam
+    job whose buffers' tops run there too (master copies cross as well): each version equals
+    Flower's FedAdam stepping a float64 replay of the buffers, rounded once to the model's dtypes."""
+    from lifl.engine.buffered import AsyncSpec
+    from lifl.engine.optimizers import ServerOptimizer
+    pytest.importorskip("flwr.server.strategy")
+    srv = ray_server(leaves=2, planner="elastic")   # leaves where the last round's updates arrived
+    gws = sorted(srv.gateways().items())
+    far = [a for n, a in gws if n != srv.runtime.head][:1]
+    rng = np.random.default_rng(7)
+    crossed = []
+    with Client(srv.address) as admin:
+        for job, kind, kw, dtype, where in [("avgm", "fedavgm", dict(lr=0.7, momentum=0.9), np.float32,
+                                             [a for _, a in gws]),
+                                            ("adam", "fedadam", dict(lr=0.05), np.float64, far)]:
+            x = {"w": rng.normal(size=(40, 9)).astype(dtype), "b": rng.normal(size=9).astype(dtype)}
+            flower, opt, rid = FlowerStep(kind, x, **kw), ServerOptimizer.of(kind, **kw), 0
+            before = srv.runtime.crossed["step"]
+            for rnd in range(1, 4):
+                clients = [({k: (v + rng.normal(scale=0.1, size=v.shape)).astype(dtype) for k, v in x.items()},
+                            float(rng.integers(1, 30))) for _ in range(4)]
+                rid = (admin.open_round(x, expected=4, job=job, optimizer=opt) if rnd == 1
+                       else admin.open_round(expected=4, job=job, from_round=rid, optimizer=opt))
+                for i, (u, w) in enumerate(clients):
+                    with Client(where[i % len(where)]) as c:
+                        c.push(rid, u, w, f"c{i}", job=job)
+                got = admin.pull(rid, wait_s=60, job=job)
+                for k, r in flower.round(rnd, clients).items():
+                    assert got[k].dtype == dtype
+                    np.testing.assert_allclose(got[k], r, rtol=1e-6, atol=1e-9 if dtype == np.float64 else 1e-7,
+                                               err_msg=f"{kind} round {rnd}, {k}")
+                x = {k: np.array(v) for k, v in got.items()}
+            crossed.append(srv.runtime.crossed["step"] - before)
+        assert crossed[1] > 0            # FedAdam's tops ran on the clients' node: its step crossed
+
+        x0 = small_model(9)              # float32, float64, float16 and int64 tensors
+        opt = dict(lr=0.05)
+        admin.open_async(x0, AsyncSpec(buffer_size=2, concurrency=2, optimizer=ServerOptimizer.of("fedadam", **opt)),
+                         job="fb")
+        x = {k: v.astype(np.float64) for k, v in x0.items()}
+        flower, before = FlowerStep("fedadam", x, **opt), srv.runtime.crossed["step"]
+        for v in range(2):
+            deltas = [{k: (perturb(x0, 50 + 10 * v + i)[k] - x0[k]).astype(x0[k].dtype) for k in x0} for i in range(2)]
+            for i, d in enumerate(deltas):
+                with Client(far[0]) as c:
+                    c.push(0, d, 1.0 + i, f"c{i}", job="fb", base_version=v)
+            mean = fedavg64(deltas, [1.0, 2.0])
+            x = flower.round(v + 1, [({k: x[k] + mean[k] for k in x}, 1.0)])
+            _, got = admin.pull_version(v + 1, job="fb", wait_s=60)
+            _assert_rounded_once(got, x, f"version {v + 1}")
+        admin.close_job("fb")
+    assert srv.runtime.crossed["step"] > before    # its buffers' tops ran there too
 
 
 def test_node_gateways_serve_the_servers_mutual_tls(ray_server, tmp_path):
