@@ -1,6 +1,5 @@
 """/metrics scraped over HTTP; the `lifl` CLI against a real `lifl serve` process."""
 import json
-import os
 import signal
 import subprocess
 import sys
