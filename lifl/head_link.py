@@ -27,16 +27,15 @@ SECRET_KEY = "x-lifl-cluster-secret"  # nosec B105  # the metadata key's name; t
 
 
 # -- head side -------------------------------------------------------------------------------
-class HeadService:
-    """Serves node gateways' calls from the dispatcher. ``node`` is the caller's node name;
-    streams in flight per node are remembered so a lost node's clients can be released."""
+class JsonService:
+    """JSON in, JSON out over ``lifl.v1.Head/Call``, for callers that present ``secret``: the head's
+    service for node gateways and a gateway pool's service for its processes."""
 
-    def __init__(self, dispatcher, secret: str, asyncs=None):
-        """``asyncs``: the head's asynchronous jobs (``lifl.async_jobs.AsyncJobs``), which node
-        gateways push deltas into."""
-        self.dispatcher, self._secret, self.asyncs = dispatcher, secret.encode(), asyncs
-        self._lock = threading.Lock()
-        self.in_flight: dict[str, set[tuple[str, int, str]]] = {}
+    def __init__(self, secret: str):
+        self._secret = secret.encode()
+
+    def handle(self, req: dict) -> dict:
+        raise NotImplementedError
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(self._call)})
@@ -53,6 +52,19 @@ class HeadService:
                                "retry_after_s": e.retry_after_s}).encode()
         except (ValueError, KeyError, TypeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad head call: {e}")
+
+
+class HeadService(JsonService):
+    """Serves node gateways' calls from the dispatcher. ``node`` is the caller's node name;
+    streams in flight per node are remembered so a lost node's clients can be released."""
+
+    def __init__(self, dispatcher, secret: str, asyncs=None):
+        """``asyncs``: the head's asynchronous jobs (``lifl.async_jobs.AsyncJobs``), which node
+        gateways push deltas into."""
+        super().__init__(secret)
+        self.dispatcher, self.asyncs = dispatcher, asyncs
+        self._lock = threading.Lock()
+        self.in_flight: dict[str, set[tuple[str, int, str]]] = {}
 
     def handle(self, req: dict) -> dict:
         d, op = self.dispatcher, req["op"]
@@ -176,6 +188,11 @@ class HeadLink(Admission):
         self._md = ((SECRET_KEY, secret),)
         self._layouts: dict[tuple[str, int], Layout] = {}
         self._runs: dict[tuple[str, int], RemoteRun] = {}
+
+    def handle(self, req: dict) -> dict:
+        """Pass a call on to the head as this node's (a gateway pool's processes on a Ray node)."""
+        kw = {k: v for k, v in req.items() if k not in ("op", "job", "round", "node")}
+        return self.call(req["op"], req["job"], int(req["round"]), **kw)
 
     def call(self, op: str, job: str, rid: int, **kw) -> dict:
         req = json.dumps({"op": op, "job": job, "round": rid, "node": self.node, **kw}).encode()

@@ -47,7 +47,19 @@ class RemoteSlots:
         self._lock = threading.Lock()
 
     def acquire_slot(self, size: int, timeout: float = 0.0) -> Segment:
-        name = self.link.call("slot", "", 0, size=size, timeout=timeout)["slot"]
+        return self._map(self.link.call("slot", "", 0, size=size, timeout=timeout)["slot"])
+
+    def begin(self, job: str, rid: int, client: str, size: int, timeout: float) -> Segment:
+        """The parent's ``begin`` (deduplication, the round's state) and the stream's slot, in one
+        call; a refusal takes no slot."""
+        name = self.link.call("begin", job, rid, client=client, size=size, timeout=timeout)["slot"]
+        try:
+            return self._map(name)
+        except OSError:   # the slot went back already
+            self.link.call("abandon", job, rid, client=client)
+            raise
+
+    def _map(self, name: str) -> Segment:
         with self._lock:
             seg = self._maps.pop(name, None)
         if seg is None:
@@ -78,6 +90,14 @@ class RemoteSlots:
             self._maps.clear()
 
 
+class PoolGateway(NodeGateway):
+    """A pool process's gateway: a push's ``begin`` brings its slot (two calls to the parent per
+    push, ``begin`` and ``accept``; the round's layout is asked once per round)."""
+
+    def _begin(self, h, enc) -> Segment:
+        return self.arena.begin(h.job, h.round, h.client_id, enc.slot_size, self.config.admission_timeout_s)
+
+
 def metrics_handler(metrics: Metrics, secret: str) -> grpc.GenericRpcHandler:
     """``lifl.v1.Pool/Metrics``: this process's registry in the text format, for the head's /metrics."""
     from .gateway_pool import METRICS_METHOD, POOL_SERVICE
@@ -97,7 +117,7 @@ def serve(spec: dict) -> None:
     link = HeadLink(spec["head"], spec["secret"], spec["node"], timeout_s=cfg.admission_timeout_s + 30.0)
     metrics = Metrics()
     slots = RemoteSlots(link, cfg.shm_budget_mb * MiB)
-    gateway = NodeGateway(cfg, slots, link, metrics)
+    gateway = PoolGateway(cfg, slots, link, metrics)
     server = gateway_server(cfg, gateway.handlers() + [metrics_handler(metrics, spec["secret"])],
                             [gateway.auth()], reuseport=True)
     creds = server_credentials(cfg)
