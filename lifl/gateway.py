@@ -154,9 +154,8 @@ class Gateway(Service):
         self._receive(it, None, pb.PushRequest, "update", size=enc.total_size, digest=seen)
         if seen != dup.prior:
             raise LiflError("ALREADY_EXISTS", f"{dup.message}: this push's content differs from the accepted update")
-        run = self.dispatcher.get(h.job, h.round)
         return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size,
-                            accepted=len(run.round.accepted), duplicate=True)
+                            accepted=dup.accepted, duplicate=True)
 
     def _push_async(self, h: pb.PushHeader, aj: AsyncJob | None, it, encoding: Encoding) -> pb.PushReply:
         if aj is None:

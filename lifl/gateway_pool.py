@@ -1,25 +1,29 @@
-"""The gateway pool: more processes serving the gRPC port, one engine deciding.
+"""The gateway pool: more processes serving a gateway's port, one place deciding.
 
 One Python gRPC server is one interpreter, and it, not the fold, caps what a node
 ingests. With ``gateway_processes = N`` N gateway processes (``python -m
-lifl.pool_gateway``) listen on the server's port (SO_REUSEPORT: the kernel spreads
-connections over them); the head holds the port bound but does not listen on it, so
-that its one interpreter only decides (measured: as one of the gateways it was the
-pool's bottleneck). Each one validates a
-push and writes its chunks straight into a slot of the head's arena — a segment
-the head created and the child only attaches — and asks the head, over a Unix
-domain socket, everything that must be decided in one place: the round and its
-layout, "may this client start?" (deduplication), a slot from the budget,
-"complete in slot S", "this stream failed". That is the Ray node gateways'
-channel (``head_link``: JSON over one gRPC method, a random secret) plus two
-operations for the shared budget. Pull, GetRound and Status are relayed to the
-head over the same socket.
+lifl.pool_gateway``) listen on the gateway's port (SO_REUSEPORT: the kernel
+spreads connections over them); their parent holds the port bound but does not
+listen on it, so that its one interpreter only decides (measured: as one of the
+gateways it was the pool's bottleneck). The parent is the head (its port) or, on
+the Ray runtime, a node's agent (the node's gateway port). Each process validates
+a push and writes its chunks straight into a slot of its parent's arena — a
+segment the parent created and the child only attaches — and asks the parent,
+over a Unix domain socket, everything that must be decided in one place: the
+round and its layout, "may this client start?" (deduplication, and the stream's
+slot from the budget in the same call), "complete in slot S", "this stream
+failed". That is the Ray node gateways' channel (``head_link``: JSON over one gRPC
+method, a random secret) plus operations for the parent's budget. The parent
+decides slots from its own arena and passes the rest to its upstream: the head's
+dispatcher, or, on a Ray node, the head over the node's ``HeadLink``. Pull,
+GetRound and Status are relayed to the parent over the same socket (and by a node
+on to the head).
 
 A child that dies (even SIGKILL): its clients see UNAVAILABLE (the connection
-drops) and retry; the head abandons its streams in flight, returns the slots it
+drops) and retry; the parent abandons its streams in flight, returns the slots it
 held, and starts a replacement. The child owns no segment, so nothing leaks.
-``/metrics`` shows every process's metrics summed (each child serves its
-registry over its private port; ``metrics.Metrics.sources``).
+The head's ``/metrics`` shows every process of its own pool summed (each child
+serves its registry over its private port; ``metrics.Metrics.sources``).
 """
 from __future__ import annotations
 

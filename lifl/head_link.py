@@ -10,6 +10,7 @@ name and message, which the node gateway returns to its client unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import threading
@@ -20,7 +21,7 @@ import grpc
 from .admission import Admission
 from .errors import LiflError
 from .layout import Layout
-from .rounds import State, job_name
+from .rounds import Digest, Duplicate, State, job_name
 
 SERVICE, METHOD = "lifl.v1.Head", "Call"
 SECRET_KEY = "x-lifl-cluster-secret"  # nosec B105  # the metadata key's name; the secret is random per server
@@ -48,8 +49,10 @@ class JsonService:
             req = json.loads(raw)
             return json.dumps({"ok": True, **self.handle(req)}).encode()
         except LiflError as e:
-            return json.dumps({"ok": False, "code": e.code, "message": e.message,
-                               "retry_after_s": e.retry_after_s}).encode()
+            rep = {"ok": False, "code": e.code, "message": e.message, "retry_after_s": e.retry_after_s}
+            if isinstance(e, Duplicate) and e.prior is not None:   # the caller compares a resend's content
+                rep.update(prior=dataclasses.asdict(e.prior), accepted=e.accepted)
+            return json.dumps(rep).encode()
         except (ValueError, KeyError, TypeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad head call: {e}")
 
@@ -88,8 +91,9 @@ class HeadService(JsonService):
                 d.abandon(run, req["client"])
                 return {}
             d.check_open(run)
+            digest = Digest(**req["digest"]) if req.get("digest") else None
             return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]),
-                                         node=self.engine_node(node))}
+                                         node=self.engine_node(node), digest=digest)}
         raise ValueError(f"unknown op {op!r}")
 
     def _async(self, op: str, job: str, node: str, req: dict) -> dict:
@@ -202,6 +206,8 @@ class HeadLink(Admission):
             raise LiflError("UNAVAILABLE", f"this node's gateway cannot reach the LIFL head: {e.details()}; "
                                            "retry, or push to another gateway") from None
         if not rep.pop("ok"):
+            if rep.get("prior"):
+                raise Duplicate(rep["message"], Digest(**rep["prior"]), int(rep["accepted"]))
             raise LiflError(rep["code"], rep["message"], rep.get("retry_after_s"))
         return rep
 
@@ -228,10 +234,11 @@ class HeadLink(Admission):
     def check_open(self, run: RemoteRun) -> None:
         """Per chunk: nothing to ask (the head's accept re-checks and refuses a closed round)."""
 
-    def accept(self, run: RemoteRun, client: str, slot: str, weight: float, digest=None) -> int:
-        """``digest`` stays on this node: the head records none, so a repeat is plain ALREADY_EXISTS."""
-        return self.call("accept", run.round.job, run.round.id, client=client, slot=slot,
-                         weight=weight)["accepted"]
+    def accept(self, run: RemoteRun, client: str, slot: str, weight: float, digest: Digest | None = None) -> int:
+        """``digest``: the head records it, so that a resend of the same content, through any
+        gateway, succeeds as a duplicate."""
+        return self.call("accept", run.round.job, run.round.id, client=client, slot=slot, weight=weight,
+                         digest=dataclasses.asdict(digest) if digest is not None else None)["accepted"]
 
     def abandon(self, run: RemoteRun, client: str) -> None:
         try:
