@@ -142,6 +142,11 @@ class Gateway(Service):
         self.dispatcher.begin_push(h.job, h.round, h.client_id)
         return None
 
+    def _check_async(self, h: pb.PushHeader, aj: AsyncJob, enc: EncodedLayout) -> Segment | None:
+        """Refuse at the header what acceptance would refuse now; like ``_begin``, it may bring the slot."""
+        self.asyncs.check(aj, h.client_id, h.base_version)
+        return None
+
     def _async_job(self, h: pb.PushHeader) -> AsyncJob | None:
         """The asynchronous job a push goes to, if its job is one (a node gateway asks the head)."""
         return self.asyncs.get(job_name(h.job))
@@ -165,10 +170,10 @@ class Gateway(Service):
             raise LiflError("INVALID_ARGUMENT", f"job {quote(aj.name)} is asynchronous: set base_version to the "
                                                 f"version the delta was trained on (current: {aj.job.latest})")
         enc = self._check_update_layout(h, aj.layout, f"asynchronous job {quote(aj.name)}", encoding)
-        self.asyncs.check(aj, h.client_id, h.base_version)
+        slot = self._check_async(h, aj, enc)
         t = self._ingest(it, enc, check=None, abandon=lambda: None,
                          accept=lambda slot: self.asyncs.accept(aj, h.client_id, h.base_version, h.num_examples,
-                                                                slot))
+                                                                slot), slot=slot)
         return pb.PushReply(client_id=h.client_id, bytes_received=aj.layout.total_size, accepted=t.position,
                             version=t.buffer, staleness=t.tau)
 

@@ -82,9 +82,10 @@ class PoolService(JsonService):
                 self.slots.get(child, set()).discard(req["slot"])
             self.arena.release_slot(req["slot"])
             return {}
-        if op == "begin":   # with ``size``: the stream's slot comes in the same call
+        if op in ("begin", "async_check"):   # with ``size``: the push's slot comes in the same call
             rep = self.upstream.handle(up)
-            if not self._track(child, stream):
+            begun = op == "begin"   # a round's stream, in flight at the upstream until accepted or abandoned
+            if begun and not self._track(child, stream):
                 self._abandon(stream)
                 raise LiflError("UNAVAILABLE", "this gateway process is being replaced; push again")
             if "size" not in req:
@@ -92,8 +93,9 @@ class PoolService(JsonService):
             try:
                 return {**rep, "slot": self._slot(child, int(req["size"]), float(req["timeout"]))}
             except BaseException:
-                self._untrack(child, stream)
-                self._abandon(stream)
+                if begun:
+                    self._untrack(child, stream)
+                    self._abandon(stream)
                 raise
         if op == "abandon":
             self._untrack(child, stream)

@@ -49,14 +49,16 @@ class RemoteSlots:
     def acquire_slot(self, size: int, timeout: float = 0.0) -> Segment:
         return self._map(self.link.call("slot", "", 0, size=size, timeout=timeout)["slot"])
 
-    def begin(self, job: str, rid: int, client: str, size: int, timeout: float) -> Segment:
-        """The parent's ``begin`` (deduplication, the round's state) and the stream's slot, in one
-        call; a refusal takes no slot."""
-        name = self.link.call("begin", job, rid, client=client, size=size, timeout=timeout)["slot"]
+    def admit(self, op: str, job: str, rid: int, client: str, size: int, timeout: float, **kw) -> Segment:
+        """The parent's ``op`` — ``begin`` (a round's push: deduplication, the round's state) or
+        ``async_check`` (an asynchronous delta's) — and the push's slot, in one call; a refusal
+        takes no slot."""
+        name = self.link.call(op, job, rid, client=client, size=size, timeout=timeout, **kw)["slot"]
         try:
             return self._map(name)
         except OSError:   # the slot went back already
-            self.link.call("abandon", job, rid, client=client)
+            if op == "begin":
+                self.link.call("abandon", job, rid, client=client)
             raise
 
     def _map(self, name: str) -> Segment:
@@ -91,11 +93,16 @@ class RemoteSlots:
 
 
 class PoolGateway(NodeGateway):
-    """A pool process's gateway: a push's ``begin`` brings its slot (two calls to the parent per
-    push, ``begin`` and ``accept``; the round's layout is asked once per round)."""
+    """A pool process's gateway: the call that admits a push brings its slot. A round's push makes
+    two calls to the parent, ``begin`` and ``accept`` (the round's layout is asked once per
+    round); an asynchronous delta three (``async_job``, ``async_check``, ``async_accept``)."""
 
     def _begin(self, h, enc) -> Segment:
-        return self.arena.begin(h.job, h.round, h.client_id, enc.slot_size, self.config.admission_timeout_s)
+        return self.arena.admit("begin", h.job, h.round, h.client_id, enc.slot_size, self.config.admission_timeout_s)
+
+    def _check_async(self, h, aj, enc) -> Segment:
+        return self.arena.admit("async_check", aj.name, 0, h.client_id, enc.slot_size,
+                                self.config.admission_timeout_s, base=h.base_version)
 
 
 def metrics_handler(metrics: Metrics, secret: str) -> grpc.GenericRpcHandler:

@@ -72,6 +72,7 @@ def test_one_engine_behind_every_process(pool):
     assert poll(lambda: srv.arena.stats().slots_in_use == 3), srv.arena.stats()
     with Client(a, retry_s=0) as ca:
         expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "slot budget full", ca.push, rid, ups[0], 1, "late")
+        assert ca.round_info(rid).in_flight == 3   # its begin (which asked for the slot) was taken back
     release.set()
     for t in threads:
         t.join(30)
