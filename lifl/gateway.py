@@ -24,7 +24,7 @@ from .errors import LiflError, quote
 from .encoding import EncodedLayout, Encoding, encoded, scale_encoded, scan_received, write_trailer
 from .layout import Layout
 from .rounds import Digest, Duplicate, check_weight, job_name
-from .shm import BudgetExhausted
+from .shm import BudgetExhausted, Segment
 from .v1 import aggregation_pb2 as pb
 from .wire import encode_chunk
 
@@ -124,7 +124,7 @@ class Gateway(Service):
         run = self.dispatcher.get(h.job, h.round)
         enc = self._check_update_layout(h, run.round.layout, f"round {h.round}", encoding)
         try:
-            self.dispatcher.begin_push(h.job, h.round, h.client_id)  # dedup + state
+            slot = self._begin(h, enc)  # dedup + state
         except Duplicate as dup:
             if dup.prior is None:
                 raise
@@ -133,8 +133,19 @@ class Gateway(Service):
         n_acc = self._ingest(it, enc, check=lambda: self.dispatcher.check_open(run),
                              accept=lambda slot: self.dispatcher.accept(run, h.client_id, slot, h.num_examples,
                                                                         digest=digest),
-                             abandon=lambda: self.dispatcher.abandon(run, h.client_id), digest=digest)
+                             abandon=lambda: self.dispatcher.abandon(run, h.client_id), digest=digest, slot=slot)
         return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size, accepted=n_acc)
+
+    def _begin(self, h: pb.PushHeader, enc: EncodedLayout) -> Segment | None:
+        """May this client's push start? (deduplication, the round's state). A gateway whose engine
+        is a call away may also take the stream's slot in that call (None: ``_ingest`` takes one)."""
+        self.dispatcher.begin_push(h.job, h.round, h.client_id)
+        return None
+
+    def _check_async(self, h: pb.PushHeader, aj: AsyncJob, enc: EncodedLayout) -> Segment | None:
+        """Refuse at the header what acceptance would refuse now; like ``_begin``, it may bring the slot."""
+        self.asyncs.check(aj, h.client_id, h.base_version)
+        return None
 
     def _async_job(self, h: pb.PushHeader) -> AsyncJob | None:
         """The asynchronous job a push goes to, if its job is one (a node gateway asks the head)."""
@@ -148,10 +159,9 @@ class Gateway(Service):
         self._receive(it, None, pb.PushRequest, "update", size=enc.total_size, digest=seen)
         if seen != dup.prior:
             raise LiflError("ALREADY_EXISTS", f"{dup.message}: this push's content differs from the accepted update")
-        run = self.dispatcher.get(h.job, h.round)
-        self.metrics.updates_duplicate.labels(run.round.job).inc()
+        self.metrics.updates_duplicate.labels(job_name(h.job)).inc()
         return pb.PushReply(round=h.round, client_id=h.client_id, bytes_received=enc.total_size,
-                            accepted=len(run.round.accepted), duplicate=True)
+                            accepted=dup.accepted, duplicate=True)
 
     def _push_async(self, h: pb.PushHeader, aj: AsyncJob | None, it, encoding: Encoding) -> pb.PushReply:
         if aj is None:
@@ -160,10 +170,10 @@ class Gateway(Service):
         if not h.HasField("base_version"):
             raise needs_base_version(aj)
         enc = self._check_update_layout(h, aj.layout, f"asynchronous job {quote(aj.name)}", encoding)
-        self.asyncs.check(aj, h.client_id, h.base_version)
+        slot = self._check_async(h, aj, enc)
         t = self._ingest(it, enc, check=None, abandon=lambda: None,
                          accept=lambda slot: self.asyncs.accept(aj, h.client_id, h.base_version, h.num_examples,
-                                                                slot))
+                                                                slot), slot=slot)
         return pb.PushReply(client_id=h.client_id, bytes_received=aj.layout.total_size, accepted=t.position,
                             version=t.buffer, staleness=t.tau)
 
@@ -177,16 +187,18 @@ class Gateway(Service):
             raise LiflError("INVALID_ARGUMENT", f"total_size {h.total_size} != {enc.total_size}, {enc.describe()}")
         return enc
 
-    def _ingest(self, it, enc: EncodedLayout, check, accept, abandon, digest: Digest | None = None):
-        """Receive an update's chunks into a slot (``digest`` takes in each chunk) and hand it to
-        ``accept``; on any failure ``abandon`` and give the slot back (nothing recorded)."""
-        slot = None
+    def _ingest(self, it, enc: EncodedLayout, check, accept, abandon, digest: Digest | None = None,
+                slot: Segment | None = None):
+        """Receive an update's chunks into a slot (``slot``, or one taken now; ``digest`` takes in
+        each chunk) and hand it to ``accept``; on any failure ``abandon`` and give the slot back
+        (nothing recorded)."""
         accepted = False
         try:
-            try:
-                slot = self.arena.acquire_slot(enc.slot_size, timeout=self.config.admission_timeout_s)
-            except BudgetExhausted as e:
-                raise LiflError("RESOURCE_EXHAUSTED", f"{e}; retry later", retry_after_s=0.5) from None
+            if slot is None:
+                try:
+                    slot = self.arena.acquire_slot(enc.slot_size, timeout=self.config.admission_timeout_s)
+                except BudgetExhausted as e:
+                    raise LiflError("RESOURCE_EXHAUSTED", f"{e}; retry later", retry_after_s=0.5) from None
             self.metrics.slots_in_use.set(self.arena.stats().slots_in_use)
             dst = slot.array(np.uint8, enc.total_size)
             scan = self._scanner(enc, slot.buf)

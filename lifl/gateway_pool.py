@@ -1,25 +1,29 @@
-"""The gateway pool: more processes serving the gRPC port, one engine deciding.
+"""The gateway pool: more processes serving a gateway's port, one place deciding.
 
 One Python gRPC server is one interpreter, and it, not the fold, caps what a node
 ingests. With ``gateway_processes = N`` N gateway processes (``python -m
-lifl.pool_gateway``) listen on the server's port (SO_REUSEPORT: the kernel spreads
-connections over them); the head holds the port bound but does not listen on it, so
-that its one interpreter only decides (measured: as one of the gateways it was the
-pool's bottleneck). Each one validates a
-push and writes its chunks straight into a slot of the head's arena — a segment
-the head created and the child only attaches — and asks the head, over a Unix
-domain socket, everything that must be decided in one place: the round and its
-layout, "may this client start?" (deduplication), a slot from the budget,
-"complete in slot S", "this stream failed". That is the Ray node gateways'
-channel (``head_link``: JSON over one gRPC method, a random secret) plus two
-operations for the shared budget. Pull, GetRound and Status are relayed to the
-head over the same socket.
+lifl.pool_gateway``) listen on the gateway's port (SO_REUSEPORT: the kernel
+spreads connections over them); their parent holds the port bound but does not
+listen on it, so that its one interpreter only decides (measured: as one of the
+gateways it was the pool's bottleneck). The parent is the head (its port) or, on
+the Ray runtime, a node's agent (the node's gateway port). Each process validates
+a push and writes its chunks straight into a slot of its parent's arena — a
+segment the parent created and the child only attaches — and asks the parent,
+over a Unix domain socket, everything that must be decided in one place: the
+round and its layout, "may this client start?" (deduplication, and the stream's
+slot from the budget in the same call), "complete in slot S", "this stream
+failed". That is the Ray node gateways' channel (``head_link``: JSON over one gRPC
+method, a random secret) plus operations for the parent's budget. The parent
+decides slots from its own arena and passes the rest to its upstream: the head's
+dispatcher, or, on a Ray node, the head over the node's ``HeadLink``. Pull,
+GetRound and Status are relayed to the parent over the same socket (and by a node
+on to the head).
 
 A child that dies (even SIGKILL): its clients see UNAVAILABLE (the connection
-drops) and retry; the head abandons its streams in flight, returns the slots it
+drops) and retry; the parent abandons its streams in flight, returns the slots it
 held, and starts a replacement. The child owns no segment, so nothing leaks.
-``/metrics`` shows every process's metrics summed (each child serves its
-registry over its private port; ``metrics.Metrics.sources``).
+The head's ``/metrics`` shows every process of its own pool summed (each child
+serves its registry over its private port; ``metrics.Metrics.sources``).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 import grpc
 
 from .errors import LiflError
-from .head_link import SECRET_KEY, HeadService
+from .head_link import SECRET_KEY, JsonService
 from .node_gateway import gateway_server
 from .shm import BudgetExhausted
 
@@ -50,67 +54,109 @@ POOL_SERVICE, METRICS_METHOD = "lifl.v1.Pool", "Metrics"
 START_TIMEOUT_S = 60.0
 
 
-class PoolService(HeadService):
-    """The head's side of the pool's channel: the node gateways' operations, with updates routed
-    to the head's own node, plus slots from the head's budget, remembered per child so that a
-    dead child's are returned."""
+class PoolService(JsonService):
+    """The parent's side of the pool's channel. Slots come from the parent's ``arena`` (remembered
+    per child, so that a dead child's are returned); everything else is decided by ``upstream``
+    (``handle(req) -> dict``, refusals raised as :class:`LiflError`): the head's
+    :class:`HeadService` for the head's pool, the node's :class:`HeadLink` for a Ray node's. The
+    upstream sees every call as the parent's (``node``); streams in flight are remembered per
+    child, so that a dead child's are abandoned there."""
 
-    def __init__(self, dispatcher, arena, secret: str, asyncs=None):
-        super().__init__(dispatcher, secret, asyncs=asyncs)
-        self.arena = arena
-        self.slots: dict[str, set[str]] = {}   # child -> slots it holds (acquired, not accepted)
+    def __init__(self, upstream, arena, secret: str, node: str = ""):
+        super().__init__(secret)
+        self.upstream, self.arena, self.node = upstream, arena, node
+        self._lock = threading.Lock()
+        self.slots: dict[str, set[str]] = {}                      # child -> slots it holds (not accepted)
+        self.streams: dict[str, set[tuple[str, int, str]]] = {}   # child -> (job, round, client) begun
         self.dead: set[str] = set()
 
-    def engine_node(self, node: str) -> str:
-        return ""   # pool children run on the head's node: the head's own leaves take their updates
-
     def handle(self, req: dict) -> dict:
-        op, node = req["op"], req["node"]
+        op, child = req["op"], req["node"]
+        up = {k: v for k, v in req.items() if k not in ("size", "timeout")}
+        up["node"] = self.node
+        stream = (req["job"], int(req["round"]), req.get("client", ""))
         if op == "slot":
-            return {"slot": self._slot(node, int(req["size"]), float(req["timeout"]))}
+            return {"slot": self._slot(child, int(req["size"]), float(req["timeout"]))}
         if op == "release":
             with self._lock:
-                self.slots.get(node, set()).discard(req["slot"])
+                self.slots.get(child, set()).discard(req["slot"])
             self.arena.release_slot(req["slot"])
             return {}
-        if op == "accept":
-            with self._lock:   # the engine owns the slot from here (it releases it after the fold)
-                self.slots.get(node, set()).discard(req["slot"])
+        if op in ("begin", "async_check"):   # with ``size``: the push's slot comes in the same call
+            rep = self.upstream.handle(up)
+            begun = op == "begin"   # a round's stream, in flight at the upstream until accepted or abandoned
+            if begun and not self._track(child, stream):
+                self._abandon(stream)
+                raise LiflError("UNAVAILABLE", "this gateway process is being replaced; push again")
+            if "size" not in req:
+                return rep
             try:
-                return super().handle(req)
+                return {**rep, "slot": self._slot(child, int(req["size"]), float(req["timeout"]))}
             except BaseException:
-                self._hold(node, req["slot"])   # not accepted: still the child's to give back
+                if begun:
+                    self._untrack(child, stream)
+                    self._abandon(stream)
                 raise
-        return super().handle(req)
+        if op == "abandon":
+            self._untrack(child, stream)
+        if op == "accept":   # the engine owns the slot from here (it releases it after the fold)
+            with self._lock:
+                if child in self.dead:   # its slot went back when it died
+                    raise LiflError("UNAVAILABLE", "this gateway process is being replaced; push again")
+                self.slots.get(child, set()).discard(req["slot"])
+                self.streams.get(child, set()).discard(stream)
+            try:
+                return self.upstream.handle(up)
+            except BaseException:
+                self._hold(child, req["slot"])   # not accepted: still the child's to give back
+                raise
+        return self.upstream.handle(up)
 
-    def _slot(self, node: str, size: int, timeout: float) -> str:
+    def _track(self, child: str, stream) -> bool:
+        with self._lock:
+            if child in self.dead:
+                return False
+            self.streams.setdefault(child, set()).add(stream)
+            return True
+
+    def _untrack(self, child: str, stream) -> None:
+        with self._lock:
+            self.streams.get(child, set()).discard(stream)
+
+    def _abandon(self, stream) -> None:
+        job, rid, client = stream
+        try:
+            self.upstream.handle({"op": "abandon", "job": job, "round": rid, "client": client, "node": self.node})
+        except LiflError as e:   # the round is gone already, or the head is unreachable (it forgets the node)
+            log.info("abandoning %s's stream in round %d: %s", client[:64], rid, e.message)
+
+    def _slot(self, child: str, size: int, timeout: float) -> str:
         try:
             seg = self.arena.acquire_slot(size, timeout=timeout)
         except BudgetExhausted as e:
             raise LiflError("RESOURCE_EXHAUSTED", f"{e}; retry later", retry_after_s=0.5) from None
-        self._hold(node, seg.name)
+        self._hold(child, seg.name)
         return seg.name
 
-    def _hold(self, node: str, slot: str) -> None:
+    def _hold(self, child: str, slot: str) -> None:
         with self._lock:
-            if node not in self.dead:
-                self.slots.setdefault(node, set()).add(slot)
+            if child not in self.dead:
+                self.slots.setdefault(child, set()).add(slot)
                 return
         self.arena.release_slot(slot)   # its child died meanwhile
 
-    def forget_child(self, node: str) -> None:
+    def forget_child(self, child: str) -> None:
         """A child died: abandon its streams in flight, give back its slots."""
         with self._lock:
-            self.dead.add(node)
-            slots = self.slots.pop(node, set())
-        for job, rid, client in self.forget_node(node):
-            try:
-                self.dispatcher.abandon(self.dispatcher.get(job, rid), client)
-            except LiflError:
-                pass   # the round is gone already
+            self.dead.add(child)
+            slots = self.slots.pop(child, set())
+            streams = self.streams.pop(child, set())
+        for stream in sorted(streams):
+            self._abandon(stream)
         for name in slots:
             self.arena.release_slot(name)
-        log.warning("gateway process %s died: %d slot(s) returned, its streams abandoned", node, len(slots))
+        log.warning("gateway process %s died: %d slot(s) returned, %d stream(s) abandoned", child, len(slots),
+                    len(streams))
 
 
 @dataclass
@@ -121,12 +167,16 @@ class Child:
 
 
 class GatewayPool:
-    """Starts and keeps ``config.gateway_count()`` gateway processes on ``port``."""
+    """Starts and keeps ``config.gateway_count()`` gateway processes on ``port``, for a parent: the
+    head (``gateway``: its :class:`Gateway`, ``upstream``: a :class:`HeadService` over its
+    dispatcher) or a Ray node's agent (a :class:`NodeGateway` and its :class:`HeadLink`). The
+    processes write into ``gateway.arena``; the parent's socket serves them ``gateway``'s other
+    calls (Pull, GetRound, Status, Admin) and the pool's operations."""
 
-    def __init__(self, config, arena, dispatcher, gateway, port: int):
+    def __init__(self, config, gateway, upstream, port: int, node: str = ""):
         self.config, self.port, self.gateway = config, port, gateway
         self.secret = secrets.token_hex(16)
-        self.service = PoolService(dispatcher, arena, self.secret, asyncs=gateway.asyncs)
+        self.service = PoolService(upstream, gateway.arena, self.secret, node=node)
         self._dir = tempfile.mkdtemp(prefix="lifl-pool-")   # 0700: only this user may connect
         self.socket = f"unix:{os.path.join(self._dir, 'head.sock')}"
         self._server: grpc.Server | None = None

@@ -10,6 +10,7 @@ name and message, which the node gateway returns to its client unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import threading
@@ -21,23 +22,22 @@ from .admission import Admission
 from .async_jobs import needs_base_version
 from .errors import LiflError
 from .layout import Layout
-from .rounds import State, job_name
+from .rounds import Digest, Duplicate, State, job_name
 
 SERVICE, METHOD = "lifl.v1.Head", "Call"
 SECRET_KEY = "x-lifl-cluster-secret"  # nosec B105  # the metadata key's name; the secret is random per server
 
 
 # -- head side -------------------------------------------------------------------------------
-class HeadService:
-    """Serves node gateways' calls from the dispatcher. ``node`` is the caller's node name;
-    streams in flight per node are remembered so a lost node's clients can be released."""
+class JsonService:
+    """JSON in, JSON out over ``lifl.v1.Head/Call``, for callers that present ``secret``: the head's
+    service for node gateways and a gateway pool's service for its processes."""
 
-    def __init__(self, dispatcher, secret: str, asyncs=None):
-        """``asyncs``: the head's asynchronous jobs (``lifl.async_jobs.AsyncJobs``), which node
-        gateways push deltas into."""
-        self.dispatcher, self._secret, self.asyncs = dispatcher, secret.encode(), asyncs
-        self._lock = threading.Lock()
-        self.in_flight: dict[str, set[tuple[str, int, str]]] = {}
+    def __init__(self, secret: str):
+        self._secret = secret.encode()
+
+    def handle(self, req: dict) -> dict:
+        raise NotImplementedError
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(self._call)})
@@ -50,10 +50,25 @@ class HeadService:
             req = json.loads(raw)
             return json.dumps({"ok": True, **self.handle(req)}).encode()
         except LiflError as e:
-            return json.dumps({"ok": False, "code": e.code, "message": e.message,
-                               "retry_after_s": e.retry_after_s}).encode()
+            rep = {"ok": False, "code": e.code, "message": e.message, "retry_after_s": e.retry_after_s}
+            if isinstance(e, Duplicate) and e.prior is not None:   # the caller compares a resend's content
+                rep.update(prior=dataclasses.asdict(e.prior), accepted=e.accepted)
+            return json.dumps(rep).encode()
         except (ValueError, KeyError, TypeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad head call: {e}")
+
+
+class HeadService(JsonService):
+    """Serves node gateways' calls from the dispatcher. ``node`` is the caller's node name;
+    streams in flight per node are remembered so a lost node's clients can be released."""
+
+    def __init__(self, dispatcher, secret: str, asyncs=None):
+        """``asyncs``: the head's asynchronous jobs (``lifl.async_jobs.AsyncJobs``), which node
+        gateways push deltas into."""
+        super().__init__(secret)
+        self.dispatcher, self.asyncs = dispatcher, asyncs
+        self._lock = threading.Lock()
+        self.in_flight: dict[str, set[tuple[str, int, str]]] = {}
 
     def handle(self, req: dict) -> dict:
         d, op = self.dispatcher, req["op"]
@@ -79,8 +94,9 @@ class HeadService:
                 d.abandon(run, req["client"])
                 return {}
             d.check_open(run)
+            digest = Digest(**req["digest"]) if req.get("digest") else None
             return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]),
-                                         node=self.engine_node(node))}
+                                         node=self.engine_node(node), digest=digest)}
         raise ValueError(f"unknown op {op!r}")
 
     def _not_async(self, job: str) -> None:
@@ -187,6 +203,11 @@ class HeadLink(Admission):
         self._layouts: dict[tuple[str, int], Layout] = {}
         self._runs: dict[tuple[str, int], RemoteRun] = {}
 
+    def handle(self, req: dict) -> dict:
+        """Pass a call on to the head as this node's (a gateway pool's processes on a Ray node)."""
+        kw = {k: v for k, v in req.items() if k not in ("op", "job", "round", "node")}
+        return self.call(req["op"], req["job"], int(req["round"]), **kw)
+
     def call(self, op: str, job: str, rid: int, **kw) -> dict:
         req = json.dumps({"op": op, "job": job, "round": rid, "node": self.node, **kw}).encode()
         try:
@@ -195,6 +216,8 @@ class HeadLink(Admission):
             raise LiflError("UNAVAILABLE", f"this node's gateway cannot reach the LIFL head: {e.details()}; "
                                            "retry, or push to another gateway") from None
         if not rep.pop("ok"):
+            if rep.get("prior"):
+                raise Duplicate(rep["message"], Digest(**rep["prior"]), int(rep["accepted"]))
             raise LiflError(rep["code"], rep["message"], rep.get("retry_after_s"))
         return rep
 
@@ -221,10 +244,11 @@ class HeadLink(Admission):
     def check_open(self, run: RemoteRun) -> None:
         """Per chunk: nothing to ask (the head's accept re-checks and refuses a closed round)."""
 
-    def accept(self, run: RemoteRun, client: str, slot: str, weight: float, digest=None) -> int:
-        """``digest`` stays on this node: the head records none, so a repeat is plain ALREADY_EXISTS."""
-        return self.call("accept", run.round.job, run.round.id, client=client, slot=slot,
-                         weight=weight)["accepted"]
+    def accept(self, run: RemoteRun, client: str, slot: str, weight: float, digest: Digest | None = None) -> int:
+        """``digest``: the head records it, so that a resend of the same content, through any
+        gateway, succeeds as a duplicate."""
+        return self.call("accept", run.round.job, run.round.id, client=client, slot=slot, weight=weight,
+                         digest=dataclasses.asdict(digest) if digest is not None else None)["accepted"]
 
     def abandon(self, run: RemoteRun, client: str) -> None:
         try:

@@ -47,7 +47,21 @@ class RemoteSlots:
         self._lock = threading.Lock()
 
     def acquire_slot(self, size: int, timeout: float = 0.0) -> Segment:
-        name = self.link.call("slot", "", 0, size=size, timeout=timeout)["slot"]
+        return self._map(self.link.call("slot", "", 0, size=size, timeout=timeout)["slot"])
+
+    def admit(self, op: str, job: str, rid: int, client: str, size: int, timeout: float, **kw) -> Segment:
+        """The parent's ``op`` — ``begin`` (a round's push: deduplication, the round's state) or
+        ``async_check`` (an asynchronous delta's) — and the push's slot, in one call; a refusal
+        takes no slot."""
+        name = self.link.call(op, job, rid, client=client, size=size, timeout=timeout, **kw)["slot"]
+        try:
+            return self._map(name)
+        except OSError:   # the slot went back already
+            if op == "begin":
+                self.link.call("abandon", job, rid, client=client)
+            raise
+
+    def _map(self, name: str) -> Segment:
         with self._lock:
             seg = self._maps.pop(name, None)
         if seg is None:
@@ -78,6 +92,19 @@ class RemoteSlots:
             self._maps.clear()
 
 
+class PoolGateway(NodeGateway):
+    """A pool process's gateway: the call that admits a push brings its slot. A round's push makes
+    two calls to the parent, ``begin`` and ``accept`` (the round's layout is asked once per
+    round); an asynchronous delta three (``async_job``, ``async_check``, ``async_accept``)."""
+
+    def _begin(self, h, enc) -> Segment:
+        return self.arena.admit("begin", h.job, h.round, h.client_id, enc.slot_size, self.config.admission_timeout_s)
+
+    def _check_async(self, h, aj, enc) -> Segment:
+        return self.arena.admit("async_check", aj.name, 0, h.client_id, enc.slot_size,
+                                self.config.admission_timeout_s, base=h.base_version)
+
+
 def metrics_handler(metrics: Metrics, secret: str) -> grpc.GenericRpcHandler:
     """``lifl.v1.Pool/Metrics``: this process's registry in the text format, for the head's /metrics."""
     from .gateway_pool import METRICS_METHOD, POOL_SERVICE
@@ -97,7 +124,7 @@ def serve(spec: dict) -> None:
     link = HeadLink(spec["head"], spec["secret"], spec["node"], timeout_s=cfg.admission_timeout_s + 30.0)
     metrics = Metrics()
     slots = RemoteSlots(link, cfg.shm_budget_mb * MiB)
-    gateway = NodeGateway(cfg, slots, link, metrics)
+    gateway = PoolGateway(cfg, slots, link, metrics)
     server = gateway_server(cfg, gateway.handlers() + [metrics_handler(metrics, spec["secret"])],
                             [gateway.auth()], reuseport=True)
     creds = server_credentials(cfg)

@@ -66,9 +66,9 @@ class Duplicate(LiflError):
     """A push from a client whose update this round already accepted: ALREADY_EXISTS, unless the
     gateway finds the content identical to ``prior`` (then the push succeeds as a duplicate)."""
 
-    def __init__(self, message: str, prior: "Digest | None"):
+    def __init__(self, message: str, prior: "Digest | None", accepted: int = 0):
         super().__init__("ALREADY_EXISTS", message)
-        self.prior = prior
+        self.prior, self.accepted = prior, accepted   # accepted: the round's count
 
 
 class State(enum.IntEnum):
@@ -140,7 +140,7 @@ class Round:
         if client in self.accepted and self.state != State.FAILED:
             raise Duplicate(f"round {self.id} already accepted an update from client {quote(client)}; it is "
                             "counted once (a retry of identical content succeeds, different content is refused)",
-                            self.digests.get(client))
+                            self.digests.get(client), len(self.accepted))
         if self.state != State.OPEN:
             raise self._refuse_closed("takes no more updates")
         if now is not None and self.past_deadline(now):

@@ -16,6 +16,7 @@ from .dispatcher import Dispatcher
 from .durable import NO_JOURNAL
 from .gateway import Gateway
 from .gateway_pool import GatewayPool, reserve_port
+from .head_link import HeadService
 from .node_gateway import gateway_server
 from .metrics import Metrics
 from .runtime.local import LocalRuntime
@@ -96,30 +97,35 @@ class EmbeddedServer:
             gateway = self._gateway = Gateway(cfg, self.arena, self.dispatcher, self.metrics, clock=self._clock)
             creds = server_credentials(cfg)   # before listening: a plaintext refusal or a bad file stops here
             handlers = gateway.handlers()
+            ray, pooled = cfg.runtime == "ray", cfg.gateway_count() > 1
             head = None
-            if cfg.runtime == "ray":  # node gateways call the head's dispatcher through this
-                from .head_link import HeadService
+            if ray or pooled:   # node gateways and pool processes call the dispatcher through this
                 head = HeadService(self.dispatcher, secrets.token_hex(16), asyncs=gateway.asyncs)
+            if ray:
                 handlers.append(head.handler())
                 self.runtime.events.open_streams = head.forget_node
-            pooled = cfg.gateway_count() > 1 and cfg.runtime == "local"
             self.grpc = gateway_server(cfg, handlers, [gateway.auth()], reuseport=pooled)
             target = f"{cfg.host}:{cfg.port}"
+            link_port = 0
             if pooled:   # the head only decides: the pool's processes take every client connection
                 self._reserved = reserve_port(cfg.host, cfg.port)
                 self.port = self._reserved.getsockname()[1]
                 self.grpc.add_insecure_port("127.0.0.1:0")   # health and tests; clients use the pool
+                if ray:   # other nodes' gateways reach the head on a port of its own (any free one)
+                    link_port = listen(self.grpc, f"{cfg.host}:0", creds)
+                    if not link_port:
+                        raise OSError(f"cannot listen on {cfg.host}:0 for the node gateways")
             else:
-                self.port = listen(self.grpc, target, creds)
+                self.port = link_port = listen(self.grpc, target, creds)
             if not self.port:
                 raise OSError(f"cannot listen on {target}")
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
             self.grpc.start()
-            if head is not None:
+            if ray:
                 host = cfg.host if cfg.host not in ("0.0.0.0", "::") else _node_ip()  # nosec B104  # a test of the bind address
-                self.runtime.start_gateways(f"{host}:{self.port}", head._secret.decode())
+                self.runtime.start_gateways(f"{host}:{link_port}", head._secret.decode())
             if pooled:   # the other gateway processes, on the same port (lifl.gateway_pool)
-                self.pool = GatewayPool(cfg, self.arena, self.dispatcher, gateway, self.port).start()
+                self.pool = GatewayPool(cfg, gateway, head, self.port).start()
                 self.metrics.sources.append(self.pool.metrics_texts)
             if cfg.metrics_port >= 0:
                 self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.host)

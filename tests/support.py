@@ -163,3 +163,45 @@ def wire_bytes(arrays: dict, name: str) -> bytes:
     from lifl.layout import Layout
     enc = encoding.encoded(Layout.from_arrays(arrays), encoding.parse(name))
     return b"".join(bytes(c) for c in encoding.chunks(enc, encoding.encode_pieces(enc, arrays), 1 << 20))
+
+
+def held_push(address: str, rid: int, client: str, arrays: dict, release, out: dict, weight: float = 1.0):
+    """A push (on a thread) whose stream stops after its header and first chunk until ``release``
+    (a threading.Event) is set; the outcome (a receipt or the failure) lands in ``out[client]``."""
+    import threading
+    from lifl.client import Client
+    from lifl.layout import Layout
+    from lifl.v1 import aggregation_pb2 as pb
+    from lifl.wire import encode_chunk
+    layout = Layout.from_arrays(arrays)
+    h = pb.PushHeader(round=rid, client_id=client, num_examples=weight, total_size=layout.total_size)
+    layout.to_proto(h.tensors)
+    buf = bytearray(layout.total_size)
+    layout.pack_into(arrays, buf)
+
+    def messages():
+        yield pb.PushRequest(header=h).SerializeToString()
+        yield encode_chunk(memoryview(buf)[:4096])
+        release.wait(30)
+        yield encode_chunk(memoryview(buf)[4096:])
+
+    def run():
+        with Client(address, retry_s=0) as c:
+            try:
+                out[client] = c.push_raw(messages())
+            except Exception as e:   # noqa: BLE001  (the test inspects it)
+                out[client] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def poll(pred, timeout: float = 20.0) -> bool:
+    """Wait for a condition on real processes, bounded (never a timing assertion)."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()

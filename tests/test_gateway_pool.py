@@ -7,21 +7,18 @@ cases are deterministic; the shared port is used where any process will do.
 import os
 import signal
 import threading
-import time
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 
-from support import assert_matches, expect, fedavg64
+from support import assert_matches, expect, fedavg64, held_push, poll
 from lifl.client import Client
 from lifl.config import ServerConfig
 from lifl.layout import Layout
 from lifl.server import EmbeddedServer
 from lifl.shm import list_segments
-from lifl.v1 import aggregation_pb2 as pb
-from lifl.wire import encode_chunk
 
 BASE = {"w": np.zeros((300, 256), np.float32), "b": np.zeros(7, np.float64)}   # ~300 KiB
 LAYOUT = Layout.from_arrays(BASE)
@@ -30,40 +27,6 @@ LAYOUT = Layout.from_arrays(BASE)
 def update(i: int) -> dict:
     rng = np.random.default_rng(i)
     return {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in BASE.items()}
-
-
-def held_push(address: str, rid: int, client: str, arrays: dict, release: threading.Event, out: dict):
-    """Push whose stream stops after its header and first chunk until ``release`` is set;
-    the outcome (a receipt or the failure) lands in ``out[client]``."""
-    h = pb.PushHeader(round=rid, client_id=client, num_examples=1.0, total_size=LAYOUT.total_size)
-    LAYOUT.to_proto(h.tensors)
-    buf = bytearray(LAYOUT.total_size)
-    LAYOUT.pack_into(arrays, buf)
-
-    def messages():
-        yield pb.PushRequest(header=h).SerializeToString()
-        yield encode_chunk(memoryview(buf)[:4096])
-        release.wait(30)
-        yield encode_chunk(memoryview(buf)[4096:])
-
-    def run():
-        with Client(address, retry_s=0) as c:
-            try:
-                out[client] = c.push_raw(messages())
-            except Exception as e:   # noqa: BLE001  (the test inspects it)
-                out[client] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
-def poll(pred, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def scrape(srv) -> dict[str, float]:
@@ -95,10 +58,13 @@ def test_one_engine_behind_every_process(pool):
     ups = [update(i) for i in range(5)]
     with Client(srv.address) as admin:
         rid = admin.open_round(BASE, expected=5)
-    # one client, two processes: exactly one ALREADY_EXISTS
+    # one client, two processes: exactly one ALREADY_EXISTS; the same content again is a duplicate
+    # success (the head keeps the digest the first process computed)
     with Client(a) as ca, Client(b, retry_s=0) as cb:
         assert ca.push(rid, ups[0], num_examples=1, client_id="c0").accepted == 1
-        expect(grpc.StatusCode.ALREADY_EXISTS, "counted once", cb.push, rid, ups[1], 1, "c0")
+        expect(grpc.StatusCode.ALREADY_EXISTS, "content differs", cb.push, rid, ups[1], 1, "c0")
+        again = cb.push(rid, ups[0], num_examples=1, client_id="c0")
+        assert again.duplicate and again.accepted == 1
     # the budget (1 MiB: 3 slots of ~300 KiB) is one budget: three streams held in three
     # processes fill it, and a fourth push is refused wherever it lands
     release, out = threading.Event(), {}
@@ -106,6 +72,7 @@ def test_one_engine_behind_every_process(pool):
     assert poll(lambda: srv.arena.stats().slots_in_use == 3), srv.arena.stats()
     with Client(a, retry_s=0) as ca:
         expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "slot budget full", ca.push, rid, ups[0], 1, "late")
+        assert ca.round_info(rid).in_flight == 3   # its begin (which asked for the slot) was taken back
     release.set()
     for t in threads:
         t.join(30)

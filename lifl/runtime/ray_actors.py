@@ -21,6 +21,7 @@ import ray
 
 from ..config import MiB, ServerConfig
 from ..function import Function
+from ..gateway_pool import GatewayPool, reserve_port
 from ..head_link import HeadLink
 from ..metrics import Metrics
 from ..node_gateway import NodeGateway, gateway_server
@@ -40,18 +41,33 @@ class NodeAgent:
         self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=prefix)
         self.link = HeadLink(head_address, secret, node, credentials=head_link_credentials(cfg))
         self.gateway = NodeGateway(cfg, self.arena, self.link, Metrics())
-        self.server = gateway_server(cfg, self.gateway.handlers(), [self.gateway.auth()])
+        self.server = self.pool = self._reserved = None
         host = cfg.host if cfg.host not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()  # nosec B104  # a test of the bind address (any interface), not a bind
-        # the server's own TLS / mutual TLS (its files must exist at the same paths on every node:
-        # the Helm chart mounts one secret in every pod), under the same plaintext rule
-        port = listen(self.server, f"{cfg.host}:{cfg.node_gateway_port}", server_credentials(cfg))
-        if not port:
-            raise OSError(f"node {node}: cannot listen on {cfg.host}:{cfg.node_gateway_port}")
-        self.server.start()
+        if cfg.gateway_count() > 1:
+            # the gateway pool: N processes on the node's port write into this node's arena; what
+            # this node decides (its slot budget) is decided here, the rest at the head (the link)
+            self._reserved = reserve_port(cfg.host, cfg.node_gateway_port)
+            port = self._reserved.getsockname()[1]
+            self.pool = GatewayPool(cfg, self.gateway, self.link, port, node=node).start()
+        else:
+            self.server = gateway_server(cfg, self.gateway.handlers(), [self.gateway.auth()])
+            # the server's own TLS / mutual TLS (its files must exist at the same paths on every
+            # node: the Helm chart mounts one secret in every pod), under the same plaintext rule
+            port = listen(self.server, f"{cfg.host}:{cfg.node_gateway_port}", server_credentials(cfg))
+            if not port:
+                raise OSError(f"node {node}: cannot listen on {cfg.host}:{cfg.node_gateway_port}")
+            self.server.start()
         self._address = f"{host}:{port}"
 
     def info(self) -> str:
         return json.dumps({"address": self._address, "pid": os.getpid(), "ray_node": _node_id()})
+
+    def pool_info(self) -> str:
+        """This node's gateway processes (none without a pool): name, pid, private address; and
+        how many were replaced."""
+        children = self.pool.children() if self.pool is not None else []
+        return json.dumps({"children": [{"node": c.node, "pid": c.proc.pid, "address": c.address} for c in children],
+                           "restarts": self.pool.restarts if self.pool is not None else 0})
 
     def ping(self) -> bool:
         return True
@@ -75,7 +91,12 @@ class NodeAgent:
                            + st.other_bytes, "budget": st.budget_bytes})
 
     def close(self) -> None:
-        self.server.stop(0.5).wait()
+        if self.pool is not None:
+            self.pool.close(0.5)
+            self._reserved.close()
+        if self.server is not None:
+            self.server.stop(0.5).wait()
+        self.gateway.close()
         self.link.close()
         self.arena.close()
 

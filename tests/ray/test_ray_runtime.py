@@ -218,8 +218,9 @@ def test_node_gateway_refusals_and_relays(ray_server):
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "head.bias" in e.value.message
         c.push(rid, base, 1.0, "x")
         with pytest.raises(RpcFailure) as e:  # the head deduplicates across gateways
-            admin.push(rid, base, 1.0, "x")
-        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
+            admin.push(rid, perturb(base, 2), 1.0, "x")
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "content differs" in e.value.message
+        assert admin.push(rid, base, 1.0, "x").duplicate   # it keeps the node's digest: a resend succeeds
         assert c.round_info(rid).accepted == 1           # relayed to the head
         admin.push(rid, perturb(base, 1), 3.0, "y")
         got = c.pull(rid, wait_s=60)                     # relayed, byte for byte
@@ -473,13 +474,15 @@ def test_server_optimizers_step_in_top_functions_off_the_head(ray_server):
 def test_node_gateways_serve_the_servers_mutual_tls(ray_server, tmp_path):
     """With tls_cert/tls_key/tls_client_ca, every node's gateway serves mutual TLS (and reaches the
     head over TLS): a client with a certificate of the CA pushes through each of them, one without
-    a certificate is turned away at the handshake, and the result is exact."""
+    a certificate is turned away at the handshake, and the result is exact. Every gateway is a
+    pool of two processes (the head's on its port, the head link on one of its own)."""
     from pki import CA
     ca = CA()
     (tmp_path / "ca.pem").write_bytes(ca.pem)
     # node gateways present the server's certificate to the head: it must allow clientAuth too
     cert, key = ca.issue("localhost", server=True, client_too=True).write(tmp_path, "server")
-    srv = ray_server(tls_cert=cert, tls_key=key, tls_client_ca=str(tmp_path / "ca.pem"), tls_operators=["ops"])
+    srv = ray_server(tls_cert=cert, tls_key=key, tls_client_ca=str(tmp_path / "ca.pem"), tls_operators=["ops"],
+                     gateway_processes="2")
     ops = ca.issue("ops")
     gws = sorted(srv.gateways().items())
     assert len(gws) >= 2
@@ -495,3 +498,55 @@ def test_node_gateways_serve_the_servers_mutual_tls(ray_server, tmp_path):
                 c.push(rid, ups[i], i + 1, f"site-{i}")
         got = admin.pull(rid, wait_s=60)
     assert_matches(got, fedavg64(ups, [i + 1 for i in range(len(gws))]))
+
+
+def _agent(srv, node: str, method: str) -> dict:
+    import json
+    return json.loads(ray.get(getattr(srv.runtime.nodes[node].agent, method).remote(), timeout=30))
+
+
+def test_node_gateways_run_the_gateway_pool(ray_server):
+    """``gateway_processes = 2`` on Ray: each node's gateway is two processes on the node's port,
+    writing into that node's arena, while the head still decides: a client through two processes
+    of one node gets one ALREADY_EXISTS (the same content again: a duplicate success). A process
+    SIGKILLed mid-stream: its client sees UNAVAILABLE, the node's slot and the head's in-flight
+    stream are given back, the process is replaced, the retry succeeds; exact; nothing leaks."""
+    import os
+    import signal
+    import threading
+    from support import expect, held_push, poll
+    srv = ray_server(gateway_processes="2")
+    rt = srv.runtime
+    node = next(n for n in sorted(srv.gateways()) if n != rt.head)
+    pool = _agent(srv, node, "pool_info")
+    (a, b), agent_pid = pool["children"], _agent(srv, node, "info")["pid"]
+    assert agent_pid not in (a["pid"], b["pid"]) and a["pid"] != b["pid"]
+    base = small_model(9)
+    ups = [perturb(base, 600 + i) for i in range(6)]
+    weights = [1.0, 2.0, 3.0, 1.5, 2.5, 4.0]
+    with Client(srv.address) as admin:
+        rid = admin.open_round(base, expected=6)
+        with Client(a["address"]) as ca, Client(b["address"], retry_s=0) as cb:
+            assert ca.push(rid, ups[0], weights[0], "c0").accepted == 1
+            expect(grpc.StatusCode.ALREADY_EXISTS, "content differs", cb.push, rid, ups[1], weights[0], "c0")
+            again = cb.push(rid, ups[0], weights[0], "c0")
+            assert again.duplicate and again.accepted == 1
+            cb.push(rid, ups[1], weights[1], "c1")
+        release, out = threading.Event(), {}
+        t = held_push(a["address"], rid, "c2", ups[2], release, out, weight=weights[2])
+        assert poll(lambda: _agent(srv, node, "stats")["slots_in_use"] == 1, 30)   # in the node's arena
+        os.kill(a["pid"], signal.SIGKILL)
+        t.join(30)
+        assert out["c2"].code == grpc.StatusCode.UNAVAILABLE, out["c2"]
+        assert poll(lambda: _agent(srv, node, "stats")["slots_in_use"] == 0 and admin.round_info(rid).in_flight == 0, 30)
+        assert poll(lambda: _agent(srv, node, "pool_info")["restarts"] == 1, 30)
+        assert a["pid"] not in [c["pid"] for c in _agent(srv, node, "pool_info")["children"]]
+        for i, addr in ((2, srv.gateways()[node]), (3, srv.gateways()[node]), (4, srv.address)):
+            with Client(addr) as c:   # the node's port (its processes, the replacement among them), the head's
+                c.push(rid, ups[i], weights[i], f"c{i}")
+        other = next(n for n in sorted(srv.gateways()) if n not in (rt.head, node))
+        with Client(srv.gateways()[other]) as c:
+            c.push(rid, ups[5], weights[5], "c5")
+            got = c.pull(rid, wait_s=60)
+    assert_matches(got, fedavg64(ups, weights))
+    assert node in {leaf.home for leaf in srv.snapshot().round(rid).leaves}
