@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from lifl.client import Client
 from lifl.layout import Layout
@@ -117,6 +118,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-null", action="store_true", help="leave out the null-sink peer")
     p.add_argument("--shm-budget-mb", type=int, default=2048)
     p.add_argument("--chunk-mib", type=int, default=2, help="the clients' chunk size")
+    p.add_argument("--ab", default="", metavar="ROOT",
+                   help="one more case: LIFL with N processes from another checkout (its C kernel built), "
+                        "compared on throughput and the head's CPU per update")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=JSON: one more LIFL server with N processes and these settings, as a case")
     args = p.parse_args(argv)
@@ -133,6 +137,8 @@ def main(argv=None) -> None:
     for v in args.variant:
         name, _, conf = v.partition("=")
         servers[name] = ServerProc("lifl", env=env, **{**lifl_cfg, "gateway_processes": str(n), **json.loads(conf)})
+    if args.ab:
+        servers["before"] = ServerProc("lifl", env=env, root=Path(args.ab), **{**lifl_cfg, "gateway_processes": str(n)})
     nulls = []
     if not (args.no_null or args.e2e):
         nulls.append(ServerProc("null", env=env, reuseport=True))
@@ -205,6 +211,10 @@ def main(argv=None) -> None:
         if k not in ("lifl1", f"lifl{n}") and not k.startswith("null"):
             rep.add(f"variant {k}", f"GiB/s ÷ LIFL x{n} defaults", gibs[k], gibs[f"lifl{n}"], "GiB/s",
                     ours_label=k, peer_label=f"LIFL x{n}")
+    if args.ab:   # the head decides for every process: its CPU per update bounds the pool
+        per = {k: [h / total * 1e3 for h, _ in cpu[k][-reps:]] for k in (f"lifl{n}", "before")}
+        rep.add(f"{n} processes: this tree vs {args.ab}", "head CPU per update (ms), lower is better",
+                per[f"lifl{n}"], per["before"], "ms", ours_label="this tree", peer_label="before")
     for k, v in cpu.items():   # where the servers' CPU went (from /proc), per sample
         head, rest = [h for h, _ in v[-reps:]], [r for _, r in v[-reps:]]
         rep.notes.append(f"{k}: CPU-s per sample: head process {median(head):.2f}, its other processes "

@@ -8,16 +8,17 @@ listen on it, so that its one interpreter only decides (measured: as one of the
 gateways it was the pool's bottleneck). The parent is the head (its port) or, on
 the Ray runtime, a node's agent (the node's gateway port). Each process validates
 a push and writes its chunks straight into a slot of its parent's arena — a
-segment the parent created and the child only attaches — and asks the parent,
-over a Unix domain socket, everything that must be decided in one place: the
-round and its layout, "may this client start?" (deduplication, and the stream's
-slot from the budget in the same call), "complete in slot S", "this stream
-failed". That is the Ray node gateways' channel (``head_link``: JSON over one gRPC
-method, a random secret) plus operations for the parent's budget. The parent
-decides slots from its own arena and passes the rest to its upstream: the head's
-dispatcher, or, on a Ray node, the head over the node's ``HeadLink``. Pull,
-GetRound and Status are relayed to the parent over the same socket (and by a node
-on to the head).
+segment the parent created and the child only attaches — and asks the parent
+everything that must be decided in one place: the round and its layout, "may this
+client start?" (deduplication, and the stream's slot from the budget in the same
+call), "complete in slot S", "this stream failed". Those calls are the Ray node
+gateways' (``head_link``) plus operations for the parent's budget, carried as JSON
+frames over a Unix socket (``pool_channel``: a connection per calling thread, a
+fraction of a gRPC call's CPU in the parent, which decides for every process).
+The parent decides slots from its own arena and passes the rest to its upstream:
+the head's dispatcher, or, on a Ray node, the head over the node's ``HeadLink``.
+Pull, GetRound and Status are relayed to the parent over a second Unix socket, a
+gRPC server (and by a node on to the head).
 
 A child that dies (even SIGKILL): its clients see UNAVAILABLE (the connection
 drops) and retry; the parent abandons its streams in flight, returns the slots it
@@ -44,8 +45,9 @@ from dataclasses import dataclass
 import grpc
 
 from .errors import LiflError
-from .head_link import SECRET_KEY, JsonService
+from .head_link import SECRET_KEY
 from .node_gateway import gateway_server
+from .pool_channel import FrameServer
 from .shm import BudgetExhausted
 
 log = logging.getLogger("lifl.gateway_pool")
@@ -54,7 +56,7 @@ POOL_SERVICE, METRICS_METHOD = "lifl.v1.Pool", "Metrics"
 START_TIMEOUT_S = 60.0
 
 
-class PoolService(JsonService):
+class PoolService:
     """The parent's side of the pool's channel. Slots come from the parent's ``arena`` (remembered
     per child, so that a dead child's are returned); everything else is decided by ``upstream``
     (``handle(req) -> dict``, refusals raised as :class:`LiflError`): the head's
@@ -62,8 +64,7 @@ class PoolService(JsonService):
     upstream sees every call as the parent's (``node``); streams in flight are remembered per
     child, so that a dead child's are abandoned there."""
 
-    def __init__(self, upstream, arena, secret: str, node: str = ""):
-        super().__init__(secret)
+    def __init__(self, upstream, arena, node: str = ""):
         self.upstream, self.arena, self.node = upstream, arena, node
         self._lock = threading.Lock()
         self.slots: dict[str, set[str]] = {}                      # child -> slots it holds (not accepted)
@@ -176,9 +177,11 @@ class GatewayPool:
     def __init__(self, config, gateway, upstream, port: int, node: str = ""):
         self.config, self.port, self.gateway = config, port, gateway
         self.secret = secrets.token_hex(16)
-        self.service = PoolService(upstream, gateway.arena, self.secret, node=node)
+        self.service = PoolService(upstream, gateway.arena, node=node)
         self._dir = tempfile.mkdtemp(prefix="lifl-pool-")   # 0700: only this user may connect
-        self.socket = f"unix:{os.path.join(self._dir, 'head.sock')}"
+        self.socket = f"unix:{os.path.join(self._dir, 'head.sock')}"   # relays: Pull, GetRound, Status, Admin
+        self.calls_path = os.path.join(self._dir, "calls.sock")          # the pool's calls (pool_channel)
+        self._calls: FrameServer | None = None
         self._server: grpc.Server | None = None
         self._lock = threading.Lock()
         self._children: dict[int, Child] = {}
@@ -189,11 +192,10 @@ class GatewayPool:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "GatewayPool":
         gw = self.gateway
-        # a thread for every call the children may have waiting here at once (a slot wait holds
-        # one): fewer, and waits for slots could starve the accepts that free them
         n = self.config.gateway_count()
-        self._server = gateway_server(self.config, gw.handlers() + [self.service.handler()], [gw.auth()],
-                                      threads=n * (self.config.grpc_threads + 4) + 8)
+        # the pool's calls: a thread per child connection, so a slot wait starves no accept
+        self._calls = FrameServer(self.calls_path, self.secret, self.service.handle).start()
+        self._server = gateway_server(self.config, gw.handlers(), [gw.auth()])
         if not self._server.add_insecure_port(self.socket):
             raise OSError(f"gateway pool: cannot listen on {self.socket}")
         self._server.start()
@@ -213,8 +215,8 @@ class GatewayPool:
         proc = subprocess.Popen([sys.executable, "-m", "lifl.pool_gateway"],  # nosec B603  # our own module, no shell
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            proc.stdin.write(json.dumps({"config": cfg, "head": self.socket, "secret": self.secret,
-                                         "node": node}) + "\n")
+            proc.stdin.write(json.dumps({"config": cfg, "head": self.socket, "calls": self.calls_path,
+                                         "secret": self.secret, "node": node}) + "\n")
             proc.stdin.flush()
             line = proc.stdout.readline().strip()
         except OSError:
@@ -264,6 +266,9 @@ class GatewayPool:
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
+        if self._calls is not None:
+            self._calls.close()
+            self._calls = None
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- views ---------------------------------------------------------------------------------

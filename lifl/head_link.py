@@ -22,6 +22,7 @@ from .admission import Admission
 from .async_jobs import needs_base_version
 from .errors import LiflError
 from .layout import Layout
+from .pool_channel import answer
 from .rounds import Digest, Duplicate, State, job_name
 
 SERVICE, METHOD = "lifl.v1.Head", "Call"
@@ -48,14 +49,9 @@ class JsonService:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "only this cluster's node gateways may call the head")
         try:
             req = json.loads(raw)
-            return json.dumps({"ok": True, **self.handle(req)}).encode()
-        except LiflError as e:
-            rep = {"ok": False, "code": e.code, "message": e.message, "retry_after_s": e.retry_after_s}
-            if isinstance(e, Duplicate) and e.prior is not None:   # the caller compares a resend's content
-                rep.update(prior=dataclasses.asdict(e.prior), accepted=e.accepted)
-            return json.dumps(rep).encode()
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad head call: {e}")
+        return json.dumps(answer(self.handle, req)).encode()
 
 
 class HeadService(JsonService):
@@ -193,9 +189,12 @@ class HeadLink(Admission):
     """What a node gateway uses in place of the head's dispatcher: the same ``Admission``."""
 
     def __init__(self, head_address: str, secret: str, node: str, timeout_s: float = 30.0,
-                 credentials: grpc.ChannelCredentials | None = None, options=()):
-        """``credentials``: the head serves TLS (``transport.head_link_credentials``); None: plaintext."""
-        self.node, self.timeout_s = node, timeout_s
+                 credentials: grpc.ChannelCredentials | None = None, options=(), calls=None):
+        """``credentials``: the head serves TLS (``transport.head_link_credentials``); None: plaintext.
+        ``calls``: what carries the JSON calls instead of ``lifl.v1.Head/Call`` (a gateway pool's
+        process: its parent's ``pool_channel.FrameLink``); the gRPC channel still relays Pull,
+        GetRound, Status and Admin."""
+        self.node, self.timeout_s, self._frames = node, timeout_s, calls
         self.channel = (grpc.secure_channel(head_address, credentials, options=list(options))
                         if credentials is not None else grpc.insecure_channel(head_address, options=list(options)))
         self._call = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
@@ -209,11 +208,15 @@ class HeadLink(Admission):
         return self.call(req["op"], req["job"], int(req["round"]), **kw)
 
     def call(self, op: str, job: str, rid: int, **kw) -> dict:
-        req = json.dumps({"op": op, "job": job, "round": rid, "node": self.node, **kw}).encode()
+        req = {"op": op, "job": job, "round": rid, "node": self.node, **kw}
         try:
-            rep = json.loads(self._call(req, metadata=self._md, timeout=self.timeout_s))
-        except grpc.RpcError as e:
-            raise LiflError("UNAVAILABLE", f"this node's gateway cannot reach the LIFL head: {e.details()}; "
+            if self._frames is not None:
+                rep = self._frames(req)
+            else:
+                rep = json.loads(self._call(json.dumps(req).encode(), metadata=self._md, timeout=self.timeout_s))
+        except (grpc.RpcError, OSError, ValueError) as e:
+            why = e.details() if isinstance(e, grpc.RpcError) else str(e)
+            raise LiflError("UNAVAILABLE", f"this gateway cannot reach the LIFL head: {why}; "
                                            "retry, or push to another gateway") from None
         if not rep.pop("ok"):
             if rep.get("prior"):
@@ -257,4 +260,6 @@ class HeadLink(Admission):
             pass  # the head forgets this node's streams if it loses the node
 
     def close(self) -> None:
+        if self._frames is not None:
+            self._frames.close()
         self.channel.close()

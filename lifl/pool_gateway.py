@@ -26,6 +26,7 @@ from .config import ServerConfig
 from .head_link import SECRET_KEY, HeadLink
 from .metrics import Metrics
 from .node_gateway import NodeGateway, gateway_server
+from .pool_channel import FrameLink
 from .shm import Segment
 
 log = logging.getLogger("lifl.pool_gateway")
@@ -121,7 +122,9 @@ def serve(spec: dict) -> None:
     cfg = ServerConfig(**spec["config"])
     from .config import MiB
     from .transport import server_credentials
-    link = HeadLink(spec["head"], spec["secret"], spec["node"], timeout_s=cfg.admission_timeout_s + 30.0)
+    timeout = cfg.admission_timeout_s + 30.0
+    link = HeadLink(spec["head"], spec["secret"], spec["node"], timeout_s=timeout,
+                    calls=FrameLink(spec["calls"], spec["secret"], timeout))
     metrics = Metrics()
     slots = RemoteSlots(link, cfg.shm_budget_mb * MiB)
     gateway = PoolGateway(cfg, slots, link, metrics)
