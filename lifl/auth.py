@@ -19,7 +19,9 @@ gateways, which has its own secret) are not this interceptor's business."""
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import hmac
+import json
 import logging
 from dataclasses import dataclass
 from typing import Callable, Collection
@@ -33,6 +35,8 @@ PROTECTED = ("/lifl.v1.Aggregation/", "/lifl.v1.Admin/")
 ADMIN_METHODS = frozenset({"/lifl.v1.Admin/OpenRound", "/lifl.v1.Admin/CloseRound"})
 STATUS = "/lifl.v1.Admin/Status"
 ANY_JOB = "*"
+RELAY_KEY = "x-lifl-relayed-for"     # JSON principal and rate key of a relayed call (with the relay secret)
+SECRET_KEY = "x-lifl-cluster-secret"  # nosec B105  # the metadata key's name; the secret is random per server
 
 log = logging.getLogger("lifl.auth")
 
@@ -151,12 +155,32 @@ def check_scope(p: Principal | None, job: str, round: int | None = None, client_
                                            f"{quote(p.subject)}: push as yourself", "identity")
 
 
-_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("lifl_principal", default=None)
+_current: contextvars.ContextVar[tuple[Principal, str] | None] = contextvars.ContextVar("lifl_principal",
+                                                                                        default=None)
 
 
 def current() -> Principal | None:
-    """The principal of the call the running handler serves (None when no auth is configured)."""
-    return _current.get()
+    """The principal of the call the running handler serves (None when nothing checks calls)."""
+    c = _current.get()
+    return c[0] if c is not None else None
+
+
+def current_rate_key() -> str | None:
+    """The running call's rate-limit key (its identity, else its peer's host), if a Guard noted it."""
+    c = _current.get()
+    return c[1] if c is not None else None
+
+
+def relayed(secret_metadata: tuple) -> tuple:
+    """Metadata for a call relayed to the head on behalf of the running call: the relay secret
+    (``secret_metadata``) and who the caller was, as this gateway authenticated it."""
+    c = _current.get()
+    if c is None:
+        return ()
+    p, key = c
+    v = {"principal": {**dataclasses.asdict(p), "rounds": None if p.rounds is None else sorted(p.rounds)},
+         "key": key}
+    return tuple(secret_metadata) + ((RELAY_KEY, json.dumps(v)),)
 
 
 def cert_identity(context) -> str | None:
@@ -171,37 +195,68 @@ def peer_host(context) -> str:
     return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
 
+def take_rate(limiter, key: str) -> None:
+    """One call from ``key``'s bucket, or RESOURCE_EXHAUSTED with when to retry."""
+    wait = limiter.take(key)
+    if wait is not None:
+        raise Refusal("RESOURCE_EXHAUSTED", f"rate limit: at most {limiter.rate:g} calls/s (burst "
+                      f"{limiter.burst:g}) per client; retry in {wait:.3f} s", "rate", retry_after_s=wait)
+
+
 class Guard(grpc.ServerInterceptor):
     """Authenticates every call to LIFL's services, checks its role, takes one from the caller's
-    rate bucket, and hands the :class:`Principal` to the handler. ``on_refused(method, refusal)``
-    is told of every refusal (metrics)."""
+    rate bucket, and hands the :class:`Principal` (and the caller's rate key) to the handler.
+    ``on_refused(method, refusal)`` is told of every refusal (metrics).
+
+    A server's several gateways (a pool's processes, a Ray node's gateway) authenticate their
+    callers themselves and relay calls to the head with the principal attached (:func:`relayed`);
+    the head trusts it only beside the secret it shares with them (``relay_secret``). The rate
+    limit is taken at the head alone — relayed calls by their relayed key, pushes in the head's
+    ``begin`` — so that it is one limit, whichever process a client reaches."""
 
     def __init__(self, policy: Policy, limiter=None,
-                 on_refused: Callable[[str, Refusal], None] | None = None, trailers=None):
+                 on_refused: Callable[[str, Refusal], None] | None = None, trailers=None,
+                 relay_secret: str = "", relaying: bool = False):
         """``trailers(code, message, after_s)``: the retry hints a rate-limited call gets
-        (``gateway.retry_trailers``; default: ``retry-after-ms`` alone)."""
+        (``gateway.retry_trailers``; default: ``retry-after-ms`` alone). ``relaying``: this
+        gateway relays to the head, so every call's principal and rate key are noted even when
+        nothing here checks them."""
         self.policy, self.limiter, self.on_refused = policy, limiter, on_refused
+        self.relay_secret, self.relaying = relay_secret.encode(), relaying
         self.trailers = trailers or (lambda _code, _msg, after_s: (("retry-after-ms", str(int(after_s * 1000))),))
+
+    def _relayed(self, md: dict) -> tuple[Principal, str] | None:
+        """A relaying gateway's principal and rate key, if the call carries the relay secret."""
+        raw = md.get(RELAY_KEY)
+        if raw is None or not self.relay_secret \
+                or not hmac.compare_digest(md.get(SECRET_KEY, "").encode(), self.relay_secret):
+            return None
+        v = json.loads(raw)
+        p = v["principal"]
+        rounds = p.pop("rounds")
+        return Principal(**p, rounds=None if rounds is None else frozenset(rounds)), str(v["key"])
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None or not details.method.startswith(PROTECTED) \
-                or not (self.policy.active or self.limiter is not None):
+                or not (self.policy.active or self.limiter is not None or self.relay_secret or self.relaying):
             return handler
         method = details.method
-        authorization = dict(details.invocation_metadata or ()).get("authorization", "")
+        md = dict(details.invocation_metadata or ())
+        authorization = md.get("authorization", "")
 
-        def admit(context) -> Principal:
+        def admit(context) -> tuple[Principal, str]:
             try:
-                p = authenticate(method, authorization, cert_identity(context) if self.policy.mtls else None,
-                                 self.policy)
+                relayed = self._relayed(md)
+                if relayed is not None:
+                    p, key = relayed
+                else:
+                    p = authenticate(method, authorization, cert_identity(context) if self.policy.mtls else None,
+                                     self.policy)
+                    key = p.key or peer_host(context)
                 if self.limiter is not None:
-                    wait = self.limiter.take(p.key or peer_host(context))
-                    if wait is not None:
-                        raise Refusal("RESOURCE_EXHAUSTED", f"rate limit: at most {self.limiter.rate:g} calls/s "
-                                      f"(burst {self.limiter.burst:g}) per client; retry in {wait:.3f} s",
-                                      "rate", retry_after_s=wait)
-                return p
+                    take_rate(self.limiter, key)
+                return p, key
             except Refusal as e:
                 log.log(logging.DEBUG if e.why == "rate" else logging.INFO, "refused %s from %s: %s %s (%s)",
                         method, context.peer(), e.code, e.message, e.why)

@@ -18,11 +18,13 @@ from contextlib import contextmanager
 import grpc
 import numpy as np
 
-from .auth import Guard, Refusal, check_scope, current, policy_of
+from .auth import Guard, Refusal, check_scope, current, policy_of, take_rate
 from .async_jobs import AsyncJob, AsyncJobs, needs_base_version
 from .errors import LiflError, quote
+from .engine.clock import SystemClock
 from .encoding import EncodedLayout, Encoding, encoded, scale_encoded, scan_received, write_trailer
 from .layout import Layout
+from .ratelimit import RateLimiter
 from .rounds import Digest, Duplicate, check_weight, job_name
 from .shm import BudgetExhausted, Segment
 from .v1 import aggregation_pb2 as pb
@@ -63,6 +65,9 @@ class Gateway(Service):
     def __init__(self, config, arena, dispatcher, metrics, clock=None):
         super().__init__(config, arena, dispatcher, metrics)
         self.clock = clock   # rate limits (None: the real clock)
+        # one rate limit for every way into the server: its own port, relays, pooled pushes
+        self.limiter = (RateLimiter(config.rate_limit_per_s, config.rate_limit_burst, clock or SystemClock())
+                        if config.rate_limit_per_s > 0 and not self.relays else None)
         # chunks handed to gRPC and not yet sent, over all Pull streams: many clients pulling at once
         # then cost pull_buffer_mb of gateway memory, not a few chunks each (gRPC copies every one)
         self._pull_sends = threading.BoundedSemaphore(max(1, config.pull_buffer_mb * 2**20 // PULL_CHUNK))
@@ -97,20 +102,30 @@ class Gateway(Service):
         return [grpc.method_handlers_generic_handler("lifl.v1.Aggregation", agg),
                 grpc.method_handlers_generic_handler("lifl.v1.Admin", admin)]
 
-    def auth(self) -> Guard:
+    relays = False   # a gateway that relays to the head (a pool process, a Ray node's): the head limits
+
+    def auth(self, relay_secret: str = "") -> Guard:
         """The interceptor that authenticates, authorizes and rate-limits every call before its
-        handler runs (``lifl.auth``); key files are read now."""
-        def refused(method: str, err: Refusal) -> None:
-            self.metrics.auth_refused.labels(err.why).inc()
-            if method.endswith("/Push"):
-                self.metrics.updates_rejected.labels(err.reason).inc()
-        limiter = None
-        if self.config.rate_limit_per_s > 0:
-            from .engine.clock import SystemClock
-            from .ratelimit import RateLimiter
-            limiter = RateLimiter(self.config.rate_limit_per_s, self.config.rate_limit_burst,
-                                  self.clock or SystemClock())
-        return Guard(policy_of(self.config), limiter, refused, trailers=retry_trailers)
+        handler runs (``lifl.auth``); key files are read now. ``relay_secret``: calls relayed by
+        this server's other gateways carry it, and their callers' principals with it."""
+        return Guard(policy_of(self.config), self.limiter, self._refused, trailers=retry_trailers,
+                     relay_secret=relay_secret, relaying=self.relays)
+
+    def _refused(self, method: str, err: Refusal) -> None:
+        self.metrics.auth_refused.labels(err.why).inc()
+        if method.endswith("/Push"):
+            self.metrics.updates_rejected.labels(err.reason).inc()
+
+    def admit_rate(self, key: str) -> None:
+        """A push that another gateway of this server received: one call from ``key``'s bucket of
+        this (the head's) rate limit, refused as the head's own Guard would refuse it."""
+        if self.limiter is None or not key:
+            return
+        try:
+            take_rate(self.limiter, key)
+        except Refusal as e:
+            self._refused("/lifl.v1.Aggregation/Push", e)
+            raise
 
     # -- Aggregation -------------------------------------------------------------
     def push(self, it, context) -> pb.PushReply:

@@ -195,7 +195,7 @@ class GatewayPool:
         n = self.config.gateway_count()
         # the pool's calls: a thread per child connection, so a slot wait starves no accept
         self._calls = FrameServer(self.calls_path, self.secret, self.service.handle).start()
-        self._server = gateway_server(self.config, gw.handlers(), [gw.auth()])
+        self._server = gateway_server(self.config, gw.handlers(), [gw.auth(relay_secret=self.secret)])
         if not self._server.add_insecure_port(self.socket):
             raise OSError(f"gateway pool: cannot listen on {self.socket}")
         self._server.start()

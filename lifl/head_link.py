@@ -20,13 +20,13 @@ import grpc
 
 from .admission import Admission
 from .async_jobs import needs_base_version
+from .auth import SECRET_KEY, take_rate
 from .errors import LiflError
 from .layout import Layout
 from .pool_channel import answer
 from .rounds import Digest, Duplicate, State, job_name
 
 SERVICE, METHOD = "lifl.v1.Head", "Call"
-SECRET_KEY = "x-lifl-cluster-secret"  # nosec B105  # the metadata key's name; the secret is random per server
 
 
 # -- head side -------------------------------------------------------------------------------
@@ -58,11 +58,12 @@ class HeadService(JsonService):
     """Serves node gateways' calls from the dispatcher. ``node`` is the caller's node name;
     streams in flight per node are remembered so a lost node's clients can be released."""
 
-    def __init__(self, dispatcher, secret: str, asyncs=None):
+    def __init__(self, dispatcher, secret: str, asyncs=None, rate=None):
         """``asyncs``: the head's asynchronous jobs (``lifl.async_jobs.AsyncJobs``), which node
-        gateways push deltas into."""
+        gateways push deltas into. ``rate(key)``: the head's rate limit for a push another gateway
+        received (``Gateway.admit_rate``; the caller's key comes with ``begin``/``async_check``)."""
         super().__init__(secret)
-        self.dispatcher, self.asyncs = dispatcher, asyncs
+        self.dispatcher, self.asyncs, self.rate = dispatcher, asyncs, rate
         self._lock = threading.Lock()
         self.in_flight: dict[str, set[tuple[str, int, str]]] = {}
 
@@ -70,6 +71,8 @@ class HeadService(JsonService):
         d, op = self.dispatcher, req["op"]
         job, rid, node = req["job"], int(req["round"]), req["node"]
         key = (job, rid, req.get("client", ""))
+        if op in ("begin", "async_check") and self.rate is not None:
+            self.rate(str(req.get("rate_key") or ""))
         if op.startswith("async_"):
             return self._async(op, job, node, req)
         if op in ("round", "begin", "accept"):
@@ -198,7 +201,7 @@ class HeadLink(Admission):
         self.channel = (grpc.secure_channel(head_address, credentials, options=list(options))
                         if credentials is not None else grpc.insecure_channel(head_address, options=list(options)))
         self._call = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
-        self._md = ((SECRET_KEY, secret),)
+        self.secret_metadata = ((SECRET_KEY, secret),)   # also what relayed calls carry (``auth.relayed``)
         self._layouts: dict[tuple[str, int], Layout] = {}
         self._runs: dict[tuple[str, int], RemoteRun] = {}
 
@@ -213,7 +216,7 @@ class HeadLink(Admission):
             if self._frames is not None:
                 rep = self._frames(req)
             else:
-                rep = json.loads(self._call(json.dumps(req).encode(), metadata=self._md, timeout=self.timeout_s))
+                rep = json.loads(self._call(json.dumps(req).encode(), metadata=self.secret_metadata, timeout=self.timeout_s))
         except (grpc.RpcError, OSError, ValueError) as e:
             why = e.details() if isinstance(e, grpc.RpcError) else str(e)
             raise LiflError("UNAVAILABLE", f"this gateway cannot reach the LIFL head: {why}; "

@@ -14,6 +14,7 @@ from concurrent import futures
 
 import grpc
 
+from .auth import current_rate_key, relayed
 from .config import MiB
 from .gateway import Gateway
 from .head_link import RemoteAsyncJobs
@@ -45,10 +46,21 @@ def gateway_server(cfg, handlers, interceptors=(), reuseport: bool = False, thre
 
 
 class NodeGateway(Gateway):
+    relays = True   # authenticates here, relays the caller's principal; the head takes the rate limit
+
     def __init__(self, config, arena, link, metrics):
         super().__init__(config, arena, link, metrics)
         self.link = link
         self.asyncs = RemoteAsyncJobs(link)   # asynchronous jobs live at the head
+
+    def _begin(self, h, enc):
+        self.link.call("begin", h.job, h.round, client=h.client_id, rate_key=current_rate_key())
+        return None
+
+    def _check_async(self, h, aj, enc):
+        self.link.call("async_check", aj.name, 0, client=h.client_id, base=h.base_version,
+                       rate_key=current_rate_key())
+        return None
 
     def _async_job(self, h):
         """Only a push with a base version asks the head (a round's push pays no extra call); a push
@@ -81,9 +93,11 @@ class NodeGateway(Gateway):
             return grpc.unary_stream_rpc_method_handler(forward)
         return grpc.unary_unary_rpc_method_handler(lambda raw, ctx: next(forward(raw, ctx)))
 
-    @staticmethod
-    def _forwarded(context) -> tuple:
-        return tuple((k, v) for k, v in context.invocation_metadata() if k in _FORWARD_META)
+    def _forwarded(self, context) -> tuple:
+        """The client's credential, and the principal this gateway authenticated (the head trusts
+        it beside the link's secret, and takes the rate limit by its key)."""
+        return tuple((k, v) for k, v in context.invocation_metadata() if k in _FORWARD_META) \
+            + relayed(self.link.secret_metadata)
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         from .v1 import aggregation_pb2 as pb

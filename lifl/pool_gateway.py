@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 from prometheus_client import generate_latest
 
+from .auth import current_rate_key
 from .config import ServerConfig
 from .head_link import SECRET_KEY, HeadLink
 from .metrics import Metrics
@@ -99,11 +100,12 @@ class PoolGateway(NodeGateway):
     round); an asynchronous delta three (``async_job``, ``async_check``, ``async_accept``)."""
 
     def _begin(self, h, enc) -> Segment:
-        return self.arena.admit("begin", h.job, h.round, h.client_id, enc.slot_size, self.config.admission_timeout_s)
+        return self.arena.admit("begin", h.job, h.round, h.client_id, enc.slot_size, self.config.admission_timeout_s,
+                                rate_key=current_rate_key())
 
     def _check_async(self, h, aj, enc) -> Segment:
         return self.arena.admit("async_check", aj.name, 0, h.client_id, enc.slot_size,
-                                self.config.admission_timeout_s, base=h.base_version)
+                                self.config.admission_timeout_s, base=h.base_version, rate_key=current_rate_key())
 
 
 def metrics_handler(metrics: Metrics, secret: str) -> grpc.GenericRpcHandler:

@@ -100,11 +100,13 @@ class EmbeddedServer:
             ray, pooled = cfg.runtime == "ray", cfg.gateway_count() > 1
             head = None
             if ray or pooled:   # node gateways and pool processes call the dispatcher through this
-                head = HeadService(self.dispatcher, secrets.token_hex(16), asyncs=gateway.asyncs)
+                head = HeadService(self.dispatcher, secrets.token_hex(16), asyncs=gateway.asyncs,
+                                   rate=gateway.admit_rate)
             if ray:
                 handlers.append(head.handler())
                 self.runtime.events.open_streams = head.forget_node
-            self.grpc = gateway_server(cfg, handlers, [gateway.auth()], reuseport=pooled)
+            relay = head._secret.decode() if ray else ""   # node gateways relay calls to this server
+            self.grpc = gateway_server(cfg, handlers, [gateway.auth(relay_secret=relay)], reuseport=pooled)
             target = f"{cfg.host}:{cfg.port}"
             link_port = 0
             if pooled:   # the head only decides: the pool's processes take every client connection

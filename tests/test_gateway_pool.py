@@ -150,3 +150,59 @@ def test_async_deltas_through_a_pool_process(pool):
                    num_examples=1, client_id="byround", job="fb")
     with Client(srv.address) as admin:
         assert admin.job_info("fb").buffer_fill == 0
+
+
+def test_one_rate_limit_for_every_process(clocked, tmp_path):
+    """A client's bucket is the head's, whichever process it reaches: calls relayed by one process
+    and a push taken by another draw on it, and the head's injected clock refills it."""
+    from lifl import tokens
+    tokens.keygen(tmp_path / "k.pem", tmp_path / "k.pub")
+    key = (tmp_path / "k.pem").read_bytes()
+    srv, clock = clocked(gateway_processes="2", rate_limit_per_s=2.0, rate_limit_burst=2, metrics_port=0,
+                         token_key=str(tmp_path / "k.pub"))
+    a, b = (ch.address for ch in srv.pool.children())
+    op_tok, a_tok = tokens.issue(key, "ops", "*", "operator"), tokens.issue(key, "a", "default")
+    with Client(a, token=op_tok) as op:
+        rid = op.open_round(BASE, expected=1)
+    with Client(a, token=a_tok, retry_s=0) as via_a, Client(b, token=a_tok, retry_s=0) as via_b:
+        via_a.round_info(rid)                                   # relayed by process a: the head's bucket
+        via_b.round_info(rid)                                   # by process b: the same bucket, now empty
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "retry in 0.500 s", via_b.push, rid, update(0), 1, "a")
+        expect(grpc.StatusCode.RESOURCE_EXHAUSTED, "retry in 0.500 s", via_a.round_info, rid)
+        with Client(b, token=op_tok) as op:
+            info = op.round_info(rid)
+            assert (info.accepted, info.in_flight) == (0, 0)     # the refused push stored nothing
+        clock.advance(0.5)
+        via_a.push(rid, update(0), 1, "a")                      # refilled by the head's clock
+        clock.advance(0.5)
+        assert_matches(via_b.pull(rid, wait_s=30), fedavg64([update(0)], [1]))
+    assert scrape(srv)["lifl_auth_refused_total{reason=\"rate\"}"] == 2
+    assert srv.arena.stats().slots_in_use == 0
+
+
+def test_mutual_tls_identities_through_every_process(make_server, tmp_path):
+    """Under mutual TLS a pool process authenticates its caller by certificate and relays the
+    principal: an operator administers and a client pulls through any process (the head, behind
+    the relay, sees no certificate of theirs), a client may not administer, and pushes as itself."""
+    from pki import CA
+    ca = CA()
+    (tmp_path / "ca.crt").write_bytes(ca.pem)
+    cert, key = ca.issue("localhost", server=True).write(tmp_path, "server")
+    srv = make_server(gateway_processes="2", tls_cert=cert, tls_key=key, tls_client_ca=str(tmp_path / "ca.crt"),
+                      tls_operators=["ops"])
+    address = srv.address.replace("127.0.0.1", "localhost")   # the shared port: only pool processes listen
+    ops, phone = ca.issue("ops"), ca.issue("phone-1")
+    ups = [update(i) for i in range(2)]
+
+    def as_(who):
+        return Client(address, root_cert=ca.pem, client_cert=who.cert, client_key=who.key, retry_s=0)
+    with as_(ops) as op, as_(phone) as c:
+        rid = op.open_round(BASE, expected=2)                  # relayed to the head as the operator
+        expect(grpc.StatusCode.PERMISSION_DENIED, "not administer", c.close_round, rid)
+        expect(grpc.StatusCode.PERMISSION_DENIED, "operators only", c.status)
+        expect(grpc.StatusCode.PERMISSION_DENIED, "push as yourself", c.push, rid, ups[0], 1, "phone-2")
+        assert c.round_info(rid).accepted == 0 and len(op.status().rounds) == 1
+        c.push(rid, ups[0], 1, "phone-1")
+        op.push(rid, ups[1], 3, "ops")
+        assert_matches(c.pull(rid, wait_s=30), fedavg64(ups, [1, 3]))
+    assert srv.arena.stats().slots_in_use == 0
