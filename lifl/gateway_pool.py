@@ -24,7 +24,8 @@ A child that dies (even SIGKILL): its clients see UNAVAILABLE (the connection
 drops) and retry; the parent abandons its streams in flight, returns the slots it
 held, and starts a replacement. The child owns no segment, so nothing leaks.
 The head's ``/metrics`` shows every process of its own pool summed (each child
-serves its registry over its private port; ``metrics.Metrics.sources``).
+serves its registry over its private port; ``metrics.Metrics.sources``), and a Ray
+node's pool through that node's agent (``Runtime.metrics_texts``).
 """
 from __future__ import annotations
 

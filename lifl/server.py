@@ -81,6 +81,7 @@ class EmbeddedServer:
         try:
             self.arena = Arena(cfg.shm_budget_mb * MiB, prefix=cfg.shm_prefix)
             self.runtime = (self._given_runtime or _make_runtime)(cfg, self.arena, self.metrics)
+            self.metrics.sources.append(self.runtime.metrics_texts)   # other nodes' gateways (Ray)
             journal, logged = NO_JOURNAL, {}
             if cfg.durable_dir:
                 from .durable.recover import open_journal

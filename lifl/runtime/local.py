@@ -189,6 +189,10 @@ class LocalRuntime:
     def request_capacity(self, bundles: list[dict]) -> None:
         """One machine: nothing to ask for."""
 
+    def metrics_texts(self) -> list[bytes]:
+        """No other node's gateway: the server's registry (and its pool's) is all of /metrics."""
+        return []
+
     def start_worker(self, on_message: OnMessage, node: str = "local") -> LocalWorker:
         w = self._forker.submit(self._fork, on_message).result()
         with self._lock:

@@ -303,6 +303,32 @@ class RayRuntime:
     def gateways(self) -> dict[str, str]:
         return {n.name: n.gateway for n in self.nodes.values() if n.alive and n.gateway}
 
+    def metrics_texts(self, timeout_s: float = 3.0) -> list[bytes]:
+        """Every live node agent's gateway metrics (its pool's processes too), for the head's
+        /metrics to sum. One bounded wait for all agents (a pool process's own answer may take
+        2 s): an agent that is slow, dead or failing is left out of this scrape with a warning,
+        never holding /metrics up. Nothing after close()."""
+        live = [n for n in self.nodes.values() if n.alive and n.agent is not None]
+        if self._stop.is_set() or not live:
+            return []
+        ray = _ray()
+        try:
+            refs = [n.agent.metrics_texts.remote() for n in live]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        except Exception as e:
+            log.warning("node gateways' metrics: none this scrape (%s: %s)", type(e).__name__, e)
+            return []
+        out: list[bytes] = []
+        for n, ref in zip(live, refs):
+            if ref not in ready:
+                log.warning("node %s: no gateway metrics within %.1f s; left out of this scrape", n.name, timeout_s)
+                continue
+            try:
+                out.extend(ray.get(ref))
+            except Exception as e:
+                log.warning("node %s: no gateway metrics (%s: %s)", n.name, type(e).__name__, e)
+        return out
+
     def store(self, node: str):
         return self.nodes[node].store
 

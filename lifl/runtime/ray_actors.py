@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 import ray
+from prometheus_client import generate_latest
 
 from ..config import MiB, ServerConfig
 from ..function import Function
@@ -71,6 +72,13 @@ class NodeAgent:
 
     def ping(self) -> bool:
         return True
+
+    def metrics_texts(self) -> list[bytes]:
+        """This node's gateway metrics in the text format, for the head's /metrics to sum: the
+        agent's own registry (the whole gateway, or a pool's deciding parent) and every live pool
+        process's. Plain bytes: nothing of ours is pickled across Ray."""
+        own = [generate_latest(self.gateway.metrics.registry)]
+        return own + (self.pool.metrics_texts() if self.pool is not None else [])
 
     def scratch(self, size: int) -> str:
         return self.arena.scratch(size).name

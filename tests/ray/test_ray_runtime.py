@@ -86,6 +86,13 @@ def _push_spread(srv, rid, updates, weights, names=None):
     return where
 
 
+def _scrape(srv) -> dict[str, float]:
+    """The head's real /metrics over HTTP: {'name{labels}': value}."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=30).read().decode()
+    return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and ln[0] != "#")}
+
+
 def _actor_node(worker) -> str:
     """Ask the actor itself where it runs (not what the runtime believes)."""
     import json
@@ -104,7 +111,7 @@ def _dies(actor, within_s: float = 30.0) -> bool:
 
 
 def test_three_nodes_exact_placed_and_only_partials_cross(ray_server, cluster):
-    srv = ray_server()
+    srv = ray_server(metrics_port=0)
     rt = srv.runtime
     assert len(rt.node_models()) == 3 and len(srv.gateways()) == 3
     assert sorted(n.cores for n in rt.node_models()) == [2.0, 2.0, 3.0]
@@ -135,6 +142,8 @@ def test_three_nodes_exact_placed_and_only_partials_cross(ray_server, cluster):
     assert crossed["partial"] == view.partial_bytes_crossing > 0
     assert crossed["partial"] % partial == 0
     assert crossed["result"] in (0, layout.total_size)  # the model goes to the head once at most
+    # the head's /metrics sums its own gateway's bytes and both node gateways' (their agents' registries)
+    assert _scrape(srv)["lifl_bytes_ingested_total"] == len(updates) * layout.total_size
 
 
 def test_same_result_as_embedded_runtime(ray_server, make_server):
@@ -510,12 +519,13 @@ def test_node_gateways_run_the_gateway_pool(ray_server):
     writing into that node's arena, while the head still decides: a client through two processes
     of one node gets one ALREADY_EXISTS (the same content again: a duplicate success). A process
     SIGKILLed mid-stream: its client sees UNAVAILABLE, the node's slot and the head's in-flight
-    stream are given back, the process is replaced, the retry succeeds; exact; nothing leaks."""
+    stream are given back, the process is replaced, the retry succeeds; exact; nothing leaks. The
+    head's /metrics sums the node pools' processes (and the head's)."""
     import os
     import signal
     import threading
     from support import expect, held_push, poll
-    srv = ray_server(gateway_processes="2")
+    srv = ray_server(gateway_processes="2", metrics_port=0)
     rt = srv.runtime
     node = next(n for n in sorted(srv.gateways()) if n != rt.head)
     pool = _agent(srv, node, "pool_info")
@@ -550,3 +560,9 @@ def test_node_gateways_run_the_gateway_pool(ray_server):
             got = c.pull(rid, wait_s=60)
     assert_matches(got, fedavg64(ups, weights))
     assert node in {leaf.home for leaf in srv.snapshot().round(rid).leaves}
+    # bytes of every accepted push whose gateway process still lives (c0's went with the SIGKILLed
+    # process's registry): c1, c2 and c3 in this node's pool, c4 in the head's, c5 in the other node's
+    m = _scrape(srv)
+    assert m["lifl_bytes_ingested_total"] == (len(ups) - 1) * Layout.from_arrays(base).total_size   # all but c0
+    assert m['lifl_updates_rejected_total{reason="already_exists"}'] == 1   # node processes only
+    assert sum(v for k, v in m.items() if k.startswith("lifl_updates_duplicate_total{")) == 1
