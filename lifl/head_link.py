@@ -93,7 +93,7 @@ class HeadService(JsonService):
                 d.abandon(run, req["client"])
                 return {}
             d.check_open(run)
-            digest = Digest(**req["digest"]) if req.get("digest") else None
+            digest = Digest.from_dict(req["digest"]) if req.get("digest") else None
             return {"accepted": d.accept(run, req["client"], req["slot"], float(req["weight"]),
                                          node=self.engine_node(node), digest=digest)}
         raise ValueError(f"unknown op {op!r}")
@@ -223,7 +223,7 @@ class HeadLink(Admission):
                                            "retry, or push to another gateway") from None
         if not rep.pop("ok"):
             if rep.get("prior"):
-                raise Duplicate(rep["message"], Digest(**rep["prior"]), int(rep["accepted"]))
+                raise Duplicate(rep["message"], Digest.from_dict(rep["prior"]), int(rep["accepted"]))
             raise LiflError(rep["code"], rep["message"], rep.get("retry_after_s"))
         return rep
 

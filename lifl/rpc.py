@@ -175,10 +175,10 @@ class Service:
             if pos + n > size:
                 raise LiflError("INVALID_ARGUMENT",
                                 f"{what}: received more bytes than the declared total_size of {size}")
-            if dst is not None:
+            if digest is not None:   # copied and hashed in one pass
+                digest.update(payload, dst[pos:pos + n] if dst is not None else None)
+            elif dst is not None:
                 np.copyto(dst[pos:pos + n], np.frombuffer(payload, np.uint8))
-            if digest is not None:
-                digest.update(payload)
             if on_chunk is not None:
                 on_chunk(pos, pos + n)
             pos += n

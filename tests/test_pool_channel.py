@@ -29,7 +29,7 @@ class Handler:
         if req["op"] == "refuse":
             raise LiflError("RESOURCE_EXHAUSTED", "budget full; retry later", retry_after_s=0.5)
         if req["op"] == "duplicate":
-            raise Duplicate("already pushed", Digest(weight=2.0, encoding=1, size=4, crc=7), 1)
+            raise Duplicate("already pushed", Digest(weight=2.0, encoding=1, size=4, hash=7), 1)
         if req["op"] == "wait":
             assert self.release.wait(10)
             return {"waited": True}
@@ -53,7 +53,7 @@ def test_calls_and_refusals_keep_their_status(served, caplog):
     rep = link({"op": "refuse"})
     assert (rep["ok"], rep["code"], rep["retry_after_s"]) == (False, "RESOURCE_EXHAUSTED", 0.5)
     rep = link({"op": "duplicate"})
-    assert rep["code"] == "ALREADY_EXISTS" and rep["prior"] == {"weight": 2.0, "encoding": 1, "size": 4, "crc": 7} and rep["accepted"] == 1
+    assert rep["code"] == "ALREADY_EXISTS" and rep["prior"] == {"weight": 2.0, "encoding": 1, "size": 4, "hash": 7} and rep["accepted"] == 1
     assert link({"op": "other"})["code"] == "INVALID_ARGUMENT"   # a malformed call
     with caplog.at_level(logging.ERROR, logger="lifl.pool_channel"):
         rep = link({"op": "bug"})

@@ -139,7 +139,7 @@ def resume(dispatcher, journal: Journal, rounds: dict[int, RoundLog]) -> int:
                 for client, weight in (rl.done or {}).get("accepted", {}).items():
                     rnd.accepted[client] = weight
                     rnd.total_weight += weight
-                rnd.digests = {c: Digest(**d) for c, d in (rl.done or {}).get("digests", {}).items()}
+                rnd.digests = {c: Digest.from_dict(d) for c, d in (rl.done or {}).get("digests", {}).items()}
                 run = RoundRun(rnd, released=True)
                 if rl.done:
                     rnd.post_arrival_s = rl.done["post_arrival_s"]
@@ -170,7 +170,7 @@ def resume(dispatcher, journal: Journal, rounds: dict[int, RoundLog]) -> int:
                     arena.release_slot(slot.name)
                     raise
                 dispatcher.accept(run, a["client"], slot.name, a["weight"], durable=a["file"],
-                                  digest=Digest(**a["digest"]) if a.get("digest") else None)
+                                  digest=Digest.from_dict(a["digest"]) if a.get("digest") else None)
                 n += 1
             # the deadline kept running while the server was down: it counts from the opening again
             # only now, so that no replayed accept could close the round half replayed
