@@ -214,7 +214,7 @@ class Guard(grpc.ServerInterceptor):
     limit is taken at the head alone — relayed calls by their relayed key, pushes in the head's
     ``begin`` — so that it is one limit, whichever process a client reaches."""
 
-    def __init__(self, policy: Policy, limiter=None,
+    def __init__(self, policy: Policy, limiter=None,  # nosec B107  # relay_secret "": trust no relayed principal
                  on_refused: Callable[[str, Refusal], None] | None = None, trailers=None,
                  relay_secret: str = "", relaying: bool = False):
         """``trailers(code, message, after_s)``: the retry hints a rate-limited call gets
