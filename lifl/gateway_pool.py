@@ -44,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import CollectorRegistry, Metric, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .errors import LiflError
 from .head_link import SECRET_KEY
@@ -161,6 +163,46 @@ class PoolService:
                     len(streams))
 
 
+class RetiredCounters:
+    """What dead processes had counted: their counters and histograms as of their last scrape, so
+    that the pool's summed ``/metrics`` does not go back when a process is replaced (Prometheus
+    would read the drop as a reset). Gauges die with their process. Counts a process made after
+    its last scrape are lost with it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._families: dict[str, tuple[str, str]] = {}             # name -> (documentation, type)
+        self._sums: dict[str, dict[tuple, float]] = {}              # name -> (sample, labels) -> value
+
+    def add(self, text: bytes) -> None:
+        with self._lock:
+            for fam in text_string_to_metric_families(text.decode()):
+                if fam.type not in ("counter", "histogram"):
+                    continue
+                self._families.setdefault(fam.name, (fam.documentation, fam.type))
+                sums = self._sums.setdefault(fam.name, {})
+                for smp in fam.samples:
+                    if not smp.name.endswith("_created"):
+                        key = (smp.name, tuple(sorted(smp.labels.items())))
+                        sums[key] = sums.get(key, 0.0) + smp.value
+
+    def collect(self):
+        with self._lock:
+            for name, (doc, kind) in self._families.items():
+                fam = Metric(name, doc, kind)
+                for (sname, labels), value in self._sums[name].items():
+                    fam.add_sample(sname, dict(labels), value)
+                yield fam
+
+    def text(self) -> bytes | None:
+        """The retired counts in the text format (None: no process has died)."""
+        if not self._families:
+            return None
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(self)
+        return generate_latest(reg)
+
+
 @dataclass
 class Child:
     node: str
@@ -189,6 +231,8 @@ class GatewayPool:
         self._gen = 0
         self._closing = threading.Event()
         self.restarts = 0
+        self._last_metrics: dict[str, bytes] = {}   # child -> its last scraped metrics
+        self.retired = RetiredCounters()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "GatewayPool":
@@ -241,6 +285,10 @@ class GatewayPool:
             return
         log.error("gateway process %s (pid %d) exited with %s; replacing it", child.node, child.proc.pid, code)
         self.service.forget_child(child.node)
+        with self._lock:
+            last = self._last_metrics.pop(child.node, None)
+        if last is not None:
+            self.retired.add(last)
         delay = 0.1
         while not self._closing.is_set():
             try:
@@ -278,16 +326,22 @@ class GatewayPool:
             return [self._children[i] for i in sorted(self._children)]
 
     def metrics_texts(self) -> list[bytes]:
-        """Every live child's metrics in the text format (a dead one's are gone with it)."""
+        """Every live child's metrics in the text format, and the counts of those that died."""
         out = []
         for c in self.children():
             try:
                 with grpc.insecure_channel(c.address) as ch:
-                    out.append(ch.unary_unary(f"/{POOL_SERVICE}/{METRICS_METHOD}")(
-                        b"", metadata=((SECRET_KEY, self.secret),), timeout=2.0))
+                    text = ch.unary_unary(f"/{POOL_SERVICE}/{METRICS_METHOD}")(
+                        b"", metadata=((SECRET_KEY, self.secret),), timeout=2.0)
             except grpc.RpcError as e:
                 log.warning("gateway process %s: no metrics (%s)", c.node, e.code())
-        return out
+                continue
+            with self._lock:
+                if c.node not in self.service.dead:   # a child that died meanwhile is retired already
+                    self._last_metrics[c.node] = text
+            out.append(text)
+        retired = self.retired.text()
+        return out + ([retired] if retired is not None else [])
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
