@@ -35,6 +35,7 @@ class JsonService:
     service for node gateways and a gateway pool's service for its processes."""
 
     def __init__(self, secret: str):
+        self.secret = secret   # the node gateways' (and their relayed calls')
         self._secret = secret.encode()
 
     def handle(self, req: dict) -> dict:
@@ -216,7 +217,8 @@ class HeadLink(Admission):
             if self._frames is not None:
                 rep = self._frames(req)
             else:
-                rep = json.loads(self._call(json.dumps(req).encode(), metadata=self.secret_metadata, timeout=self.timeout_s))
+                raw = self._call(json.dumps(req).encode(), metadata=self.secret_metadata, timeout=self.timeout_s)
+                rep = json.loads(raw)
         except (grpc.RpcError, OSError, ValueError) as e:
             why = e.details() if isinstance(e, grpc.RpcError) else str(e)
             raise LiflError("UNAVAILABLE", f"this gateway cannot reach the LIFL head: {why}; "

@@ -106,7 +106,7 @@ class EmbeddedServer:
             if ray:
                 handlers.append(head.handler())
                 self.runtime.events.open_streams = head.forget_node
-            relay = head._secret.decode() if ray else ""   # node gateways relay calls to this server
+            relay = head.secret if ray else ""   # node gateways relay calls to this server
             self.grpc = gateway_server(cfg, handlers, [gateway.auth(relay_secret=relay)], reuseport=pooled)
             target = f"{cfg.host}:{cfg.port}"
             link_port = 0
@@ -126,7 +126,7 @@ class EmbeddedServer:
             self.grpc.start()
             if ray:
                 host = cfg.host if cfg.host not in ("0.0.0.0", "::") else _node_ip()  # nosec B104  # a test of the bind address
-                self.runtime.start_gateways(f"{host}:{link_port}", head._secret.decode())
+                self.runtime.start_gateways(f"{host}:{link_port}", head.secret)
             if pooled:   # the other gateway processes, on the same port (lifl.gateway_pool)
                 self.pool = GatewayPool(cfg, gateway, head, self.port).start()
                 self.metrics.sources.append(self.pool.metrics_texts)
