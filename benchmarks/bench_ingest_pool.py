@@ -116,6 +116,8 @@ def main(argv=None) -> None:
     p.add_argument("--client-cpus", default="", help="e.g. 8-15 (default: not pinned)")
     p.add_argument("--e2e", action="store_true", help="clock to the pullable result (LIFL cases only)")
     p.add_argument("--no-null", action="store_true", help="leave out the null-sink peer")
+    p.add_argument("--tuned-null", action="store_true",
+                   help="a diagnostic peer: N null sinks with LIFL's malloc policy (malloc_keep_buffers)")
     p.add_argument("--shm-budget-mb", type=int, default=2048)
     p.add_argument("--chunk-mib", type=int, default=2, help="the clients' chunk size")
     p.add_argument("--ab", default="", metavar="ROOT",
@@ -139,15 +141,17 @@ def main(argv=None) -> None:
         servers[name] = ServerProc("lifl", env=env, **{**lifl_cfg, "gateway_processes": str(n), **json.loads(conf)})
     if args.ab:
         servers["before"] = ServerProc("lifl", env=env, root=Path(args.ab), **{**lifl_cfg, "gateway_processes": str(n)})
-    nulls = []
+    nulls: dict[str, list[ServerProc]] = {}   # case -> its N processes
     if not (args.no_null or args.e2e):
-        nulls.append(ServerProc("null", env=env, reuseport=True))
-        port = int(nulls[0].address.rsplit(":", 1)[1])
-        nulls += [ServerProc("null", env=env, reuseport=True, port=port) for _ in range(n - 1)]
-        servers[f"null{n}"] = nulls[0]
+        for name, keep in [(f"null{n}", False)] + [(f"nullkeep{n}", True)] * args.tuned_null:
+            first = ServerProc("null", env=env, reuseport=True, keep_buffers=keep)
+            port = int(first.address.rsplit(":", 1)[1])
+            nulls[name] = [first] + [ServerProc("null", env=env, reuseport=True, port=port, keep_buffers=keep)
+                                     for _ in range(n - 1)]
+            servers[name] = first
     clients = Clients(args.clients, args.model, args.client_cpus, args.conns, args.chunk_mib)
     admins = {k: Client(s.address) for k, s in servers.items() if not k.startswith("null")}
-    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in admins}   # (head, other processes) CPU-s
+    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in servers}   # (head, other processes) CPU-s
     seq = iter(range(10**9))
 
     def lifl_case(name):
@@ -168,9 +172,12 @@ def main(argv=None) -> None:
 
     def null_case(name):
         def run():
+            c0 = sum(sum(tree_cpu(q.pid)) for q in nulls[name])
             t0 = time.perf_counter()
             clients.push(servers[name].address, 0, f"s{next(seq)}", pushes)
-            return time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            cpu[name].append((sum(sum(tree_cpu(q.pid)) for q in nulls[name]) - c0, 0.0))
+            return dt
         return run
 
     cases = [(k, null_case(k) if k.startswith("null") else lifl_case(k)) for k in servers]
@@ -183,7 +190,7 @@ def main(argv=None) -> None:
         clients.close()
         for c in admins.values():
             c.close()
-        for srv in [*servers.values(), *nulls]:
+        for srv in {*servers.values(), *(q for qs in nulls.values() for q in qs)}:
             srv.close()
 
     gibs = {k: [total * layout.total_size / t / 2**30 for t in v] for k, v in s.items()}
@@ -201,6 +208,9 @@ def main(argv=None) -> None:
         rep.add(f"{n} gateway vs {n} null-sink processes", "GiB/s ratio", gibs[f"lifl{n}"], gibs[f"null{n}"],
                 "GiB/s", goal=">= 0.9", better="higher", threshold=0.9, ours_label=f"LIFL x{n}",
                 peer_label=f"null x{n}")
+    if f"nullkeep{n}" in gibs:
+        rep.add(f"{n} gateway vs {n} null-sink processes with LIFL's malloc policy", "diagnostic: GiB/s ratio",
+                gibs[f"lifl{n}"], gibs[f"nullkeep{n}"], "GiB/s", ours_label=f"LIFL x{n}", peer_label=f"null-keep x{n}")
     if args.e2e:
         ups = {k: [total / t for t in v] for k, v in s.items()}
         rep.add(f"{n} vs 1 gateway processes", "updates/s to the pullable model", ups[f"lifl{n}"], ups["lifl1"],
@@ -215,10 +225,15 @@ def main(argv=None) -> None:
         per = {k: [h / total * 1e3 for h, _ in cpu[k][-reps:]] for k in (f"lifl{n}", "before")}
         rep.add(f"{n} processes: this tree vs {args.ab}", "head CPU per update (ms), lower is better",
                 per[f"lifl{n}"], per["before"], "ms", ours_label="this tree", peer_label="before")
+    gib = total * layout.total_size / 2**30
     for k, v in cpu.items():   # where the servers' CPU went (from /proc), per sample
         head, rest = [h for h, _ in v[-reps:]], [r for _, r in v[-reps:]]
-        rep.notes.append(f"{k}: CPU-s per sample: head process {median(head):.2f}, its other processes "
-                         f"(pool gateways, functions) {median(rest):.2f}")
+        per_gib = median([(h + r) / gib for h, r in v[-reps:]])
+        if k.startswith("null"):
+            rep.notes.append(f"{k}: CPU-s per sample {median(head):.2f} ({per_gib:.2f} CPU-s per GiB)")
+        else:
+            rep.notes.append(f"{k}: CPU-s per sample: head process {median(head):.2f}, its other processes "
+                             f"(pool gateways, functions) {median(rest):.2f} ({per_gib:.2f} CPU-s per GiB)")
         rep.raw[f"cpu|{k}"] = v[-reps:]
     rep.print()
     rep.write(args.out)

@@ -378,6 +378,9 @@ def _serve_lifl(cfg: dict) -> None:
     from lifl.server import EmbeddedServer
 
     conf = ServerConfig(**{"port": 0, "metrics_port": -1, **cfg})
+    if conf.malloc_keep_buffers:   # what `lifl serve` does in its own process
+        from lifl.malloc_policy import keep_buffers
+        keep_buffers()
     with EmbeddedServer(conf) as srv:
         print(f"ADDR {srv.address} {srv.metrics_port}", flush=True)
         sys.stdin.read()
@@ -409,7 +412,11 @@ def null_sink_server(max_msg: int = 16 * MiB, threads: int = 32, port: int = 0, 
 
 
 def _serve_null(cfg: dict) -> None:
+    """``keep_buffers``: with the malloc policy LIFL's own processes apply (a diagnostic peer)."""
     _pin_from_env()
+    if cfg.pop("keep_buffers", False):
+        from lifl.malloc_policy import keep_buffers
+        keep_buffers()
     srv, addr, _ = null_sink_server(**cfg)
     print(f"ADDR {addr}", flush=True)
     sys.stdin.read()

@@ -42,6 +42,7 @@ class ServerConfig:
     fault_fold_delay_s: float = 0.0   # fault injection for tests: functions pause this long after a fold, before replying
     log_level: str = "info"           # lifl serve's log level: debug, info, warning, error
     grpc_bdp_probe: bool = True       # gRPC grows stream windows by probing bandwidth: off saves memory (server.py)
+    malloc_keep_buffers: bool = True  # lifl serve and pool processes keep freed chunk buffers (malloc_policy)
     pull_buffer_mb: int = 8           # model bytes all Pull streams together may have in gRPC's send buffers
     # hierarchy (static planner)
     # default: one leaf per two cores (the gateway needs cores too); 1 leaf on a 2-core machine

@@ -10,7 +10,6 @@ name and message, which the node gateway returns to its client unchanged.
 """
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import json
 import threading
@@ -256,7 +255,7 @@ class HeadLink(Admission):
         """``digest``: the head records it, so that a resend of the same content, through any
         gateway, succeeds as a duplicate."""
         return self.call("accept", run.round.job, run.round.id, client=client, slot=slot, weight=weight,
-                         digest=dataclasses.asdict(digest) if digest is not None else None)["accepted"]
+                         digest=digest.to_dict() if digest is not None else None)["accepted"]
 
     def abandon(self, run: RemoteRun, client: str) -> None:
         try:

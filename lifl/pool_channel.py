@@ -19,7 +19,6 @@ import os
 import socket
 import struct
 import threading
-from dataclasses import asdict
 from typing import Callable
 
 from .errors import LiflError
@@ -75,7 +74,7 @@ def answer(handle: Callable[[dict], dict], req: dict) -> dict:
     except LiflError as e:
         rep = {"ok": False, "code": e.code, "message": e.message, "retry_after_s": e.retry_after_s}
         if isinstance(e, Duplicate) and e.prior is not None:   # the caller compares a resend's content
-            rep.update(prior=asdict(e.prior), accepted=e.accepted)
+            rep.update(prior=e.prior.to_dict(), accepted=e.accepted)
         return rep
     except (ValueError, KeyError, TypeError) as e:
         return {"ok": False, "code": "INVALID_ARGUMENT", "message": f"bad call {str(req.get('op'))[:32]!r}: {e}"}

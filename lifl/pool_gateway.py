@@ -46,6 +46,7 @@ class RemoteSlots:
     def __init__(self, link: HeadLink, budget: int):
         self.link, self.budget = link, budget
         self._maps: collections.OrderedDict[str, Segment] = collections.OrderedDict()
+        self._held = 0   # bytes of the mappings in _maps
         self._lock = threading.Lock()
 
     def acquire_slot(self, size: int, timeout: float = 0.0) -> Segment:
@@ -66,6 +67,8 @@ class RemoteSlots:
     def _map(self, name: str) -> Segment:
         with self._lock:
             seg = self._maps.pop(name, None)
+            if seg is not None:
+                self._held -= seg.size
         if seg is None:
             try:
                 seg = Segment.attach(name)
@@ -74,10 +77,10 @@ class RemoteSlots:
                 raise
         with self._lock:
             self._maps[name] = seg
-            held = sum(s.size for s in self._maps.values())
-            while held > self.budget and len(self._maps) > 1:
+            self._held += seg.size
+            while self._held > self.budget and len(self._maps) > 1:
                 _, old = self._maps.popitem(last=False)
-                held -= old.size
+                self._held -= old.size
                 old.close()
         return seg
 
@@ -92,6 +95,7 @@ class RemoteSlots:
             for seg in self._maps.values():
                 seg.close()
             self._maps.clear()
+            self._held = 0
 
 
 class PoolGateway(NodeGateway):
@@ -122,6 +126,9 @@ def metrics_handler(metrics: Metrics, secret: str) -> grpc.GenericRpcHandler:
 
 def serve(spec: dict) -> None:
     cfg = ServerConfig(**spec["config"])
+    if cfg.malloc_keep_buffers:
+        from .malloc_policy import keep_buffers
+        keep_buffers()
     from .config import MiB
     from .transport import server_credentials
     timeout = cfg.admission_timeout_s + 30.0

@@ -68,6 +68,10 @@ class Digest:
         self.size += len(data)
         self.hash = self._stream.value()
 
+    def to_dict(self) -> dict:
+        """The digest as sent and journalled (``from_dict`` reads it back); per push, so no ``asdict``."""
+        return {"weight": self.weight, "encoding": self.encoding, "size": self.size, "hash": self.hash}
+
     @classmethod
     def from_dict(cls, d: dict) -> "Digest":
         """A digest as sent or journalled; one journalled before the content hash (a CRC-32 under

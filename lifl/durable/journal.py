@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import LiflError
@@ -132,7 +131,7 @@ class Journal(NoJournal):
         still answered as a duplicate success, not ALREADY_EXISTS."""
         self.track(rid, name)
         self._append({"t": "accept", "rid": rid, "client": client, "weight": weight, "file": name,
-                      "digest": asdict(digest) if digest is not None else None})
+                      "digest": digest.to_dict() if digest is not None else None})
 
     def closed(self, rnd) -> None:
         self._append({"t": "close", "rid": rnd.id, "detail": rnd.detail, "closed": rnd.closed})
@@ -151,7 +150,7 @@ class Journal(NoJournal):
         fsync_dir(self.data)
         self._append({"t": "done", "rid": rnd.id, "result": name, "post_arrival_s": rnd.post_arrival_s,
                       "closed": rnd.closed, "detail": rnd.detail, "accepted": rnd.accepted,
-                      "digests": {c: asdict(d) for c, d in rnd.digests.items()}})
+                      "digests": {c: d.to_dict() for c, d in rnd.digests.items()}})
         self._drop_files(rnd.id)
         self._files[rnd.id] = [name]
 
