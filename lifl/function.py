@@ -68,7 +68,7 @@ class Function:
             raise ValueError(f"segment {name} belongs to another node; the runtime must import it")
         s = self.segments.get(name)
         if s is None:
-            s = self.segments[name] = Segment.attach(name)
+            s = self.segments[name] = Segment.attach(name, prefault=True)
         return s
 
     def _step_writer(self, st: dict, layout: Layout, weight: float, out):

@@ -215,6 +215,7 @@ class Gateway(Service):
                 except BudgetExhausted as e:
                     raise LiflError("RESOURCE_EXHAUSTED", f"{e}; retry later", retry_after_s=0.5) from None
             self.metrics.slots_in_use.set(self.arena.stats().slots_in_use)
+            slot.prefault()   # a fresh slot's pages in one call, not a fault per page as chunks land
             dst = slot.array(np.uint8, enc.total_size)
             scan = self._scanner(enc, slot.buf)
             self._receive(it, dst, pb.PushRequest, "update", check=check, on_chunk=scan, digest=digest)

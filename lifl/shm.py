@@ -33,6 +33,9 @@ SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")  # nos
 
 _SERIALS = itertools.count(1)  # per process, not per arena: two servers in one process never collide
 
+# madvise(MADV_POPULATE_WRITE), Linux 5.14+: map every page of a range writable in one call
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
 
 class BudgetExhausted(RuntimeError):
     """No slot could be had within the wait allowed."""
@@ -80,10 +83,31 @@ class Segment:
         finally:
             os.close(fd)
         self.buf = memoryview(self._mmap)[:size]
+        self._prefaulted = False
 
     @classmethod
-    def attach(cls, name: str, shm_dir: Path = SHM_DIR) -> "Segment":
-        return cls(name, 0, create=False, shm_dir=shm_dir)
+    def attach(cls, name: str, shm_dir: Path = SHM_DIR, prefault: bool = False) -> "Segment":
+        """Map an existing segment; ``prefault``: for a process about to touch all of it."""
+        seg = cls(name, 0, create=False, shm_dir=shm_dir)
+        if prefault:
+            seg.prefault()
+        return seg
+
+    def prefault(self) -> bool:
+        """Map all of this segment's pages into this process now, in one system call.
+
+        Why: a fresh mapping of a tmpfs file faults one page at a time on first touch (a 4 MiB
+        update: ~1,000 faults, ~1.5 ms on the 2-core machine); populating it in one call costs
+        about a third less, and a mapping that is reused (cached slots) pays it once. Returns
+        False where the kernel cannot (before Linux 5.14): pages then fault in as touched."""
+        if self._prefaulted or self._mmap is None:
+            return self._prefaulted
+        try:
+            self._mmap.madvise(_MADV_POPULATE_WRITE)
+        except (OSError, ValueError):
+            return False
+        self._prefaulted = True
+        return True
 
     def array(self, dtype=np.uint8, count: int = -1, offset: int = 0) -> np.ndarray:
         return np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
@@ -247,7 +271,8 @@ class Arena:
                 return seg
             seg = self._new(size)
             self._others[seg.name] = seg
-        seg.array()[:] = 0
+        if not seg.prefault():   # new pages are zero already: touching them is only to fault them in
+            seg.array()[:] = 0
         return seg
 
     def result_segment(self, size: int) -> Segment:
