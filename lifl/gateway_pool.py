@@ -23,9 +23,12 @@ gRPC server (and by a node on to the head).
 A child that dies (even SIGKILL): its clients see UNAVAILABLE (the connection
 drops) and retry; the parent abandons its streams in flight, returns the slots it
 held, and starts a replacement. The child owns no segment, so nothing leaks.
-The head's ``/metrics`` shows every process of its own pool summed (each child
-serves its registry over its private port; ``metrics.Metrics.sources``), and a Ray
-node's pool through that node's agent (``Runtime.metrics_texts``).
+The head's ``/metrics`` shows every process of its own pool summed, and a Ray node's
+pool through that node's agent (``Runtime.metrics_texts``). Children keep their
+metrics in files of the pool's private directory (prometheus_client's multiprocess
+mode: each count is written to a shared mapping as it is made), so what a child had
+counted stays in the sums when it dies — even SIGKILLed between two scrapes — and
+its gauges go with it.
 """
 from __future__ import annotations
 
@@ -44,18 +47,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from prometheus_client import CollectorRegistry, Metric, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import multiprocess
 
 from .errors import LiflError
-from .head_link import SECRET_KEY
 from .node_gateway import gateway_server
 from .pool_channel import FrameServer
 from .shm import BudgetExhausted
 
 log = logging.getLogger("lifl.gateway_pool")
 
-POOL_SERVICE, METRICS_METHOD = "lifl.v1.Pool", "Metrics"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # read by prometheus_client when a child imports it
 START_TIMEOUT_S = 60.0
 
 
@@ -163,51 +165,11 @@ class PoolService:
                     len(streams))
 
 
-class RetiredCounters:
-    """What dead processes had counted: their counters and histograms as of their last scrape, so
-    that the pool's summed ``/metrics`` does not go back when a process is replaced (Prometheus
-    would read the drop as a reset). Gauges die with their process. Counts a process made after
-    its last scrape are lost with it."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._families: dict[str, tuple[str, str]] = {}             # name -> (documentation, type)
-        self._sums: dict[str, dict[tuple, float]] = {}              # name -> (sample, labels) -> value
-
-    def add(self, text: bytes) -> None:
-        with self._lock:
-            for fam in text_string_to_metric_families(text.decode()):
-                if fam.type not in ("counter", "histogram"):
-                    continue
-                self._families.setdefault(fam.name, (fam.documentation, fam.type))
-                sums = self._sums.setdefault(fam.name, {})
-                for smp in fam.samples:
-                    if not smp.name.endswith("_created"):
-                        key = (smp.name, tuple(sorted(smp.labels.items())))
-                        sums[key] = sums.get(key, 0.0) + smp.value
-
-    def collect(self):
-        with self._lock:
-            for name, (doc, kind) in self._families.items():
-                fam = Metric(name, doc, kind)
-                for (sname, labels), value in self._sums[name].items():
-                    fam.add_sample(sname, dict(labels), value)
-                yield fam
-
-    def text(self) -> bytes | None:
-        """The retired counts in the text format (None: no process has died)."""
-        if not self._families:
-            return None
-        reg = CollectorRegistry(auto_describe=False)
-        reg.register(self)
-        return generate_latest(reg)
-
-
 @dataclass
 class Child:
     node: str
     proc: subprocess.Popen
-    address: str   # its private port (metrics, tests)
+    address: str   # its private port: reaches this one process (tests, probes)
 
 
 class GatewayPool:
@@ -224,6 +186,8 @@ class GatewayPool:
         self._dir = tempfile.mkdtemp(prefix="lifl-pool-")   # 0700: only this user may connect
         self.socket = f"unix:{os.path.join(self._dir, 'head.sock')}"   # relays: Pull, GetRound, Status, Admin
         self.calls_path = os.path.join(self._dir, "calls.sock")          # the pool's calls (pool_channel)
+        self.metrics_dir = os.path.join(self._dir, "metrics")            # the children's counts (multiprocess)
+        os.mkdir(self.metrics_dir, 0o700)
         self._calls: FrameServer | None = None
         self._server: grpc.Server | None = None
         self._lock = threading.Lock()
@@ -231,8 +195,6 @@ class GatewayPool:
         self._gen = 0
         self._closing = threading.Event()
         self.restarts = 0
-        self._last_metrics: dict[str, bytes] = {}   # child -> its last scraped metrics
-        self.retired = RetiredCounters()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "GatewayPool":
@@ -258,7 +220,8 @@ class GatewayPool:
             node = f"gw{index}.{self._gen}"
         cfg = {**dataclasses.asdict(self.config), "port": self.port, "metrics_port": -1}
         proc = subprocess.Popen([sys.executable, "-m", "lifl.pool_gateway"],  # nosec B603  # our own module, no shell
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, METRICS_DIR_ENV: self.metrics_dir})
         try:
             proc.stdin.write(json.dumps({"config": cfg, "head": self.socket, "calls": self.calls_path,
                                          "secret": self.secret, "node": node}) + "\n")
@@ -285,10 +248,7 @@ class GatewayPool:
             return
         log.error("gateway process %s (pid %d) exited with %s; replacing it", child.node, child.proc.pid, code)
         self.service.forget_child(child.node)
-        with self._lock:
-            last = self._last_metrics.pop(child.node, None)
-        if last is not None:
-            self.retired.add(last)
+        multiprocess.mark_process_dead(child.proc.pid, self.metrics_dir)   # its gauges; its counts stay
         delay = 0.1
         while not self._closing.is_set():
             try:
@@ -326,22 +286,11 @@ class GatewayPool:
             return [self._children[i] for i in sorted(self._children)]
 
     def metrics_texts(self) -> list[bytes]:
-        """Every live child's metrics in the text format, and the counts of those that died."""
-        out = []
-        for c in self.children():
-            try:
-                with grpc.insecure_channel(c.address) as ch:
-                    text = ch.unary_unary(f"/{POOL_SERVICE}/{METRICS_METHOD}")(
-                        b"", metadata=((SECRET_KEY, self.secret),), timeout=2.0)
-            except grpc.RpcError as e:
-                log.warning("gateway process %s: no metrics (%s)", c.node, e.code())
-                continue
-            with self._lock:
-                if c.node not in self.service.dead:   # a child that died meanwhile is retired already
-                    self._last_metrics[c.node] = text
-            out.append(text)
-        retired = self.retired.text()
-        return out + ([retired] if retired is not None else [])
+        """Every child's metrics, the dead ones' counters and histograms included, summed, in the
+        text format (read from the files the children write: no call to any of them)."""
+        reg = CollectorRegistry(auto_describe=False)
+        multiprocess.MultiProcessCollector(reg, self.metrics_dir)
+        return [generate_latest(reg)]
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

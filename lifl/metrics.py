@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+# a gauge of a gateway pool's child: summed over the children alive (``lifl.gateway_pool``)
+LIVE = "livesum"
 _LAT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -32,7 +34,7 @@ class Metrics:
                                         buckets=_LAT, registry=r)
         self.rounds = Counter("lifl_rounds", "Rounds closed, by outcome", ["outcome"], registry=r)
         self.aggregators_active = Gauge("lifl_aggregators_active", "Aggregator functions running, by level and node",
-                                        ["level", "node"], registry=r)
+                                        ["level", "node"], registry=r, multiprocess_mode=LIVE)
         self.cold_starts = Counter("lifl_cold_starts", "Aggregator functions started from nothing", registry=r)
         self.warm_reuses = Counter("lifl_warm_reuses", "Dispatches to an already running function", registry=r)
         self.function_failures = Counter("lifl_function_failures", "Aggregator functions that died", registry=r)
@@ -57,9 +59,12 @@ class Metrics:
                                     "their round)", registry=r)
         self.cross_node_bytes = Counter("lifl_cross_node_bytes", "Bytes moved between nodes, by what they were",
                                         ["kind"], registry=r)
-        self.queue_depth = Gauge("lifl_queue_depth", "Updates received but not yet folded", registry=r)
-        self.slots_in_use = Gauge("lifl_shm_slots_in_use", "Update slots holding an update", registry=r)
-        self.shm_bytes = Gauge("lifl_shm_bytes", "Shared memory held, by kind", ["kind"], registry=r)
+        self.queue_depth = Gauge("lifl_queue_depth", "Updates received but not yet folded", registry=r,
+                                 multiprocess_mode=LIVE)
+        self.slots_in_use = Gauge("lifl_shm_slots_in_use", "Update slots holding an update", registry=r,
+                                  multiprocess_mode=LIVE)
+        self.shm_bytes = Gauge("lifl_shm_bytes", "Shared memory held, by kind", ["kind"], registry=r,
+                               multiprocess_mode=LIVE)
         self.auth_refused = Counter("lifl_auth_refused", "Calls refused by authentication, authorization or the "
                                     "rate limit, by reason", ["reason"], registry=r)
         self.updates_screened = Counter("lifl_updates_screened", "Updates over screen_l2_max, by action taken "
@@ -68,7 +73,7 @@ class Metrics:
         self.staleness = Histogram("lifl_async_staleness", "Staleness of accepted asynchronous updates (versions)",
                                    ["job"], buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
         self.buffer_fill = Gauge("lifl_async_buffer_fill", "Updates accepted into the open buffer", ["job"],
-                                 registry=r)
+                                 registry=r, multiprocess_mode=LIVE)
         self.versions_published = Counter("lifl_async_versions_published", "Model versions published", ["job"],
                                           registry=r)
         self.refused_stale = Counter("lifl_async_refused_stale", "Asynchronous updates refused as too stale",

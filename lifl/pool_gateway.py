@@ -10,21 +10,18 @@ arena (:class:`RemoteSlots`), which it attaches and never creates or unlinks.
 from __future__ import annotations
 
 import collections
-import hmac
 import json
 import logging
 import sys
 import threading
 from dataclasses import dataclass
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
-from prometheus_client import generate_latest
 
 from .auth import current_rate_key
 from .config import ServerConfig
-from .head_link import SECRET_KEY, HeadLink
+from .head_link import HeadLink
 from .metrics import Metrics
 from .node_gateway import NodeGateway, gateway_server
 from .pool_channel import FrameLink
@@ -112,18 +109,6 @@ class PoolGateway(NodeGateway):
                                 self.config.admission_timeout_s, base=h.base_version, rate_key=current_rate_key())
 
 
-def metrics_handler(metrics: Metrics, secret: str) -> grpc.GenericRpcHandler:
-    """``lifl.v1.Pool/Metrics``: this process's registry in the text format, for the head's /metrics."""
-    from .gateway_pool import METRICS_METHOD, POOL_SERVICE
-
-    def call(_raw: bytes, context) -> bytes:
-        md = dict(context.invocation_metadata())
-        if not hmac.compare_digest(md.get(SECRET_KEY, "").encode(), secret.encode()):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "only this server's head may read a pool process's metrics")
-        return generate_latest(metrics.registry)
-    return grpc.method_handlers_generic_handler(POOL_SERVICE, {METRICS_METHOD: grpc.unary_unary_rpc_method_handler(call)})
-
-
 def serve(spec: dict) -> None:
     cfg = ServerConfig(**spec["config"])
     if cfg.malloc_keep_buffers:
@@ -137,8 +122,7 @@ def serve(spec: dict) -> None:
     metrics = Metrics()
     slots = RemoteSlots(link, cfg.shm_budget_mb * MiB)
     gateway = PoolGateway(cfg, slots, link, metrics)
-    server = gateway_server(cfg, gateway.handlers() + [metrics_handler(metrics, spec["secret"])],
-                            [gateway.auth()], reuseport=True)
+    server = gateway_server(cfg, gateway.handlers(), [gateway.auth()], reuseport=True)
     creds = server_credentials(cfg)
     target = f"{cfg.host}:{cfg.port}"
     port = server.add_secure_port(target, creds) if creds is not None else server.add_insecure_port(target)
