@@ -261,9 +261,10 @@ class Arena:
     def scratch(self, size: int) -> Segment:
         """A reusable segment (accumulators, results); give it back with release_scratch.
 
-        A new one is pre-faulted here (tmpfs allocates pages on first touch, which
-        would otherwise land inside a fold or the finalize, on the critical path).
-        """
+        A new one holds zeros: its pages were allocated at creation (``posix_fallocate``), so
+        no fold or finalize allocates them on its critical path. This process does not touch
+        them: the functions that do map them in one call (``Segment.attach(prefault=True)``).
+        A reused one holds whatever it held."""
         with self._cond:
             if self._scratch_free.get(size):
                 seg = self._scratch_free[size].pop()
@@ -271,9 +272,7 @@ class Arena:
                 return seg
             seg = self._new(size)
             self._others[seg.name] = seg
-        if not seg.prefault():   # new pages are zero already: touching them is only to fault them in
-            seg.array()[:] = 0
-        return seg
+            return seg
 
     def result_segment(self, size: int) -> Segment:
         """A segment for a round's result (an update's size): a cached free update slot when
