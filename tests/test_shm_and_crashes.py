@@ -262,3 +262,17 @@ def test_a_prefaulted_slot_is_written_without_a_fault_per_page(shm_prefix):
             assert _write_faults(warm) < pages // 20
             assert int(slot.array()[size - 1]) == 7   # the same pages the arena's own mapping sees
         a.release_slot(slot.name)
+
+
+def test_a_new_scratch_segment_reads_as_zeros_and_a_reused_one_keeps_its_bytes(shm_prefix):
+    """Accumulators and journals come from ``scratch``: a new one is zero (a fresh journal's
+    generations mean "nothing folded yet") though the head never writes it; a reused one is not
+    cleared (its journal's generations tell stale bytes from folded ones)."""
+    with Arena(1 << 20, prefix=shm_prefix) as a:
+        seg = a.scratch(3 << 20)
+        assert not seg.array().any()
+        seg.array()[:] = 5
+        a.release_scratch(seg.name)
+        again = a.scratch(3 << 20)
+        assert again.name == seg.name and (again.array() == 5).all()
+        a.release_scratch(again.name)
