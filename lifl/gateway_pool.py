@@ -36,6 +36,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -53,11 +54,13 @@ from prometheus_client import multiprocess
 from .errors import LiflError
 from .node_gateway import gateway_server
 from .pool_channel import FrameServer
-from .shm import BudgetExhausted
+from .shm import BudgetExhausted, pid_alive
 
 log = logging.getLogger("lifl.gateway_pool")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"   # read by prometheus_client when a child imports it
+DIR_PREFIX = "lifl-pool-"
+_STALE = re.compile(rf"^{DIR_PREFIX}(\d+)-")
 START_TIMEOUT_S = 60.0
 
 
@@ -183,7 +186,9 @@ class GatewayPool:
         self.config, self.port, self.gateway = config, port, gateway
         self.secret = secrets.token_hex(16)
         self.service = PoolService(upstream, gateway.arena, node=node)
-        self._dir = tempfile.mkdtemp(prefix="lifl-pool-")   # 0700: only this user may connect
+        reclaim_stale_dirs()
+        # 0700: only this user may connect; named for this process, so a later pool can tell it stale
+        self._dir = self.directory = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         self.socket = f"unix:{os.path.join(self._dir, 'head.sock')}"   # relays: Pull, GetRound, Status, Admin
         self.calls_path = os.path.join(self._dir, "calls.sock")          # the pool's calls (pool_channel)
         self.metrics_dir = os.path.join(self._dir, "metrics")            # the children's counts (multiprocess)
@@ -291,6 +296,29 @@ class GatewayPool:
         reg = CollectorRegistry(auto_describe=False)
         multiprocess.MultiProcessCollector(reg, self.metrics_dir)
         return [generate_latest(reg)]
+
+
+def reclaim_stale_dirs(tmp: str | None = None) -> list[str]:
+    """Remove the private directories of pools whose parent died without closing them (a SIGKILL
+    leaves the sockets and the children's metrics files): ``lifl-pool-{pid}-*``, this user's,
+    that process gone. Returns the paths removed."""
+    tmp = tmp or tempfile.gettempdir()
+    gone = []
+    for name in os.listdir(tmp):
+        m = _STALE.match(name)
+        path = os.path.join(tmp, name)
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path) and st.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    if gone:
+        log.warning("gateway pool: removed %d directory(ies) that dead servers left: %s", len(gone), gone)
+    return gone
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

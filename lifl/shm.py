@@ -135,7 +135,8 @@ class Segment:
         self.close()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id exists (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -151,7 +152,7 @@ def reclaim_stale(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
     gone = []
     for p in shm_dir.iterdir():
         m = pat.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             try:
                 p.unlink()
                 gone.append(p.name)

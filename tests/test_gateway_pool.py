@@ -212,3 +212,38 @@ def test_mutual_tls_identities_through_every_process(make_server, tmp_path):
         op.push(rid, ups[1], 3, "ops")
         assert_matches(c.pull(rid, wait_s=30), fedavg64(ups, [1, 3]))
     assert srv.arena.stats().slots_in_use == 0
+
+
+KILLED_HEAD = r"""
+import sys, time
+from lifl.config import ServerConfig
+from lifl.server import EmbeddedServer
+srv = EmbeddedServer(ServerConfig(port=0, metrics_port=-1, gateway_processes="2", workers=1, leaves=1,
+                                  shm_prefix=sys.argv[1], shm_budget_mb=1)).start()
+print(srv.pool.directory, *(c.proc.pid for c in srv.pool.children()), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_heads_pool_directory_is_removed_by_the_next_pool(shm_prefix):
+    """A head SIGKILLed leaves its pool's directory (sockets, the children's metrics files) and its
+    shared memory; its children exit (their stdin closes); the next server's pool removes the
+    directory, its arena the segments."""
+    import subprocess
+    import sys
+    from lifl.shm import pid_alive
+    p = subprocess.Popen([sys.executable, "-c", KILLED_HEAD, shm_prefix], stdout=subprocess.PIPE, text=True)
+    try:
+        directory, *kids = p.stdout.readline().split()
+    finally:
+        p.kill()
+        p.wait()
+    assert os.path.isdir(directory)
+    assert poll(lambda: not any(pid_alive(int(k)) for k in kids), 30)
+    cfg = ServerConfig(port=0, metrics_port=-1, gateway_processes="2", workers=1, leaves=1, shm_prefix=shm_prefix,
+                       shm_budget_mb=1)
+    with EmbeddedServer(cfg) as srv:
+        assert not os.path.exists(directory)
+        mine = srv.pool.directory
+        assert os.path.isdir(mine) and mine != directory
+    assert not os.path.exists(mine)   # a pool that closes removes its own
