@@ -28,11 +28,14 @@ pool through that node's agent (``Runtime.metrics_texts``). Children keep their
 metrics in files of the pool's private directory (prometheus_client's multiprocess
 mode: each count is written to a shared mapping as it is made), so what a child had
 counted stays in the sums when it dies — even SIGKILLed between two scrapes — and
-its gauges go with it.
+its gauges go with it. A dead child's counts are then read once into the pool's
+retired sum and its files removed: files for the live processes only, however often
+processes are replaced.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -48,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Metric, generate_latest
 from prometheus_client import multiprocess
 
 from .errors import LiflError
@@ -168,6 +171,33 @@ class PoolService:
                     len(streams))
 
 
+class RetiredCounts:
+    """The counters and histograms of the pool's dead processes, summed: read from a process's
+    files when it dies (exact: every count it made is in them), so that its files can go — a
+    pool whose processes are replaced again and again keeps files for the live ones only."""
+
+    def __init__(self):
+        self._families: dict[str, tuple[str, str]] = {}             # name -> (documentation, type)
+        self._sums: dict[str, dict[tuple, float]] = {}              # name -> (sample, labels) -> value
+
+    def add(self, families) -> None:
+        for fam in families:
+            if fam.type not in ("counter", "histogram"):   # a gauge describes a process that is gone
+                continue
+            self._families.setdefault(fam.name, (fam.documentation, fam.type))
+            sums = self._sums.setdefault(fam.name, {})
+            for smp in fam.samples:
+                key = (smp.name, tuple(sorted(smp.labels.items())))
+                sums[key] = sums.get(key, 0.0) + smp.value
+
+    def collect(self):
+        for name, (doc, kind) in self._families.items():
+            fam = Metric(name, doc, kind)
+            for (sname, labels), value in self._sums[name].items():
+                fam.add_sample(sname, dict(labels), value)
+            yield fam
+
+
 @dataclass
 class Child:
     node: str
@@ -200,6 +230,8 @@ class GatewayPool:
         self._gen = 0
         self._closing = threading.Event()
         self.restarts = 0
+        self._metrics_lock = threading.Lock()   # a scrape reads the files a retirement removes
+        self._retired = RetiredCounts()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "GatewayPool":
@@ -253,7 +285,7 @@ class GatewayPool:
             return
         log.error("gateway process %s (pid %d) exited with %s; replacing it", child.node, child.proc.pid, code)
         self.service.forget_child(child.node)
-        multiprocess.mark_process_dead(child.proc.pid, self.metrics_dir)   # its gauges; its counts stay
+        self._retire_metrics(child.proc.pid)
         delay = 0.1
         while not self._closing.is_set():
             try:
@@ -293,9 +325,24 @@ class GatewayPool:
     def metrics_texts(self) -> list[bytes]:
         """Every child's metrics, the dead ones' counters and histograms included, summed, in the
         text format (read from the files the children write: no call to any of them)."""
-        reg = CollectorRegistry(auto_describe=False)
-        multiprocess.MultiProcessCollector(reg, self.metrics_dir)
-        return [generate_latest(reg)]
+        live, retired = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
+        multiprocess.MultiProcessCollector(live, self.metrics_dir)
+        retired.register(self._retired)
+        with self._metrics_lock:   # the sources are summed by the head's /metrics (metrics._Merged)
+            return [generate_latest(live), generate_latest(retired)]
+
+    def _retire_metrics(self, pid: int) -> None:
+        """A dead child's counts join the retired sum and its files go; its gauges end with it."""
+        files = glob.glob(os.path.join(self.metrics_dir, f"*_{pid}.db"))
+        with self._metrics_lock:
+            try:
+                self._retired.add(multiprocess.MultiProcessCollector.merge(files, accumulate=True))
+            except Exception:   # unreadable: keep the files (still summed from disk), lose nothing
+                log.exception("gateway pool: the metrics files of pid %d could not be read; kept", pid)
+                multiprocess.mark_process_dead(pid, self.metrics_dir)
+                return
+            for f in files:
+                os.remove(f)
 
 
 def reclaim_stale_dirs(tmp: str | None = None) -> list[str]:

@@ -247,3 +247,27 @@ def test_a_killed_heads_pool_directory_is_removed_by_the_next_pool(shm_prefix):
         mine = srv.pool.directory
         assert os.path.isdir(mine) and mine != directory
     assert not os.path.exists(mine)   # a pool that closes removes its own
+
+
+def test_replaced_again_and_again_the_pool_keeps_files_for_live_processes_and_every_count(pool):
+    """Each process killed in turn after a push of its own (none scraped before it died): /metrics
+    still counts every push, and the pool's metrics directory holds files of live processes only."""
+    srv = pool
+    ups = [update(i) for i in range(3)]
+    with Client(srv.address) as admin:
+        rid = admin.open_round(BASE, expected=3)
+    for i in range(3):
+        victim = srv.pool.children()[0]
+        with Client(victim.address) as c:
+            c.push(rid, ups[i], num_examples=1, client_id=f"k{i}")
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        assert poll(lambda: srv.pool.restarts == i + 1 and victim.proc.pid not in
+                    [ch.proc.pid for ch in srv.pool.children()])
+    m = scrape(srv)
+    assert m["lifl_bytes_ingested_total"] == 3 * LAYOUT.total_size
+    assert m['lifl_updates_received_total{job="default"}'] == 3
+    live = {str(ch.proc.pid) for ch in srv.pool.children()}
+    pids = {f.rsplit("_", 1)[1].removesuffix(".db") for f in os.listdir(srv.pool.metrics_dir)}
+    assert pids <= live, (pids, live)
+    with Client(srv.address) as c:
+        assert_matches(c.pull(rid, wait_s=30), fedavg64(ups, [1.0] * 3))
