@@ -45,6 +45,7 @@ def main(argv=None) -> None:
     with ServerProc("lifl") as lifl_srv, ServerProc("null") as null_srv, \
             ServerProc("lifl", reject_nonfinite=False) as nocheck_srv, \
             ServerProc("lifl", grpc_bdp_probe=True) as bdp_srv, \
+            ServerProc("lifl", release_idle_shm=False) as keep_srv, \
             (ServerProc("lifl", root=Path(args.ab)) if args.ab else contextlib.nullcontext()) as ab_srv:
         clients = {}
         for c in chunks:
@@ -52,8 +53,9 @@ def main(argv=None) -> None:
             clients[("null", c)] = Client(null_srv.address, chunk_size=c * MiB)
         clients[("nocheck", diag_c)] = Client(nocheck_srv.address, chunk_size=diag_c * MiB)
         clients[("bdp", diag_c)] = Client(bdp_srv.address, chunk_size=diag_c * MiB)
+        clients[("keep", diag_c)] = Client(keep_srv.address, chunk_size=diag_c * MiB)
         admins = {"lifl": Client(lifl_srv.address), "nocheck": Client(nocheck_srv.address),
-                  "bdp": Client(bdp_srv.address)}
+                  "bdp": Client(bdp_srv.address), "keep": Client(keep_srv.address)}
         if args.ab:
             clients[("ab", diag_c)] = Client(ab_srv.address, chunk_size=diag_c * MiB)
             admins["ab"] = Client(ab_srv.address)
@@ -87,6 +89,9 @@ def main(argv=None) -> None:
             cases += [(f"null{c}", null_case(c)), (f"lifl{c}", lifl_case(c))]
         if args.ab:
             cases += [(f"ab{diag_c}", lifl_case(diag_c, "ab"))]
+        # diagnostic: memory kept between rounds (each sample is a round; by default its slots and
+        # accumulators are fresh pages, bench_round_start)
+        cases += [(f"keep{diag_c}", lifl_case(diag_c, "keep"))]
         if not args.quick:  # diagnostics: the same server without the non-finite scan; with BDP probing
             cases += [(f"nocheck{diag_c}", lifl_case(diag_c, "nocheck")), (f"bdp{diag_c}", lifl_case(diag_c, "bdp"))]
         print(f"bench_ingest: {args.model} ({layout.describe()}), {n_up} pushes per sample, chunks {chunks} MiB, "
@@ -105,6 +110,8 @@ def main(argv=None) -> None:
     for c in chunks:
         rep.add(f"chunk {c} MiB", "LIFL GiB/s ÷ null sink GiB/s", gibs[f"lifl{c}"], gibs[f"null{c}"], "GiB/s",
                 goal=">= 0.9", better="higher", threshold=0.9, peer_label="null")
+    rep.add(f"chunk {diag_c} MiB", "diagnostic: release_idle_shm=false ÷ null", gibs[f"keep{diag_c}"],
+            gibs[f"null{diag_c}"], "GiB/s", goal="(diagnostic)", ours_label="LIFL-keep", peer_label="null")
     if f"nocheck{diag_c}" in gibs:
         rep.add(f"chunk {diag_c} MiB", "diagnostic: reject_nonfinite=off ÷ null", gibs[f"nocheck{diag_c}"],
                 gibs[f"null{diag_c}"], "GiB/s", goal="(diagnostic)", ours_label="LIFL-nocheck", peer_label="null")
