@@ -51,10 +51,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from prometheus_client import CollectorRegistry, Metric, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client import multiprocess
 
 from .errors import LiflError
+from .metrics import RetiredCounts
 from .node_gateway import gateway_server
 from .pool_channel import FrameServer
 from .shm import BudgetExhausted, pid_alive
@@ -169,33 +170,6 @@ class PoolService:
             self.arena.release_slot(name)
         log.warning("gateway process %s died: %d slot(s) returned, %d stream(s) abandoned", child, len(slots),
                     len(streams))
-
-
-class RetiredCounts:
-    """The counters and histograms of the pool's dead processes, summed: read from a process's
-    files when it dies (exact: every count it made is in them), so that its files can go — a
-    pool whose processes are replaced again and again keeps files for the live ones only."""
-
-    def __init__(self):
-        self._families: dict[str, tuple[str, str]] = {}             # name -> (documentation, type)
-        self._sums: dict[str, dict[tuple, float]] = {}              # name -> (sample, labels) -> value
-
-    def add(self, families) -> None:
-        for fam in families:
-            if fam.type not in ("counter", "histogram"):   # a gauge describes a process that is gone
-                continue
-            self._families.setdefault(fam.name, (fam.documentation, fam.type))
-            sums = self._sums.setdefault(fam.name, {})
-            for smp in fam.samples:
-                key = (smp.name, tuple(sorted(smp.labels.items())))
-                sums[key] = sums.get(key, 0.0) + smp.value
-
-    def collect(self):
-        for name, (doc, kind) in self._families.items():
-            fam = Metric(name, doc, kind)
-            for (sname, labels), value in self._sums[name].items():
-                fam.add_sample(sname, dict(labels), value)
-            yield fam
 
 
 @dataclass
@@ -325,11 +299,10 @@ class GatewayPool:
     def metrics_texts(self) -> list[bytes]:
         """Every child's metrics, the dead ones' counters and histograms included, summed, in the
         text format (read from the files the children write: no call to any of them)."""
-        live, retired = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
+        live = CollectorRegistry(auto_describe=False)
         multiprocess.MultiProcessCollector(live, self.metrics_dir)
-        retired.register(self._retired)
-        with self._metrics_lock:   # the sources are summed by the head's /metrics (metrics._Merged)
-            return [generate_latest(live), generate_latest(retired)]
+        with self._metrics_lock:   # the texts are summed by the head's /metrics (metrics._Merged)
+            return [generate_latest(live), self._retired.text()]
 
     def _retire_metrics(self, pid: int) -> None:
         """A dead child's counts join the retired sum and its files go; its gauges end with it."""

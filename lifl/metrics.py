@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -135,5 +135,44 @@ class _Merged:
                     add(fam, True)
         for name, fam in families.items():
             for (sname, labels), value in sums[name].items():
+                fam.add_sample(sname, dict(labels), value)
+            yield fam
+
+
+class RetiredCounts:
+    """The counters and histograms of processes (or nodes) that are gone, summed into one
+    collector, so that a sum over the live ones plus these never goes back (Prometheus would
+    read a drop as a reset). Gauges are not kept: they describe what is gone."""
+
+    def __init__(self):
+        self._families: dict[str, tuple[str, str]] = {}             # name -> (documentation, type)
+        self._sums: dict[str, dict[tuple, float]] = {}              # name -> (sample, labels) -> value
+
+    def add(self, families) -> None:
+        for fam in families:
+            if fam.type not in ("counter", "histogram"):   # a gauge describes a process that is gone
+                continue
+            self._families.setdefault(fam.name, (fam.documentation, fam.type))
+            sums = self._sums.setdefault(fam.name, {})
+            for smp in fam.samples:
+                if smp.name.endswith("_created"):   # a creation time does not add up
+                    continue
+                key = (smp.name, tuple(sorted(smp.labels.items())))
+                sums[key] = sums.get(key, 0.0) + smp.value
+
+    def add_texts(self, texts) -> None:
+        """Add metrics in the text format (a node's last scrape)."""
+        for text in texts:
+            self.add(text_string_to_metric_families(text.decode()))
+
+    def text(self) -> bytes:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(self)
+        return generate_latest(reg)
+
+    def collect(self):
+        for name, (doc, kind) in self._families.items():
+            fam = Metric(name, doc, kind)
+            for (sname, labels), value in self._sums[name].items():
                 fam.add_sample(sname, dict(labels), value)
             yield fam

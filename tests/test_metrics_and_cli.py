@@ -117,3 +117,27 @@ def test_the_switch_interval_is_set_while_serving_and_restored(make_server):
     assert sys.getswitchinterval() == pytest.approx(min(before, 0.00025))
     srv.stop()
     assert sys.getswitchinterval() == before
+
+
+def test_retired_counts_keep_counters_and_histograms_not_gauges():
+    """Pure: what gone processes or nodes last reported sums into counters and histograms;
+    gauges and creation times are not kept (they describe what is gone)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from lifl.metrics import RetiredCounts
+
+    def scrape_of(n: int) -> bytes:
+        r = CollectorRegistry()
+        Counter("lifl_x", "x", ["job"], registry=r).labels("a").inc(n)
+        Gauge("lifl_g", "g", registry=r).set(n)
+        Histogram("lifl_h", "h", buckets=(1, 10), registry=r).observe(n)
+        return generate_latest(r)
+    retired = RetiredCounts()
+    assert list(text_string_to_metric_families(retired.text().decode())) == []
+    retired.add_texts([scrape_of(3), scrape_of(20)])
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(retired.text().decode()) for s in f.samples}
+    assert got[("lifl_x_total", (("job", "a"),))] == 23
+    assert got[("lifl_h_count", ())] == 2 and got[("lifl_h_sum", ())] == 23
+    assert got[("lifl_h_bucket", (("le", "10.0"),))] == 1 and got[("lifl_h_bucket", (("le", "+Inf"),))] == 2
+    assert not any(name.startswith("lifl_g") or name.endswith("_created") for name, _ in got)

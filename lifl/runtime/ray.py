@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..control.model import Node
+from ..metrics import RetiredCounts
 from ..shm import SHM_DIR, list_segments, reclaim_stale
 from .base import NodeEvents, OnMessage, deliver, log
 
@@ -225,6 +226,9 @@ class RayRuntime:
         self._monitor: threading.Thread | None = None
         self._link: tuple[str, str] | None = None   # (head address, secret) node agents call back
         self._capacity: list[dict] | None = None     # the last request_resources bundles
+        self._metrics_lock = threading.Lock()
+        self._last_metrics: dict[str, list[bytes]] = {}   # node -> its agent's last metrics answer
+        self._retired_metrics = RetiredCounts()          # nodes gone: their counts as last answered
 
     # -- nodes -------------------------------------------------------------------------
     def _alive_nodes(self, head_id: str, known: dict) -> list[RayNode]:
@@ -305,29 +309,35 @@ class RayRuntime:
 
     def metrics_texts(self, timeout_s: float = 3.0) -> list[bytes]:
         """Every live node agent's gateway metrics (its pool's processes too), for the head's
-        /metrics to sum. One bounded wait for all agents (a pool process's own answer may take
-        2 s): an agent that is slow, dead or failing is left out of this scrape with a warning,
-        never holding /metrics up. Nothing after close()."""
+        /metrics to sum. One bounded wait for all agents: an agent that is slow or failing
+        counts with its last answer (a warning), never holding /metrics up. A node that is gone
+        (lost, or left when idle) keeps the counters and histograms of its last answer in the
+        sum, so the cluster's counters never go back. Nothing after close()."""
         live = [n for n in self.nodes.values() if n.alive and n.agent is not None]
-        if self._stop.is_set() or not live:
+        if self._stop.is_set():
             return []
         ray = _ray()
+        answers: dict[str, list[bytes]] = {}
         try:
             refs = [n.agent.metrics_texts.remote() for n in live]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
         except Exception as e:
-            log.warning("node gateways' metrics: none this scrape (%s: %s)", type(e).__name__, e)
-            return []
-        out: list[bytes] = []
+            log.warning("node gateways' metrics: none this scrape (%s: %s); their last answers count", type(e).__name__, e)
+            refs, ready = [None] * len(live), []
         for n, ref in zip(live, refs):
-            if ref not in ready:
-                log.warning("node %s: no gateway metrics within %.1f s; left out of this scrape", n.name, timeout_s)
-                continue
             try:
-                out.extend(ray.get(ref))
+                if ref in ready:
+                    answers[n.name] = ray.get(ref)
+                    continue
+                why = f"none within {timeout_s:.1f} s"
             except Exception as e:
-                log.warning("node %s: no gateway metrics (%s: %s)", n.name, type(e).__name__, e)
-        return out
+                why = f"{type(e).__name__}: {e}"
+            log.warning("node %s: no gateway metrics (%s); its last answer counts", n.name, why)
+        with self._metrics_lock:
+            self._last_metrics.update(answers)
+            for name in [k for k in self._last_metrics if k not in {n.name for n in live}]:
+                self._retired_metrics.add_texts(self._last_metrics.pop(name))
+            return [t for texts in self._last_metrics.values() for t in texts] + [self._retired_metrics.text()]
 
     def store(self, node: str):
         return self.nodes[node].store

@@ -318,8 +318,8 @@ def _capacity_request():
 def test_a_node_that_joins_is_used_and_one_that_leaves_idle_is_no_loss(ray_server, cluster):
     """What Ray's autoscaler does to a cluster: a node added while LIFL runs gets an agent and a
     gateway and takes leaves in the next round; removed once its functions scaled to zero, it
-    is a departure, not a loss."""
-    srv = ray_server(keep_alive_s=0.5)
+    is a departure, not a loss, and what its gateway counted stays in /metrics."""
+    srv = ray_server(keep_alive_s=0.5, metrics_port=0)
     before = set(srv.gateways())
     joined = cluster.add_node(num_cpus=2, resources={"lifl_joined": 1})
     cluster.wait_for_nodes()
@@ -339,13 +339,17 @@ def test_a_node_that_joins_is_used_and_one_that_leaves_idle_is_no_loss(ray_serve
     assert new in {leaf.node for leaf in srv.snapshot().round(rid).leaves}
     assert _wait(lambda: not any(f.node == new for f in srv.snapshot().functions))   # scaled to zero
     assert _wait(lambda: _capacity_request() == []), _capacity_request()            # and nothing asked
+    size = Layout.from_arrays(base).total_size
+    assert _scrape(srv)["lifl_bytes_ingested_total"] == 8 * size     # the new node's pushes among them
     cluster.remove_node(joined)
     assert _wait(lambda: metric(srv, "lifl_nodes_left_total") == 1)
     assert metric(srv, "lifl_nodes_lost_total") == 0 and new not in srv.gateways()
+    assert _scrape(srv)["lifl_bytes_ingested_total"] == 8 * size     # a node that left: its counts stay
     with Client(srv.address) as admin:      # the rest of the cluster goes on
         rid = admin.open_round(base, expected=3)
         _push_spread(srv, rid, updates[:3], weights[:3])
         assert_matches(admin.pull(rid, wait_s=60), fedavg64(updates[:3], weights[:3]))
+    assert _scrape(srv)["lifl_bytes_ingested_total"] == 11 * size
 def test_encoded_updates_through_node_gateways_are_exact(ray_server):
     """Each node's gateway takes encoded pushes into its own shared memory; the actors there fold
     them from the slots (the encoding travels in the slot, nothing else changes)."""
