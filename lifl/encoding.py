@@ -15,6 +15,7 @@ Pure functions and frozen dataclasses; no processes, no I/O.
 """
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import struct
@@ -104,6 +105,13 @@ class EncodedLayout:
     encoding: Encoding
     parts: tuple[Part, ...]
     total_size: int
+
+    @functools.cached_property
+    def scan_table(self) -> tuple[tuple, tuple[int, ...]]:
+        """:func:`_regions` as a tuple, and each region's end byte (ascending): a chunk's check
+        finds the regions it overlaps by bisection, not by walking every tensor of the model."""
+        regions = tuple(_regions(self))
+        return regions, tuple(off + count * _STORE[what].itemsize for _, off, count, what, _ in regions)
 
     @property
     def slot_size(self) -> int:
@@ -202,10 +210,12 @@ def scan_received(enc: EncodedLayout, buf, start: int, end: int, nonfinite: bool
     from .fold import nonfinite_in, scan_in   # the kernels live there (fold imports this module)
 
     total = 0.0
-    for name, off, count, what, scales_at in _regions(enc):
+    regions, ends = enc.scan_table
+    for i in range(bisect.bisect_right(ends, start), len(regions)):
+        name, off, count, what, scales_at = regions[i]
+        if off >= end:
+            break
         size = _STORE[what].itemsize
-        if off + count * size <= start or off >= end:
-            continue
         if not (what == _SCALES or (squares if what == _Q8 else nonfinite or squares)):
             continue
         first = max(0, -(-(start - off) // size))
