@@ -37,7 +37,7 @@ log = logging.getLogger("lifl.gateway")
 
 
 from .admin import Admin
-from .rpc import Service, async_info, layout_of, retry_trailers, round_info, update_encoding, _spec_mismatch
+from .rpc import Service, async_info, retry_trailers, round_info, specs_mismatch, update_encoding
 
 class ChunkScan:
     """Called with each chunk's byte range as it lands: checks the whole 64-byte lines received
@@ -194,7 +194,7 @@ class Gateway(Service):
 
     @staticmethod
     def _check_update_layout(h: pb.PushHeader, want: Layout, where: str, encoding: Encoding) -> EncodedLayout:
-        diff = _spec_mismatch(layout_of(h.tensors), want)
+        diff = specs_mismatch(h.tensors, want)
         if diff:
             raise LiflError("INVALID_ARGUMENT", f"{where}: {diff}")
         enc = encoded(want, encoding)

@@ -97,6 +97,16 @@ def async_info(aj: AsyncJob) -> pb.RoundInfo:
     return info
 
 
+def specs_mismatch(tensors, want: Layout) -> str | None:
+    """How a push header's tensor specs differ from the model's (None: they match). The specs of
+    a matching header are compared as they are, field by field (ResNet-18's 122: ~0.1 ms); only
+    a header that differs is built into a :class:`Layout` (~0.4 ms), to say how."""
+    if len(tensors) == len(want.specs) and all(
+            t.name == s.name and t.dtype == s.dtype and tuple(t.shape) == s.shape for t, s in zip(tensors, want.specs)):
+        return None
+    return _spec_mismatch(layout_of(tensors), want)
+
+
 def _spec_mismatch(got: Layout, want: Layout) -> str | None:
     if got.specs == want.specs:
         return None
