@@ -192,10 +192,10 @@ class GatewayPool:
         self.service = PoolService(upstream, gateway.arena, node=node)
         reclaim_stale_dirs()
         # 0700: only this user may connect; named for this process, so a later pool can tell it stale
-        self._dir = self.directory = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
-        self.socket = f"unix:{os.path.join(self._dir, 'head.sock')}"   # relays: Pull, GetRound, Status, Admin
-        self.calls_path = os.path.join(self._dir, "calls.sock")          # the pool's calls (pool_channel)
-        self.metrics_dir = os.path.join(self._dir, "metrics")            # the children's counts (multiprocess)
+        self.directory = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
+        self.socket = f"unix:{os.path.join(self.directory, 'head.sock')}"   # relays: Pull, GetRound, Status, Admin
+        self.calls_path = os.path.join(self.directory, "calls.sock")          # the pool's calls (pool_channel)
+        self.metrics_dir = os.path.join(self.directory, "metrics")            # the children's counts (multiprocess)
         os.mkdir(self.metrics_dir, 0o700)
         self._calls: FrameServer | None = None
         self._server: grpc.Server | None = None
@@ -289,7 +289,7 @@ class GatewayPool:
         if self._calls is not None:
             self._calls.close()
             self._calls = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- views ---------------------------------------------------------------------------------
     def children(self) -> list[Child]:

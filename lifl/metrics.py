@@ -112,56 +112,37 @@ class _Merged:
         self.metrics = metrics
 
     def collect(self):
-        families: dict[str, Metric] = {}
-        sums: dict[str, dict[tuple, float]] = {}
-        order: dict[str, dict[tuple, object]] = {}
-
-        def add(fam, foreign: bool) -> None:
-            if fam.name not in families:
-                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-                sums[fam.name], order[fam.name] = {}, {}
-            for smp in fam.samples:
-                if foreign and smp.name.endswith("_created"):
-                    continue
-                key = (smp.name, tuple(sorted(smp.labels.items())))
-                sums[fam.name][key] = sums[fam.name].get(key, 0.0) + smp.value
-                order[fam.name].setdefault(key, smp)
-
-        for fam in self.metrics.registry.collect():
-            add(fam, False)
+        sums = FamilySums()
+        sums.add(self.metrics.registry.collect(), created=True)
         for source in self.metrics.sources:
-            for text in source():
-                for fam in text_string_to_metric_families(text.decode()):
-                    add(fam, True)
-        for name, fam in families.items():
-            for (sname, labels), value in sums[name].items():
-                fam.add_sample(sname, dict(labels), value)
-            yield fam
+            sums.add_texts(source())
+        yield from sums.collect()
 
 
-class RetiredCounts:
-    """The counters and histograms of processes (or nodes) that are gone, summed into one
-    collector, so that a sum over the live ones plus these never goes back (Prometheus would
-    read a drop as a reset). Gauges are not kept: they describe what is gone."""
+class FamilySums:
+    """Metric families summed sample by sample (same name and labels), as one collector; only
+    the family types in ``kinds`` (None: all)."""
 
-    def __init__(self):
-        self._families: dict[str, tuple[str, str]] = {}             # name -> (documentation, type)
+    def __init__(self, kinds: tuple[str, ...] | None = None):
+        self.kinds = kinds
+        self._families: dict[str, tuple[str, str, str]] = {}        # name -> (documentation, type, unit)
         self._sums: dict[str, dict[tuple, float]] = {}              # name -> (sample, labels) -> value
 
-    def add(self, families) -> None:
+    def add(self, families, created: bool = False) -> None:
+        """``created``: keep ``_created`` samples (one registry's own; summed, they mean nothing)."""
         for fam in families:
-            if fam.type not in ("counter", "histogram"):   # a gauge describes a process that is gone
+            if self.kinds is not None and fam.type not in self.kinds:
                 continue
-            self._families.setdefault(fam.name, (fam.documentation, fam.type))
+            self._families.setdefault(fam.name, (fam.documentation, fam.type, fam.unit))
             sums = self._sums.setdefault(fam.name, {})
             for smp in fam.samples:
-                if smp.name.endswith("_created"):   # a creation time does not add up
+                if not created and smp.name.endswith("_created"):
                     continue
                 key = (smp.name, tuple(sorted(smp.labels.items())))
                 sums[key] = sums.get(key, 0.0) + smp.value
 
     def add_texts(self, texts) -> None:
-        """Add metrics in the text format (a node's last scrape)."""
+        """Add metrics in the text format (a source's, a node's last scrape)."""
         for text in texts:
             self.add(text_string_to_metric_families(text.decode()))
 
@@ -171,8 +152,17 @@ class RetiredCounts:
         return generate_latest(reg)
 
     def collect(self):
-        for name, (doc, kind) in self._families.items():
-            fam = Metric(name, doc, kind)
+        for name, (doc, kind, unit) in self._families.items():
+            fam = Metric(name, doc, kind, unit)
             for (sname, labels), value in self._sums[name].items():
                 fam.add_sample(sname, dict(labels), value)
             yield fam
+
+
+class RetiredCounts(FamilySums):
+    """The counters and histograms of processes (or nodes) that are gone, summed, so that a sum
+    over the live ones plus these never goes back (Prometheus would read a drop as a reset).
+    Gauges are not kept: they describe what is gone."""
+
+    def __init__(self):
+        super().__init__(kinds=("counter", "histogram"))

@@ -215,13 +215,13 @@ def test_mutual_tls_identities_through_every_process(make_server, tmp_path):
 
 
 KILLED_HEAD = r"""
-import sys, time
+import signal, sys
 from lifl.config import ServerConfig
 from lifl.server import EmbeddedServer
 srv = EmbeddedServer(ServerConfig(port=0, metrics_port=-1, gateway_processes="2", workers=1, leaves=1,
                                   shm_prefix=sys.argv[1], shm_budget_mb=1)).start()
 print(srv.pool.directory, *(c.proc.pid for c in srv.pool.children()), flush=True)
-time.sleep(120)
+signal.pause()   # until the test kills it
 """
 
 
