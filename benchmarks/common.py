@@ -378,9 +378,8 @@ def _serve_lifl(cfg: dict) -> None:
     from lifl.server import EmbeddedServer
 
     conf = ServerConfig(**{"port": 0, "metrics_port": -1, **cfg})
-    if conf.malloc_keep_buffers:   # what `lifl serve` does in its own process
-        from lifl.malloc_policy import keep_buffers
-        keep_buffers()
+    from lifl import malloc_policy
+    malloc_policy.apply(conf)   # what `lifl serve` does in its own process
     with EmbeddedServer(conf) as srv:
         print(f"ADDR {srv.address} {srv.metrics_port}", flush=True)
         sys.stdin.read()

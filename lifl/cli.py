@@ -63,9 +63,8 @@ def cmd_serve(args) -> int:
         "gateway_processes": args.gateway_processes,
         "ray_address": args.ray_address, "placement": args.placement, "insecure": args.insecure or None})
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if cfg.malloc_keep_buffers:   # this process is ours (an embedded server's host process is not)
-        from .malloc_policy import keep_buffers
-        keep_buffers()
+    from . import malloc_policy
+    malloc_policy.apply(cfg)   # this process is ours (an embedded server's host process is not)
     srv = EmbeddedServer(cfg).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

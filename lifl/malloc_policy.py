@@ -37,3 +37,8 @@ def keep_buffers() -> bool:
     if not ok:
         log.warning("mallopt refused the malloc thresholds; received chunks will fault their pages in")
     return ok
+
+
+def apply(config) -> bool:
+    """What a process LIFL owns does at start: :func:`keep_buffers` if ``malloc_keep_buffers``."""
+    return keep_buffers() if config.malloc_keep_buffers else False

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 
+from . import malloc_policy
 from .auth import current_rate_key
 from .config import ServerConfig
 from .head_link import HeadLink
@@ -111,9 +112,7 @@ class PoolGateway(NodeGateway):
 
 def serve(spec: dict) -> None:
     cfg = ServerConfig(**spec["config"])
-    if cfg.malloc_keep_buffers:
-        from .malloc_policy import keep_buffers
-        keep_buffers()
+    malloc_policy.apply(cfg)
     from .config import MiB
     from .transport import server_credentials
     timeout = cfg.admission_timeout_s + 30.0
