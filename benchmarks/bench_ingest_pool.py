@@ -21,32 +21,67 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from lifl.client import Client
 from lifl.layout import Layout
+from lifl.procfs import children_map, cpu_seconds
 
 from .common import ROOT, Report, ServerProc, cpu_list, interleave, median, model_arrays, parser
 
 
-def tree_cpu(pid: int) -> tuple[float, float]:
-    """CPU seconds (user + system) of ``pid`` and of all its descendants now alive (from /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats, kids = {}, {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
+@dataclass(frozen=True)
+class TreeCpu:
+    """CPU-seconds of a server's process tree by role, and how long its threads waited for a CPU."""
+    head: float = 0.0
+    pool: float = 0.0        # the pool's gateway processes
+    functions: float = 0.0   # everything else under the head: zygotes and aggregator functions
+    runq_wait: float = 0.0   # seconds runnable but not running, summed over every thread (schedstat)
+
+    def __sub__(self, o: "TreeCpu") -> "TreeCpu":
+        return TreeCpu(*(a - b for a, b in zip(astuple(self), astuple(o))))
+
+    @property
+    def rest(self) -> float:
+        return self.pool + self.functions
+
+
+def _runq_wait(pid: int) -> float:
+    total = 0
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
             try:
-                f = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(d)] = (int(f[11]) + int(f[12])) / tick
-            kids.setdefault(int(f[1]), []).append(int(d))
-    todo, rest = list(kids.get(pid, [])), 0.0
+                total += int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    except OSError:
+        pass
+    return total / 1e9
+
+
+def tree_cpu(pid: int) -> TreeCpu:
+    """``pid``'s CPU and its descendants' by role (from /proc). A process's own time counts
+    with its reaped children's, so functions that exited within a sample are not lost."""
+    kids = children_map()
+    head = cpu_seconds(pid) or 0.0
+    pool = functions = 0.0
+    wait = _runq_wait(pid)
+    todo = list(kids.get(pid, []))
     while todo:
         q = todo.pop()
-        rest += stats.get(q, 0.0)
+        try:
+            is_pool = b"lifl.pool_gateway" in open(f"/proc/{q}/cmdline", "rb").read()
+        except OSError:
+            continue
+        c = cpu_seconds(q, children=True) or 0.0
+        if is_pool:
+            pool += c
+        else:
+            functions += c
+        wait += _runq_wait(q)
         todo += kids.get(q, [])
-    return stats.get(pid, 0.0), rest
+    return TreeCpu(head, pool, functions, wait)
 
 
 # -- client processes -----------------------------------------------------------------------------
@@ -120,9 +155,9 @@ def main(argv=None) -> None:
                    help="a diagnostic peer: N null sinks with LIFL's malloc policy (malloc_keep_buffers)")
     p.add_argument("--shm-budget-mb", type=int, default=2048)
     p.add_argument("--chunk-mib", type=int, default=2, help="the clients' chunk size")
-    p.add_argument("--ab", default="", metavar="ROOT",
-                   help="one more case: LIFL with N processes from another checkout (its C kernel built), "
-                        "compared on throughput and the head's CPU per update")
+    p.add_argument("--ab", action="append", default=[], metavar="ROOT",
+                   help="one more case (repeatable): LIFL with N processes from another checkout (its C kernel "
+                        "built), compared on throughput and the head's CPU per update")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=JSON: one more LIFL server with N processes and these settings, as a case")
     args = p.parse_args(argv)
@@ -139,8 +174,9 @@ def main(argv=None) -> None:
     for v in args.variant:
         name, _, conf = v.partition("=")
         servers[name] = ServerProc("lifl", env=env, **{**lifl_cfg, "gateway_processes": str(n), **json.loads(conf)})
-    if args.ab:
-        servers["before"] = ServerProc("lifl", env=env, root=Path(args.ab), **{**lifl_cfg, "gateway_processes": str(n)})
+    others = {f"ab:{Path(r).name}": r for r in args.ab}   # case -> checkout
+    for name, root in others.items():
+        servers[name] = ServerProc("lifl", env=env, root=Path(root), **{**lifl_cfg, "gateway_processes": str(n)})
     nulls: dict[str, list[ServerProc]] = {}   # case -> its N processes
     if not (args.no_null or args.e2e):
         for name, keep in [(f"null{n}", False)] + [(f"nullkeep{n}", True)] * args.tuned_null:
@@ -151,7 +187,7 @@ def main(argv=None) -> None:
             servers[name] = first
     clients = Clients(args.clients, args.model, args.client_cpus, args.conns, args.chunk_mib)
     admins = {k: Client(s.address) for k, s in servers.items() if not k.startswith("null")}
-    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in servers}   # (head, other processes) CPU-s
+    cpu: dict[str, list[TreeCpu]] = {k: [] for k in servers}   # per sample
     seq = iter(range(10**9))
 
     def lifl_case(name):
@@ -165,18 +201,18 @@ def main(argv=None) -> None:
             acked = time.perf_counter() - t0
             admin.pull(rid, wait_s=600)
             dt = time.perf_counter() - t0 if args.e2e else acked
-            c1 = tree_cpu(srv.pid)
-            cpu[name].append((c1[0] - c0[0], c1[1] - c0[1]))
+            cpu[name].append(tree_cpu(srv.pid) - c0)
             return dt
         return run
 
     def null_case(name):
         def run():
-            c0 = sum(sum(tree_cpu(q.pid)) for q in nulls[name])
+            c0 = [tree_cpu(q.pid) for q in nulls[name]]
             t0 = time.perf_counter()
             clients.push(servers[name].address, 0, f"s{next(seq)}", pushes)
             dt = time.perf_counter() - t0
-            cpu[name].append((sum(sum(tree_cpu(q.pid)) for q in nulls[name]) - c0, 0.0))
+            d = [tree_cpu(q.pid) - c for q, c in zip(nulls[name], c0)]
+            cpu[name].append(TreeCpu(head=sum(x.head + x.rest for x in d), runq_wait=sum(x.runq_wait for x in d)))
             return dt
         return run
 
@@ -221,20 +257,23 @@ def main(argv=None) -> None:
         if k not in ("lifl1", f"lifl{n}") and not k.startswith("null"):
             rep.add(f"variant {k}", f"GiB/s ÷ LIFL x{n} defaults", gibs[k], gibs[f"lifl{n}"], "GiB/s",
                     ours_label=k, peer_label=f"LIFL x{n}")
-    if args.ab:   # the head decides for every process: its CPU per update bounds the pool
-        per = {k: [h / total * 1e3 for h, _ in cpu[k][-reps:]] for k in (f"lifl{n}", "before")}
-        rep.add(f"{n} processes: this tree vs {args.ab}", "head CPU per update (ms), lower is better",
-                per[f"lifl{n}"], per["before"], "ms", ours_label="this tree", peer_label="before")
+    for name, root in others.items():   # the head decides for every process: its CPU per update bounds the pool
+        per = {k: [c.head / total * 1e3 for c in cpu[k][-reps:]] for k in (f"lifl{n}", name)}
+        rep.add(f"{n} processes: this tree vs {root}", "head CPU per update (ms), lower is better",
+                per[f"lifl{n}"], per[name], "ms", ours_label="this tree", peer_label=name)
     gib = total * layout.total_size / 2**30
     for k, v in cpu.items():   # where the servers' CPU went (from /proc), per sample
-        head, rest = [h for h, _ in v[-reps:]], [r for _, r in v[-reps:]]
-        per_gib = median([(h + r) / gib for h, r in v[-reps:]])
+        v = v[-reps:]
+        m = {f: median([getattr(c, f) for c in v]) for f in ("head", "pool", "functions", "runq_wait")}
+        per_gib = median([(c.head + c.rest) / gib for c in v])
         if k.startswith("null"):
-            rep.notes.append(f"{k}: CPU-s per sample {median(head):.2f} ({per_gib:.2f} CPU-s per GiB)")
+            rep.notes.append(f"{k}: CPU-s per sample {m['head']:.2f} ({per_gib:.2f} CPU-s per GiB); "
+                             f"threads waited {m['runq_wait']:.2f} s for a CPU")
         else:
-            rep.notes.append(f"{k}: CPU-s per sample: head process {median(head):.2f}, its other processes "
-                             f"(pool gateways, functions) {median(rest):.2f} ({per_gib:.2f} CPU-s per GiB)")
-        rep.raw[f"cpu|{k}"] = v[-reps:]
+            rep.notes.append(f"{k}: CPU-s per sample: head process {m['head']:.2f}, pool gateways {m['pool']:.2f}, "
+                             f"functions {m['functions']:.2f} ({per_gib:.2f} CPU-s per GiB); threads waited "
+                             f"{m['runq_wait']:.2f} s for a CPU")
+        rep.raw[f"cpu|{k}"] = [astuple(c) for c in v]
     rep.print()
     rep.write(args.out)
 

@@ -34,19 +34,31 @@ def _descending_powers(m: int) -> np.ndarray:
     return _powers[m - 1::-1] if m else _powers[:0]
 
 
-def copy_hash(dst, src, h: int, start: int) -> int:
-    """Copy ``src`` into ``dst`` (same length; None: no copy) and continue ``h`` over src's whole
-    words from byte ``start`` on."""
+def ingest(slot, pos: int, src, h: int, start: int, checks=None) -> tuple[int, int, int]:
+    """Copy ``src`` into ``slot[pos:pos + len(src)]`` (``slot`` None: no copy), continue ``h`` over
+    src's whole words from byte ``start`` on and, with ``checks`` (``encoding.ElementChecks``),
+    check every listed element that ends in this chunk, all in one pass: (h, first refused
+    region or -1, its refused elements here). With ``checks`` nothing reads the chunk back soon,
+    so the kernel writes it past the cache. Checks need the C kernel."""
     if _foldc is not None:
-        return _foldc.copy_hash(dst, src, h, start)
-    if dst is not None:
-        np.copyto(np.frombuffer(dst, np.uint8) if not isinstance(dst, np.ndarray) else dst,
-                  np.frombuffer(src, np.uint8))
+        if checks is None:
+            return (*_foldc.ingest(slot, pos, src, h, start, None, False, 0.0)[:1], -1, 0)
+        return _foldc.ingest(slot, pos, src, h, start, checks.table, True, checks.max_scale)
+    if checks is not None and len(checks.table):
+        raise ValueError("element checks while copying need lifl's C kernel")
+    if slot is not None:
+        dst = np.frombuffer(slot, np.uint8) if not isinstance(slot, np.ndarray) else slot
+        np.copyto(dst[pos:pos + len(src)], np.frombuffer(src, np.uint8))
     m = (len(src) - start) // 8
     words = np.frombuffer(src, "<u8", count=m, offset=start)
     with np.errstate(over="ignore"):
         s = int(np.sum(words * _descending_powers(m), dtype=np.uint64))
-    return (h * pow(P, m, 1 << 64) + s) & MASK
+    return (h * pow(P, m, 1 << 64) + s) & MASK, -1, 0
+
+
+def checks_while_copying() -> bool:
+    """Whether :func:`ingest` can check elements (the C kernel is built)."""
+    return _foldc is not None
 
 
 class ContentHash:
@@ -56,7 +68,9 @@ class ContentHash:
     def __init__(self) -> None:
         self.h, self.pending = 0, b""
 
-    def take(self, dst, data) -> None:
+    def take(self, data, slot=None, pos: int = 0, checks=None) -> tuple[int, int]:
+        """Take ``data``, the bytes at ``pos`` of the stream, copying them into ``slot`` at ``pos``
+        when given; ``checks``: (refused region or -1, its count) as :func:`ingest` finds them."""
         n, k = len(data), 0
         if self.pending:
             k = min(8 - len(self.pending), n)
@@ -64,10 +78,11 @@ class ContentHash:
             if len(self.pending) == 8:
                 self.h = (self.h * P + int.from_bytes(self.pending, "little")) & MASK
                 self.pending = b""
-        self.h = copy_hash(dst, data, self.h, k)
+        self.h, region, bad = ingest(slot, pos, data, self.h, k, checks)
         rest = (n - k) % 8
         if rest:
             self.pending = bytes(data[n - rest:])
+        return region, bad
 
     def value(self) -> int:
         if not self.pending:

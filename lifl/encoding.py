@@ -113,6 +113,15 @@ class EncodedLayout:
         regions = tuple(_regions(self))
         return regions, tuple(off + count * _STORE[what].itemsize for _, off, count, what, _ in regions)
 
+    def element_checks(self, nonfinite: bool) -> "ElementChecks":
+        """What the gateway's copy checks as each chunk lands: int8 block scales always, float
+        values' NaN/Inf with ``nonfinite`` (``content_hash.ingest``)."""
+        return self._element_checks[nonfinite]
+
+    @functools.cached_property
+    def _element_checks(self) -> dict[bool, "ElementChecks"]:
+        return {nf: ElementChecks.of(self.scan_table[0], nf) for nf in (False, True)}
+
     @property
     def slot_size(self) -> int:
         """Bytes of a shared-memory slot holding such an update (see the module docstring)."""
@@ -198,6 +207,39 @@ def _regions(enc: EncodedLayout) -> Iterator[tuple[str, int, int, int, int]]:
             yield spec.name, p.offset, spec.numel, p.kid, 0
 
 
+CHECK_SCALE = 100   # the copy kernel's kind for int8 block scales (float kinds are kernel ids)
+
+
+def _refusal(name: str, what: int, bad: int) -> str:
+    if what == _SCALES:
+        return (f"tensor {quote(name)} has {bad} int8 block scale(s) that are NaN, Inf or larger than "
+                f"{MAX_SCALE:.4g} in magnitude (a decoded value must be a finite float32); the update was rejected")
+    return f"tensor {quote(name)} has {bad} NaN/Inf values; the update was rejected (reject_nonfinite is on)"
+
+
+@dataclass(frozen=True)
+class ElementChecks:
+    """The regions whose elements the gateway's copy kernel checks in the same pass as it copies
+    and hashes each chunk (``content_hash.ingest``): a stream's chunks check every element once,
+    from L1, where a separate pass re-read each chunk from memory."""
+
+    table: np.ndarray            # int64 (byte offset, end, kind) per region, ascending
+    names: tuple[str, ...]
+    whats: tuple[int, ...]       # each region's kind as ``_regions`` gives it
+    max_scale: float = MAX_SCALE
+
+    @classmethod
+    def of(cls, regions, nonfinite: bool) -> "ElementChecks":
+        rows = [(off, off + count * _STORE[what].itemsize, CHECK_SCALE if what == _SCALES else what, name, what)
+                for name, off, count, what, _ in regions if what == _SCALES or (nonfinite and what >= 0)]
+        table = np.array([r[:3] for r in rows], np.int64).reshape(-1, 3)
+        return cls(table, tuple(r[3] for r in rows), tuple(r[4] for r in rows))
+
+    def why(self, region: int, bad: int) -> str:
+        """The refusal for ``bad`` elements found in region ``region`` (an index of ``table``)."""
+        return _refusal(self.names[region], self.whats[region], bad)
+
+
 def scan_received(enc: EncodedLayout, buf, start: int, end: int, nonfinite: bool,
                   squares: bool) -> tuple[str | None, float]:
     """Check the elements lying wholly inside the bytes [start, end) of an update as received:
@@ -226,9 +268,7 @@ def scan_received(enc: EncodedLayout, buf, start: int, end: int, nonfinite: bool
         if what == _SCALES:
             bad = int(np.count_nonzero(~(np.abs(raw) <= MAX_SCALE)))
             if bad:
-                return (f"tensor {quote(name)} has {bad} int8 block scale(s) that are NaN, Inf or larger than "
-                        f"{MAX_SCALE:.4g} in magnitude (a decoded value must be a finite float32); "
-                        "the update was rejected"), total
+                return _refusal(name, what, bad), total
             continue
         if what == _Q8:      # Σ (q·scale)² of these values, block by block
             b0 = first // BLOCK
@@ -243,8 +283,7 @@ def scan_received(enc: EncodedLayout, buf, start: int, end: int, nonfinite: bool
         else:
             bad = nonfinite_in(raw, what)
         if bad and nonfinite:
-            return (f"tensor {quote(name)} has {bad} NaN/Inf values; the update was rejected "
-                    "(reject_nonfinite is on)"), total
+            return _refusal(name, what, bad), total
     return None, total
 
 

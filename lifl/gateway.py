@@ -22,7 +22,8 @@ from .auth import Guard, Refusal, check_scope, current, policy_of, take_rate
 from .async_jobs import AsyncJob, AsyncJobs, needs_base_version
 from .errors import LiflError, quote
 from .engine.clock import SystemClock
-from .encoding import EncodedLayout, Encoding, encoded, scale_encoded, scan_received, write_trailer
+from .content_hash import checks_while_copying
+from .encoding import EncodedLayout, ElementChecks, Encoding, encoded, scale_encoded, scan_received, write_trailer
 from .layout import Layout
 from .ratelimit import RateLimiter
 from .rounds import Digest, Duplicate, check_weight, job_name
@@ -217,8 +218,11 @@ class Gateway(Service):
             self.metrics.slots_in_use.set(self.arena.stats().slots_in_use)
             slot.prefault()   # a fresh slot's pages in one call, not a fault per page as chunks land
             dst = slot.array(np.uint8, enc.total_size)
-            scan = self._scanner(enc, slot.buf)
-            self._receive(it, dst, pb.PushRequest, "update", check=check, on_chunk=scan, digest=digest)
+            if digest is None:   # an asynchronous delta: not deduplicated, but copied the same way
+                digest = Digest(0.0, int(enc.encoding))
+            checks, scan = self._scanner(enc, slot.buf)
+            self._receive(it, dst, pb.PushRequest, "update", check=check, on_chunk=scan, digest=digest,
+                          checks=checks)
             if scan is not None:
                 self._screen(enc, slot.buf, scan.sumsq)
             write_trailer(enc, slot.buf)
@@ -238,12 +242,16 @@ class Gateway(Service):
                 if slot is not None:
                     self.arena.release_slot(slot.name)
 
-    def _scanner(self, enc: EncodedLayout, buf) -> "ChunkScan | None":
-        """The check each landed chunk gets (None: none): int8 block scales (always), NaN/Inf
-        (``reject_nonfinite``) and the running Σx² for the L2 screen (``screen_l2_max``)."""
+    def _scanner(self, enc: EncodedLayout, buf) -> "tuple[ElementChecks | None, ChunkScan | None]":
+        """The check each landed chunk gets: int8 block scales (always), NaN/Inf
+        (``reject_nonfinite``) and the running Σx² for the L2 screen (``screen_l2_max``). Without
+        the screen, the copy kernel checks each chunk in its own pass (``ElementChecks``); the
+        screen's Σx² takes a pass of its own over each landed chunk (``ChunkScan``)."""
         nonfinite, screen = self.config.reject_nonfinite, self.config.screen_l2_max > 0
+        if not screen and checks_while_copying():
+            return enc.element_checks(nonfinite), None
         needed = nonfinite or screen or enc.encoding is Encoding.INT8_BLOCK256
-        return ChunkScan(enc, buf, nonfinite, screen) if needed else None
+        return None, (ChunkScan(enc, buf, nonfinite, screen) if needed else None)
 
     def _screen(self, enc: EncodedLayout, buf, sumsq: float) -> None:
         """Apply the L2-norm bound to a whole received update: reject it, or scale its float

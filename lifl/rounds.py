@@ -61,12 +61,13 @@ class Digest:
     def __post_init__(self) -> None:
         self._stream = ContentHash()   # not a field: never sent or journalled
 
-    def update(self, data, dst=None) -> None:
-        """Take ``data`` (the update's next bytes) into the hash, copying it into ``dst`` (same
-        length) in the same pass when given."""
-        self._stream.take(dst, data)
+    def update(self, data, slot=None, checks=None) -> tuple[int, int]:
+        """Take ``data`` (the update's next bytes) into the hash, copying it into ``slot`` at its
+        place and checking it (``content_hash.ingest``) in the same pass when given."""
+        found = self._stream.take(data, slot, self.size, checks)
         self.size += len(data)
         self.hash = self._stream.value()
+        return found
 
     def to_dict(self) -> dict:
         """The digest as sent and journalled (``from_dict`` reads it back); per push, so no ``asdict``."""

@@ -174,10 +174,11 @@ class Service:
         return msg.header
 
     def _receive(self, it, dst: np.ndarray | None, cls, what: str, check=None, on_chunk=None, size: int = 0,
-                 digest=None) -> int:
+                 digest=None, checks=None) -> int:
         """Copy the chunks that follow a header into dst; return the byte count (must equal dst's
         size). ``digest`` (``rounds.Digest``) takes in every chunk; with ``dst`` None the bytes are
-        only counted against ``size`` and digested (a duplicate's, which is not stored)."""
+        only counted against ``size`` and digested (a duplicate's, which is not stored).
+        ``checks`` (``encoding.ElementChecks``, with ``digest``): checked in the same pass."""
         size, pos = (dst.nbytes if dst is not None else size), 0
         for raw in it:
             payload = chunk_payload(raw, cls, what)
@@ -185,8 +186,10 @@ class Service:
             if pos + n > size:
                 raise LiflError("INVALID_ARGUMENT",
                                 f"{what}: received more bytes than the declared total_size of {size}")
-            if digest is not None:   # copied and hashed in one pass
-                digest.update(payload, dst[pos:pos + n] if dst is not None else None)
+            if digest is not None:   # copied, hashed and checked in one pass
+                region, bad = digest.update(payload, dst, checks)
+                if region >= 0:
+                    raise LiflError("INVALID_ARGUMENT", checks.why(region, bad))
             elif dst is not None:
                 np.copyto(dst[pos:pos + n], np.frombuffer(payload, np.uint8))
             if on_chunk is not None:

@@ -24,7 +24,7 @@ def chunked(data: bytes, cuts: list[int], copy: bool) -> tuple[int, bytes]:
     hs, dst = ContentHash(), np.zeros(len(data), np.uint8)
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     for a, b in zip(bounds, bounds[1:]):
-        hs.take(dst[a:b] if copy else None, data[a:b])
+        hs.take(data[a:b], dst if copy else None, a)
     return hs.value(), dst.tobytes()
 
 
