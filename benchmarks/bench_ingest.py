@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--updates", type=int, default=None, help="pushes per sample")
     p.add_argument("--chunks", default="1,2,4", help="chunk sizes in MiB")
+    p.add_argument("--settle", type=float, default=1.0,
+                   help="seconds to wait after each sample, outside the clock: a round's clean-up (unlinking "
+                        "its shared memory) then does not overlap the next case's sample")
     p.add_argument("--ab", default="", help="another checkout: its server (defaults) as a case too, "
                                             "for a before/after ratio (its C kernel built)")
     args = p.parse_args(argv)
@@ -71,6 +74,7 @@ def main(argv=None) -> None:
                     cl.push(rid, arrays, num_examples=10, client_id=f"c{next(ids)}")
                 dt = time.perf_counter() - t0
                 admin.pull(rid, wait_s=120)  # let the round finish outside the clock
+                time.sleep(args.settle)
                 return dt
             return run
 
@@ -81,7 +85,9 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 for _ in range(n_up):
                     cl.push(0, arrays, num_examples=10, client_id=f"c{next(ids)}")
-                return time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                time.sleep(args.settle)
+                return dt
             return run
 
         cases = []
@@ -106,7 +112,7 @@ def main(argv=None) -> None:
                   "transport": "grpcio, insecure, loopback; one client stream at a time",
                   "LIFL server": "own process, defaults (workers=4, leaves=4, reject_nonfinite=on)",
                   "null sink": "own process, stream-unary handler, identity deserializer, counts bytes",
-                  "reps (interleaved)": reps, "quick": args.quick})
+                  "reps (interleaved)": reps, "quick": args.quick, "settle after each sample (s)": args.settle})
     for c in chunks:
         rep.add(f"chunk {c} MiB", "LIFL GiB/s ÷ null sink GiB/s", gibs[f"lifl{c}"], gibs[f"null{c}"], "GiB/s",
                 goal=">= 0.9", better="higher", threshold=0.9, peer_label="null")

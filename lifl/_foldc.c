@@ -12,9 +12,6 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #define BLOCK 4096   /* 32 KiB of float64 accumulator: stays in L1/L2 */
 #define MAXSRC 64
@@ -495,11 +492,11 @@ done:
     return ret;
 }
 
-/* ingest(slot or None, pos, src, h, start, checks or None, stream) -> (h, region, bad): what a
+/* ingest(slot or None, pos, src, h, start, checks or None, max_scale) -> (h, region, bad): what a
  * gateway does with each received chunk, in one pass over it by 16 KiB blocks:
- *  - copy: slot[pos:pos + len(src)] = src (with ``stream``, non-temporal stores: the slot is read
- *    next by another process's fold, so caching it here only evicts, and plain stores first read
- *    every destination line: ~0.55x the time of memcpy per chunk on these machines);
+ *  - copy: slot[pos:pos + len(src)] = src. Plain stores: streaming (non-temporal) ones were 1.3x
+ *    faster into a slot out of cache, but 0.64x for a round's fresh slots, whose pages the
+ *    gateway has just mapped (zeroed, so in cache) — every round's first pushes;
  *  - content hash of src's whole little-endian 8-byte words from byte ``start`` on, continuing h:
  *      h' = h * P^m + sum_i w_i * P^(m-1-i)  (mod 2^64; P odd, so a change of any one word changes h').
  *    It composes over consecutive ranges, so chunks of any size give one update's hash
@@ -530,26 +527,6 @@ static uint64_t hash_words(const unsigned char *p, size_t m, uint64_t h) {
     }
     for (size_t i = 4 * K; i < m; i++) { uint64_t w; memcpy(&w, p + 8 * i, 8); h = h * HASH_P + w; }
     return h;
-}
-
-static void copy_block(unsigned char *d, const unsigned char *s, size_t n, int stream) {
-#if defined(__SSE2__)
-    if (stream) {
-        size_t i = (16 - ((uintptr_t)d & 15)) & 15;
-        if (i > n) i = n;
-        memcpy(d, s, i);
-        for (; i + 64 <= n; i += 64) {
-            __m128i a = _mm_loadu_si128((const __m128i *)(s + i)), b = _mm_loadu_si128((const __m128i *)(s + i + 16));
-            __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32)), e = _mm_loadu_si128((const __m128i *)(s + i + 48));
-            _mm_stream_si128((__m128i *)(d + i), a); _mm_stream_si128((__m128i *)(d + i + 16), b);
-            _mm_stream_si128((__m128i *)(d + i + 32), c); _mm_stream_si128((__m128i *)(d + i + 48), e);
-        }
-        memcpy(d + i, s + i, n - i);
-        return;
-    }
-#endif
-    (void)stream;
-    memcpy(d, s, n);
 }
 
 MULTIVERSION static Py_ssize_t bad_scales(const void *x, Py_ssize_t n, float max_scale) {
@@ -611,8 +588,8 @@ static void check_range(Checks *c, const unsigned char *slot, Py_ssize_t pos, co
 
 static PyObject *py_ingest(PyObject *self, PyObject *args) {
     PyObject *sloto, *checko; Py_buffer slot = {0}, src, tab = {0}; unsigned long long h;
-    Py_ssize_t pos, start; int stream; double max_scale;
-    if (!PyArg_ParseTuple(args, "Ony*KnOpd", &sloto, &pos, &src, &h, &start, &checko, &stream, &max_scale))
+    Py_ssize_t pos, start; double max_scale;
+    if (!PyArg_ParseTuple(args, "Ony*KnOd", &sloto, &pos, &src, &h, &start, &checko, &max_scale))
         return NULL;
     const char *err = NULL;
     if (sloto != Py_None && PyObject_GetBuffer(sloto, &slot, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto fail;
@@ -630,14 +607,11 @@ static PyObject *py_ingest(PyObject *self, PyObject *args) {
     int64_t done = pos;
     for (Py_ssize_t off = start; off < src.len; off += HASH_BLOCK) {
         size_t len = (size_t)(src.len - off < HASH_BLOCK ? src.len - off : HASH_BLOCK);
-        if (d) copy_block(d + off, s + off, len, stream);
+        if (d) memcpy(d + off, s + off, len);
         hv = hash_words(s + off, len / 8, hv);
         if (c.k) { check_range(&c, (const unsigned char *)slot.buf, pos, s, done, pos + off + (int64_t)len); done = pos + off + len; }
     }
     if (c.k && done < pos + src.len) check_range(&c, (const unsigned char *)slot.buf, pos, s, done, pos + src.len);
-#if defined(__SSE2__)
-    if (d && stream) _mm_sfence();   /* the streamed bytes are in memory before anyone hears of them */
-#endif
     Py_END_ALLOW_THREADS
     if (slot.obj) PyBuffer_Release(&slot);
     if (tab.obj) PyBuffer_Release(&tab);
@@ -652,7 +626,7 @@ fail:
 
 static PyMethodDef METHODS[] = {
     {"ingest", py_ingest, METH_VARARGS,
-     "ingest(slot|None, pos, src, h, start, checks|None, stream, max_scale) -> (h, region, bad): copy, hash, check"},
+     "ingest(slot|None, pos, src, h, start, checks|None, max_scale) -> (h, region, bad): copy, hash, check"},
     {"opt_step", py_opt_step, METH_VARARGS, "opt_step(...): a server optimizer step fused with finalize"},
     {"quantize_q8", py_quantize_q8, METH_VARARGS, "quantize_q8(x, scales, values, max_scale) -> bad blocks"},
     {"mean_to", py_mean_to, METH_VARARGS, "mean_to(acc, out, total_weight, kind): out = acc / w"},

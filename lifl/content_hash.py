@@ -38,12 +38,11 @@ def ingest(slot, pos: int, src, h: int, start: int, checks=None) -> tuple[int, i
     """Copy ``src`` into ``slot[pos:pos + len(src)]`` (``slot`` None: no copy), continue ``h`` over
     src's whole words from byte ``start`` on and, with ``checks`` (``encoding.ElementChecks``),
     check every listed element that ends in this chunk, all in one pass: (h, first refused
-    region or -1, its refused elements here). With ``checks`` nothing reads the chunk back soon,
-    so the kernel writes it past the cache. Checks need the C kernel."""
+    region or -1, its refused elements here). Checks need the C kernel."""
     if _foldc is not None:
         if checks is None:
-            return (*_foldc.ingest(slot, pos, src, h, start, None, False, 0.0)[:1], -1, 0)
-        return _foldc.ingest(slot, pos, src, h, start, checks.table, True, checks.max_scale)
+            return _foldc.ingest(slot, pos, src, h, start, None, 0.0)
+        return _foldc.ingest(slot, pos, src, h, start, checks.table, checks.max_scale)
     if checks is not None and len(checks.table):
         raise ValueError("element checks while copying need lifl's C kernel")
     if slot is not None:

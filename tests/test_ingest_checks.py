@@ -133,7 +133,7 @@ def test_chunks_at_odd_offsets_across_the_kernels_blocks():
 def test_the_kernel_refuses_a_chunk_that_does_not_fit_its_slot():
     from lifl import _foldc
     with pytest.raises(ValueError, match="does not fit"):
-        _foldc.ingest(np.zeros(8, np.uint8), 4, b"123456789", 0, 0, None, False, 0.0)
+        _foldc.ingest(np.zeros(8, np.uint8), 4, b"123456789", 0, 0, None, 0.0)
     with pytest.raises(ValueError, match="int64 triples"):
-        _foldc.ingest(None, 0, b"12345678", 0, 0, np.zeros((1, 3), np.int64), True, 1.0)
+        _foldc.ingest(None, 0, b"12345678", 0, 0, np.zeros((1, 3), np.int64), 1.0)
     assert kernel_id("float32") == 0
