@@ -529,6 +529,71 @@ static uint64_t hash_words(const unsigned char *p, size_t m, uint64_t h) {
     return h;
 }
 
+static uint64_t pow_p(uint64_t base, size_t e) {   /* base^e mod 2^64 */
+    uint64_t r = 1;
+    for (; e; e >>= 1) { if (e & 1) r *= base; base *= base; }
+    return r;
+}
+
+/* Copy (d NULL: none) and hash one block, the plain way: memcpy, then hash_words over it in L1. */
+static uint64_t copy_hash_plain(unsigned char *d, const unsigned char *s, size_t len, uint64_t h,
+                                Py_ssize_t *bad) {
+    if (d) memcpy(d, s, len);
+    if (bad) *bad = nonfinite_f32(s, (Py_ssize_t)(len / 4));
+    return hash_words(s, len / 8, h);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+/* The same copy and hash with AVX-512: memcpy (which writes whole lines without reading them
+ * first, where a loop of vector stores would), then the hash over the block while it is in L1 in
+ * 32 lanes (lane j takes words j, j + 32, ...: l = l * P^32 + w, 64-bit multiplies), combined
+ * as h * P^m + sum_j l_j * P^(31 - j): the value of hash_words at about the copy's speed (a
+ * scalar hash after the copy made the pair 1.35x slower than the copy alone, 2-core machine).
+ * ``bad`` (not NULL): the block is whole float32 elements, and their NaN/Inf are counted in the
+ * same loop, from the same loads. */
+#define HASH_LANES_STEP(M, q)                                                     \
+    __m512i x0 = _mm512_loadu_si512(q), x1 = _mm512_loadu_si512((q) + 64);       \
+    __m512i x2 = _mm512_loadu_si512((q) + 128), x3 = _mm512_loadu_si512((q) + 192); \
+    a0 = _mm512_add_epi64(_mm512_mullo_epi64(a0, M), x0);                         \
+    a1 = _mm512_add_epi64(_mm512_mullo_epi64(a1, M), x1);                         \
+    a2 = _mm512_add_epi64(_mm512_mullo_epi64(a2, M), x2);                         \
+    a3 = _mm512_add_epi64(_mm512_mullo_epi64(a3, M), x3);
+__attribute__((target("avx512f,avx512dq,popcnt"))) static uint64_t copy_hash_avx512(unsigned char *d,
+        const unsigned char *s, size_t len, uint64_t h, Py_ssize_t *bad) {
+    size_t K = len / 256;
+    if (d) memcpy(d, s, len);
+    if (K) {
+        const __m512i M = _mm512_set1_epi64((long long)pow_p(HASH_P, 32));
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        if (bad) {
+            const __m512i E = _mm512_set1_epi32(0x7f800000);
+            Py_ssize_t n = 0;
+            for (size_t k = 0; k < K; k++) {
+                HASH_LANES_STEP(M, s + 256 * k)
+                n += _mm_popcnt_u32(_mm512_cmpeq_epi32_mask(_mm512_and_si512(x0, E), E))
+                   + _mm_popcnt_u32(_mm512_cmpeq_epi32_mask(_mm512_and_si512(x1, E), E))
+                   + _mm_popcnt_u32(_mm512_cmpeq_epi32_mask(_mm512_and_si512(x2, E), E))
+                   + _mm_popcnt_u32(_mm512_cmpeq_epi32_mask(_mm512_and_si512(x3, E), E));
+            }
+            *bad = n + nonfinite_f32(s + 256 * K, (Py_ssize_t)((len - 256 * K) / 4));
+        } else {
+            for (size_t k = 0; k < K; k++) { HASH_LANES_STEP(M, s + 256 * k) }
+        }
+        uint64_t l[32], t = 0;
+        _mm512_storeu_si512(l, a0); _mm512_storeu_si512(l + 8, a1);
+        _mm512_storeu_si512(l + 16, a2); _mm512_storeu_si512(l + 24, a3);
+        for (int j = 0; j < 32; j++) t = t * HASH_P + l[j];
+        h = h * pow_p(HASH_P, 32 * K) + t;
+    } else if (bad) {
+        *bad = nonfinite_f32(s, (Py_ssize_t)(len / 4));
+    }
+    return hash_words(s + 256 * K, (len - 256 * K) / 8, h);
+}
+#endif
+
+typedef uint64_t (*copy_hash_fn)(unsigned char *, const unsigned char *, size_t, uint64_t, Py_ssize_t *);
+static copy_hash_fn COPY_HASH = copy_hash_plain;
+
 MULTIVERSION static Py_ssize_t bad_scales(const void *x, Py_ssize_t n, float max_scale) {
     Py_ssize_t bad = 0; const unsigned char *p = (const unsigned char *)x;
     for (Py_ssize_t i = 0; i < n; i++) { float v; memcpy(&v, p + 4 * i, 4); bad += !(fabsf(v) <= max_scale); }
@@ -586,6 +651,17 @@ static void check_range(Checks *c, const unsigned char *slot, Py_ssize_t pos, co
     }
 }
 
+/* The region whose float32 elements are exactly [b0, b1), all unchecked (-1: none such, or
+ * the block holds other kinds, a region's edge or part of an element): the fast path's test. */
+static Py_ssize_t in_f32_region(Checks *c, int64_t done, int64_t b0, int64_t b1) {
+    if (!c->k || done != b0) return -1;
+    while (c->r < c->k && c->t[3 * c->r + 1] <= done) c->r++;
+    if (c->r >= c->k) return -1;
+    const int64_t *t = c->t + 3 * c->r;
+    if (t[2] != K_F32 || t[0] > b0 || t[1] < b1 || (b0 - t[0]) % 4 || (b1 - b0) % 4) return -1;
+    return c->r;
+}
+
 static PyObject *py_ingest(PyObject *self, PyObject *args) {
     PyObject *sloto, *checko; Py_buffer slot = {0}, src, tab = {0}; unsigned long long h;
     Py_ssize_t pos, start; double max_scale;
@@ -607,9 +683,20 @@ static PyObject *py_ingest(PyObject *self, PyObject *args) {
     int64_t done = pos;
     for (Py_ssize_t off = start; off < src.len; off += HASH_BLOCK) {
         size_t len = (size_t)(src.len - off < HASH_BLOCK ? src.len - off : HASH_BLOCK);
-        if (d) memcpy(d + off, s + off, len);
-        hv = hash_words(s + off, len / 8, hv);
-        if (c.k) { check_range(&c, (const unsigned char *)slot.buf, pos, s, done, pos + off + (int64_t)len); done = pos + off + len; }
+        int64_t b0 = pos + off, b1 = b0 + (int64_t)len;
+        Py_ssize_t r = in_f32_region(&c, done, b0, b1);
+        if (r >= 0) {   /* whole float32 elements of one region: checked in the hash's loop */
+            Py_ssize_t bad = 0;
+            hv = COPY_HASH(d ? d + off : NULL, s + off, len, hv, &bad);
+            if (bad) {
+                if (c.region < 0) c.region = r;
+                if (c.region == r) c.bad += bad;
+            }
+            done = b1;
+            continue;
+        }
+        hv = COPY_HASH(d ? d + off : NULL, s + off, len, hv, NULL);
+        if (c.k) { check_range(&c, (const unsigned char *)slot.buf, pos, s, done, b1); done = b1; }
     }
     if (c.k && done < pos + src.len) check_range(&c, (const unsigned char *)slot.buf, pos, s, done, pos + src.len);
     Py_END_ALLOW_THREADS
@@ -624,7 +711,29 @@ fail:
     return NULL;
 }
 
+static int have_avx512(void) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+    return 0;
+#endif
+}
+
+/* use_simd(on) -> whether ingest now uses its AVX-512 loop: on picks it where the CPU has it
+ * (the default at import), off the portable one (tests check both give the same results). */
+static PyObject *py_use_simd(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    COPY_HASH = copy_hash_plain;
+#if defined(__GNUC__) && defined(__x86_64__)
+    if (on && have_avx512()) COPY_HASH = copy_hash_avx512;
+#endif
+    return PyBool_FromLong(COPY_HASH != copy_hash_plain);
+}
+
 static PyMethodDef METHODS[] = {
+    {"use_simd", py_use_simd, METH_VARARGS, "use_simd(on) -> bool: ingest's AVX-512 loop on (where the CPU has it) or off"},
     {"ingest", py_ingest, METH_VARARGS,
      "ingest(slot|None, pos, src, h, start, checks|None, max_scale) -> (h, region, bad): copy, hash, check"},
     {"opt_step", py_opt_step, METH_VARARGS, "opt_step(...): a server optimizer step fused with finalize"},
@@ -638,4 +747,10 @@ static PyMethodDef METHODS[] = {
 
 static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_foldc", NULL, -1, METHODS};
 
-PyMODINIT_FUNC PyInit__foldc(void) { pick_kernels(); return PyModule_Create(&MODULE); }
+PyMODINIT_FUNC PyInit__foldc(void) {
+    pick_kernels();
+#if defined(__GNUC__) && defined(__x86_64__)
+    if (have_avx512()) COPY_HASH = copy_hash_avx512;
+#endif
+    return PyModule_Create(&MODULE);
+}

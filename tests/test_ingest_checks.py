@@ -4,7 +4,8 @@ chunking, an element that is NaN/Inf (float values, raw or 16-bit encoded, with 
 or an int8 block scale that is not a finite float32 within ``MAX_SCALE`` is reported in the chunk
 where it ends, for the first such tensor in stream order, with the number of such elements of
 that tensor ending in that chunk — checked against a numpy decode of every element, independent
-of the kernel's region walk. The copy and the hash are the plain ones."""
+of the kernel's region walk. The copy and the hash are the plain ones. Every test runs with the
+kernel's AVX-512 loop (where the CPU has it) and with its portable one."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -15,6 +16,17 @@ from lifl.encoding import K_Q8, MAX_SCALE, Encoding, encode_pieces, encoded
 from lifl.layout import Layout, kernel_id
 
 pytestmark = pytest.mark.skipif(not content_hash.checks_while_copying(), reason="the C kernel is not built")
+
+
+@pytest.fixture(autouse=True, params=["simd", "portable"])
+def kernel_loop(request):
+    """The same for every example: it only picks the kernel's implementation."""
+    from lifl import _foldc
+    if not _foldc.use_simd(request.param == "simd") and request.param == "simd":
+        _foldc.use_simd(True)
+        pytest.skip("this CPU has no AVX-512")
+    yield request.param
+    _foldc.use_simd(True)
 
 DTYPES = ["float32", "float64", "float16", "bfloat16", "int32", "int64"]
 
@@ -62,7 +74,8 @@ def bad_word(size: int, choice: int) -> bytes:
     return words[choice % len(words)]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(specs=st.lists(st.tuples(st.sampled_from(DTYPES), st.integers(1, 700)), min_size=1, max_size=5),
        encoding=st.sampled_from(list(Encoding)), nonfinite=st.booleans(),
        cuts=st.lists(st.integers(0, 10**6), max_size=6),
@@ -108,17 +121,19 @@ def test_every_refused_element_is_found_in_the_chunk_where_it_ends(specs, encodi
         assert slot.tobytes() == data and hs.value() == plain.value()
 
 
-def test_chunks_at_odd_offsets_across_the_kernels_blocks():
-    """Large float64 and float16 tensors cut at odd byte offsets (elements straddle chunks and
-    the kernel's 16 KiB blocks): one NaN at the far end of each is found, nothing else is."""
-    arrays = {"a": np.ones(50_000, np.float64), "b": np.ones(70_001, np.float16), "c": np.arange(9, dtype=np.int32)}
+@pytest.mark.parametrize("first", ["float64", "float32"])
+def test_chunks_at_odd_offsets_across_the_kernels_blocks(first):
+    """Large float tensors cut at odd byte offsets (elements straddle chunks and the kernel's
+    16 KiB blocks): one NaN at the far end of each is found, nothing else is."""
+    arrays = {"a": np.ones(50_000, first), "b": np.ones(70_001, np.float16), "c": np.arange(9, dtype=np.int32)}
     enc = encoded(Layout.from_arrays(arrays), Encoding.RAW)
     buf = bytearray(enc.total_size)
     for off, piece in encode_pieces(enc, arrays):
         buf[off:off + len(piece)] = piece
     a_off, b_off = enc.parts[0].offset, enc.parts[1].offset
     for cut in (1, 7, 16385, 3 * 16384 + 5):
-        for where, word in ((a_off + 8 * 49_999, bad_word(8, 0)), (b_off + 2 * 70_000, bad_word(2, 1))):
+        size = np.dtype(first).itemsize
+        for where, word in ((a_off + size * 49_999, bad_word(size, 0)), (b_off + 2 * 70_000, bad_word(2, 1))):
             data = bytearray(buf)
             data[where:where + len(word)] = word
             hs, slot = ContentHash(), np.zeros(len(data), np.uint8)
@@ -137,3 +152,31 @@ def test_the_kernel_refuses_a_chunk_that_does_not_fit_its_slot():
     with pytest.raises(ValueError, match="int64 triples"):
         _foldc.ingest(None, 0, b"12345678", 0, 0, np.zeros((1, 3), np.int64), 1.0)
     assert kernel_id("float32") == 0
+
+
+@pytest.mark.parametrize("cut", [2 << 20, 16384, 4096 + 3, 2 * 16384 + 2])
+def test_every_nan_of_a_large_float32_tensor_is_counted_in_its_chunk(cut):
+    """A float32 tensor larger than many of the kernel's blocks, NaN/Inf at chosen places (the
+    first and last element, both ends of a block, inside the vector loop and its tail): every
+    chunk reports the count a numpy check of its whole elements gives, and the first tensor."""
+    x = np.random.default_rng(3).standard_normal(300_001).astype(np.float32)
+    arrays = {"w": x, "n": np.arange(5, dtype=np.int64)}
+    enc = encoded(Layout.from_arrays(arrays), Encoding.RAW)
+    w0 = enc.parts[0].offset
+    straddling = [i for i in ((k * cut - w0) // 4 for k in range(1, 6)) if i < len(x)]   # cut by a chunk boundary
+    for i in (0, 1, 63, 64, 4095, 4096, 4097, 100_000, 100_001, 163_839, 300_000, *straddling):
+        x[i] = np.inf if i % 2 else np.nan
+    buf = bytearray(enc.total_size)
+    for off, piece in encode_pieces(enc, arrays):
+        buf[off:off + len(piece)] = piece
+    data = bytes(buf)
+    checks, hs, slot = enc.element_checks(True), ContentHash(), np.zeros(len(data), np.uint8)
+    for a in range(0, len(data), cut):
+        b = min(len(data), a + cut)
+        first, last = max(0, (a - w0) // 4), min(len(x), max(0, (b - w0) // 4))   # elements ending in (a, b]
+        want = int(np.count_nonzero(~np.isfinite(x[first:last]))) if last > first else 0
+        region, bad = hs.take(data[a:b], slot, a, checks)
+        assert (region, bad) == ((0, want) if want else (-1, 0)), (a, b)
+    plain = ContentHash()
+    plain.take(data)
+    assert slot.tobytes() == data and hs.value() == plain.value()
