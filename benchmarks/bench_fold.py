@@ -8,7 +8,12 @@ cache-sized blocks). The peer is ``np.copyto`` of the same update bytes into a
 model-sized buffer, and for reference the naive per-tensor ``acc += w * x``.
 All cases run interleaved on one thread; throughput = update bytes / second.
 
-    python -m benchmarks.bench_fold [--quick]
+Beside them, the fold an aggregator function runs (``fold.fold_in_place``: in place, journaled
+so that a function killed mid-fold is re-run exactly) ÷ the bare fold of the same updates: the
+journal's cost. ``--ab ROOT``: the same journaled fold from another checkout (its package loaded
+beside this one, its C kernel built), this tree ÷ that one.
+
+    python -m benchmarks.bench_fold [--quick] [--ab /tmp/base]
 
 ``--processes 1,2,4,8,16``: scaling instead — that many processes (one per core, pinned),
 each folding its own updates into its own accumulator (fuse 8) or copying them (the
@@ -22,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--pool", type=int, default=None, help="distinct update buffers cycled through")
     p.add_argument("--processes", default="", help="scaling: process counts, e.g. 1,2,4,8,16")
+    p.add_argument("--ab", default="", help="another checkout: its journaled fold as a case too")
     args = p.parse_args(argv)
     if args.processes:
         return scaling(args)
@@ -91,7 +98,30 @@ def main(argv=None) -> None:
                 a += w * x
         return time.perf_counter() - t0
 
+    def journaled(k, fold_mod, views_of):
+        """``fold_mod.fold_in_place`` from generation g to g + 1, as a function runs it."""
+        j = fold_mod.Journal(bytearray(fold_mod.journal_bytes(layout.numel)), layout.numel)
+        own = np.zeros(layout.numel, np.float64)
+        gen = {"g": 1}
+        fold_mod.fold_in_place(own, j, 1, None, fold_mod.add_updates(layout, views_of[:1], weights[:1]))
+
+        def run():
+            t0 = time.perf_counter()
+            for _ in range(per_sample // k):
+                idx = take(k)
+                add = fold_mod.add_updates(layout, [views_of[j] for j in idx], [weights[j] for j in idx])
+                fold_mod.fold_in_place(own, j, gen["g"] + 1, gen["g"], add)
+                gen["g"] += 1
+            return time.perf_counter() - t0
+        return run
+
+    from lifl import fold as this_fold
     cases = [("copy", copy_case), ("naive", naive)] + [(f"fuse{k}", fused(k)) for k in FUSES]
+    cases += [(f"journaled{k}", journaled(k, this_fold, views)) for k in (1, 4)]
+    other = _load_other(args.ab) if args.ab else None
+    if other is not None:
+        other_views = [other.UpdateViews(layout, b) for b in bufs]
+        cases += [(f"ab{k}", journaled(k, other, other_views)) for k in (1, 4)]
     print(f"bench_fold: {args.model} ({layout.describe()}), {pool_n} distinct updates, "
           f"{per_sample} updates per sample, {reps} reps, C kernel: {have_c_kernel()}", flush=True)
     s = interleave(cases, reps)
@@ -108,9 +138,31 @@ def main(argv=None) -> None:
                 better="higher", threshold=1.0, ours_label="fold", peer_label="copy")
     rep.add("naive acc += w*x", "fold GB/s ÷ copy GB/s", gbs["naive"], gbs["copy"], "GB/s", goal="(reference)",
             ours_label="naive", peer_label="copy")
+    for k in (1, 4):
+        rep.add(f"fuse={k}", "journaled fold ÷ bare fold (GB/s)", gbs[f"journaled{k}"], gbs[f"fuse{k}"], "GB/s",
+                ours_label="fold_in_place", peer_label="fold_updates")
+    if other is not None:
+        for k in (1, 4):
+            rep.add(f"fuse={k}", f"journaled fold: this tree ÷ {args.ab}", gbs[f"journaled{k}"], gbs[f"ab{k}"], "GB/s",
+                    ours_label="this tree", peer_label="other")
     rep.notes.append("throughput counts update bytes (float32 in), not the float64 accumulator's traffic")
     rep.print()
     rep.write(args.out)
+
+
+def _load_other(root: str):
+    """``lifl.fold`` of another checkout, imported as package ``lifl_ab`` beside this tree's."""
+    import importlib.util
+    pkg = Path(root).resolve() / "lifl"
+    spec = importlib.util.spec_from_file_location("lifl_ab", pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["lifl_ab"] = mod
+    spec.loader.exec_module(mod)
+    other = importlib.import_module("lifl_ab.fold")
+    if not other.have_c_kernel():
+        raise SystemExit(f"{root}: build its C kernel first (python setup.py build_ext --inplace)")
+    return other
 
 
 # -- scaling over processes --------------------------------------------------------------------------

@@ -41,12 +41,31 @@ static inline double f16_to_double(uint16_t h) {
     return (double)f32_of_bits(r);
 }
 
+/* How a journaled fold keeps what it is about to change (lifl.fold.fold_in_place): before each
+ * block [s, e) is folded, its old values are copied to one of two block-sized areas of the undo
+ * buffer (they stay in L1), and then *mark = area << 60 | (mark0 + s) << 32 | (mark0 + e), one
+ * release store after the copy. Blocks alternate between the areas, so the block the mark names
+ * keeps its copy until the mark names the next one (area 2 is the whole-piece copy that
+ * lifl.fold.Save.all_of makes). A fold cut short anywhere has folded everything before the
+ * marked block, may have changed the marked block (its old values are in the marked area), and
+ * has not touched what follows: a re-run puts the block back and resumes there. Where a copy of
+ * a whole 1 MiB piece before its fold went out to memory and made the fold ~2x as costly, this
+ * stays in cache. */
+typedef struct { double *save; int64_t *mark; int64_t mark0; int area; } Undo;
+static inline void save_block(Undo *u, const double *acc, Py_ssize_t s, Py_ssize_t e) {
+    memcpy(u->save + (Py_ssize_t)u->area * BLOCK, acc + s, (size_t)(e - s) * sizeof(double));
+    __atomic_store_n(u->mark, ((int64_t)u->area << 60) | ((u->mark0 + (int64_t)s) << 32) | (u->mark0 + (int64_t)e),
+                     __ATOMIC_RELEASE);
+    u->area ^= 1;
+}
+
 #define DEFINE_FOLD(NAME, T, CONV)                                                   \
 MULTIVERSION static void NAME(double *restrict acc, const double *base, Py_ssize_t n, int k, \
-                              const void *const *src, const double *w) {             \
+                              const void *const *src, const double *w, Undo *u) {  \
     for (Py_ssize_t s = 0; s < n; s += BLOCK) {                                      \
         Py_ssize_t e = s + BLOCK < n ? s + BLOCK : n;                                \
         if (base) memcpy(acc + s, base + s, (size_t)(e - s) * sizeof(double));       \
+        if (u) save_block(u, acc, s, e);                                             \
         int j = 0;                                                                   \
         for (; j + 4 <= k; j += 4) {                                                 \
             const T *restrict a = (const T *)src[j], *restrict b = (const T *)src[j + 1]; \
@@ -73,7 +92,8 @@ DEFINE_FOLD(fold_i16, int16_t, CAST)
 DEFINE_FOLD(fold_i8, int8_t, CAST)
 DEFINE_FOLD(fold_u8, uint8_t, CAST)
 
-typedef void (*fold_fn)(double *, const double *, Py_ssize_t, int, const void *const *, const double *);
+typedef void (*fold_fn)(double *, const double *, Py_ssize_t, int, const void *const *, const double *,
+                        Undo *);
 static fold_fn FOLDS[] = {fold_f32, fold_f64, fold_f16, fold_bf16, fold_i64, fold_i32,
                           fold_i16, fold_i8, fold_u8, fold_u8};
 
@@ -84,10 +104,11 @@ static fold_fn FOLDS[] = {fold_f32, fold_f64, fold_f16, fold_bf16, fold_i64, fol
  * float32 ones. Chosen at import when the CPU has AVX2 and F16C; exact like the scalar path. */
 #define H4(p, i) _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((p) + (i)))))
 __attribute__((target("avx2,f16c"))) static void fold_f16_f16c(double *restrict acc, const double *base,
-        Py_ssize_t n, int k, const void *const *src, const double *w) {
+        Py_ssize_t n, int k, const void *const *src, const double *w, Undo *u) {
     for (Py_ssize_t s = 0; s < n; s += BLOCK) {
         Py_ssize_t e = s + BLOCK < n ? s + BLOCK : n, v = s + (e - s) / 4 * 4;
         if (base) memcpy(acc + s, base + s, (size_t)(e - s) * sizeof(double));
+        if (u) save_block(u, acc, s, e);
         int j = 0;
         for (; j + 4 <= k; j += 4) {
             const uint16_t *a = src[j], *b = src[j + 1], *c = src[j + 2], *d = src[j + 3];
@@ -120,13 +141,16 @@ static void pick_kernels(void) {}
 #endif
 static const int ITEMSIZE[] = {4, 8, 2, 2, 8, 4, 2, 1, 1, 1};
 
-/* fold(acc, sources, weights, kind[, base]): acc float64 buffer (writable), sources a
- * sequence of buffers holding acc's element count in `kind`'s type. With base
- * (a float64 buffer of acc's size), acc = base + sum instead of acc += sum: the
- * input accumulator is never modified, so a fold cut short can be re-run. */
+/* fold(acc, sources, weights, kind[, base[, save, mark, mark0]]): acc float64 buffer (writable),
+ * sources a sequence of buffers holding acc's element count in `kind`'s type. With base (a
+ * float64 buffer of acc's size), acc = base + sum instead of acc += sum: the input accumulator
+ * is never modified. With save and mark (base None): each block's old values are kept before it
+ * is folded (Undo, above), so a fold cut short can be resumed exactly. */
 static PyObject *py_fold(PyObject *self, PyObject *args) {
-    PyObject *acc_obj, *srcs, *ws, *base_obj = Py_None; int kind;
-    if (!PyArg_ParseTuple(args, "OOOi|O", &acc_obj, &srcs, &ws, &kind, &base_obj)) return NULL;
+    PyObject *acc_obj, *srcs, *ws, *base_obj = Py_None, *save_obj = Py_None, *mark_obj = Py_None; int kind;
+    long long mark0 = 0;
+    if (!PyArg_ParseTuple(args, "OOOi|OOOL", &acc_obj, &srcs, &ws, &kind, &base_obj, &save_obj, &mark_obj, &mark0))
+        return NULL;
     if (kind < 0 || kind > K_BOOL) { PyErr_SetString(PyExc_ValueError, "unknown kind"); return NULL; }
     Py_ssize_t k = PySequence_Size(srcs);
     if (k < 0) return NULL;
@@ -135,12 +159,22 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
     Py_buffer acc, bufs[MAXSRC]; const void *ptrs[MAXSRC]; double w[MAXSRC];
     if (PyObject_GetBuffer(acc_obj, &acc, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
     Py_ssize_t n = acc.len / 8, got = 0; PyObject *ret = NULL;
-    Py_buffer base; int have_base = 0;
+    Py_buffer base, save = {0}, mark = {0}; int have_base = 0; Undo undo;
     if (base_obj != Py_None) {
         if (PyObject_GetBuffer(base_obj, &base, PyBUF_C_CONTIGUOUS) < 0) { PyBuffer_Release(&acc); return NULL; }
         have_base = 1;
         if (base.len != acc.len) {
             PyErr_SetString(PyExc_ValueError, "base and acc differ in size"); goto done; }
+    }
+    if ((save_obj == Py_None) != (mark_obj == Py_None) || (save_obj != Py_None && have_base)) {
+        PyErr_SetString(PyExc_ValueError, "save and mark go together, and not with base"); goto done; }
+    if (save_obj != Py_None) {
+        if (PyObject_GetBuffer(save_obj, &save, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (PyObject_GetBuffer(mark_obj, &mark, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (save.len < 2 * BLOCK * 8 || mark.len != 8 || ((uintptr_t)mark.buf & 7)) {
+            PyErr_SetString(PyExc_ValueError, "save must hold two blocks and mark be one aligned int64"); goto done; }
+        undo.save = (double *)save.buf; undo.mark = (int64_t *)mark.buf; undo.mark0 = mark0;
+        undo.area = (*undo.mark >> 60) == 0;   /* not the area the mark names now */
     }
     for (; got < k; got++) {
         PyObject *o = PySequence_GetItem(srcs, got), *wo = PySequence_GetItem(ws, got);
@@ -158,10 +192,13 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
         ptrs[got] = bufs[got].buf;
     }
     Py_BEGIN_ALLOW_THREADS
-    FOLDS[kind]((double *)acc.buf, have_base ? (const double *)base.buf : NULL, n, (int)k, ptrs, w);
+    FOLDS[kind]((double *)acc.buf, have_base ? (const double *)base.buf : NULL, n, (int)k, ptrs, w,
+                save.obj ? &undo : NULL);
     Py_END_ALLOW_THREADS
     ret = Py_None; Py_INCREF(ret);
 done:
+    if (save.obj) PyBuffer_Release(&save);
+    if (mark.obj) PyBuffer_Release(&mark);
     for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
     if (have_base) PyBuffer_Release(&base);
     PyBuffer_Release(&acc);
@@ -749,8 +786,10 @@ static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_foldc", NULL, -1, M
 
 PyMODINIT_FUNC PyInit__foldc(void) {
     pick_kernels();
+    PyObject *m = PyModule_Create(&MODULE);
+    if (m && PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0) { Py_DECREF(m); return NULL; }
 #if defined(__GNUC__) && defined(__x86_64__)
     if (have_avx512()) COPY_HASH = copy_hash_avx512;
 #endif
-    return PyModule_Create(&MODULE);
+    return m;
 }

@@ -87,12 +87,63 @@ def _q8_numpy(acc: np.ndarray, src: Q8, w: float) -> None:
         acc[t:t + n] += ws * part.values
 
 
-def fold_arrays(acc: np.ndarray, sources: Sequence, weights: Sequence[float], kid: int) -> None:
+#: Elements per block of the C kernel's folds (its ``BLOCK``): the undo area begins with two
+#: areas of this size, where the kernel keeps blocks in turn (:class:`Save`).
+KERNEL_BLOCK = _foldc.BLOCK if _foldc is not None else 4096
+_WHOLE = 2   # the area code of a whole-range copy (after the two block areas)
+
+
+def _area(code: int) -> int:
+    return 2 * KERNEL_BLOCK if code == _WHOLE else code * KERNEL_BLOCK
+
+
+class Save:
+    """Where a journaled fold keeps what it is about to change (:func:`fold_in_place`): ``undo``,
+    the journal's undo area, and ``mark``, a one-element int64 view of the journal's record,
+    ``area << 60 | a << 32 | b``: elements [a, b) of the piece may have changed and their old
+    values are at the start of that area of undo (0 and 1: the kernel's two block areas, used
+    in turn, so a block's copy survives until the mark names the next one; 2: a whole-range
+    copy); the piece's elements before ``a`` are folded, those from ``b`` on untouched.
+    ``offset``: where the array being folded starts in the piece (``at``)."""
+
+    __slots__ = ("undo", "mark", "offset")
+
+    def __init__(self, undo: np.ndarray, mark: np.ndarray, offset: int = 0):
+        self.undo, self.mark, self.offset = undo, mark, offset
+
+    def at(self, a: int) -> "Save":
+        """The same for an array that starts ``a`` elements further into the piece."""
+        return Save(self.undo, self.mark, self.offset + a)
+
+    def all_of(self, acc: np.ndarray) -> None:
+        """Keep all of ``acc`` now, in one copy (where the folds that follow are not one kernel
+        call that keeps each block itself: mixed encodings, int8 sources, no C kernel)."""
+        at = _area(_WHOLE)
+        self.undo[at:at + len(acc)] = acc
+        self.mark[0] = _WHOLE << 60 | self.offset << 32 | (self.offset + len(acc))
+
+    @staticmethod
+    def restore(dst: np.ndarray, undo: np.ndarray, mark: int) -> int:
+        """Put back the elements ``mark`` names into the piece ``dst``; where to resume."""
+        code, a, b = mark >> 60, (mark >> 32) & 0x0FFFFFFF, mark & 0xFFFFFFFF
+        at = _area(code)
+        dst[a:b] = undo[at:at + b - a]
+        return a
+
+
+def fold_arrays(acc: np.ndarray, sources: Sequence, weights: Sequence[float], kid: int,
+                save: Save | None = None) -> None:
     """acc += Σ wₖ·xₖ for flat sources of one storage kind (kernel id ``kid``: a layout dtype's,
-    or ``encoding.K_Q8`` for :class:`Q8` sources, which all share one phase)."""
+    or ``encoding.K_Q8`` for :class:`Q8` sources, which all share one phase). ``save``: keep acc's
+    old values there first (the float kernels do it block by block, as they fold)."""
+    if save is not None and not (_foldc is not None and kid != K_Q8 and 0 < len(sources) <= MAX_FUSE):
+        save.all_of(acc)
+        save = None
     for start in range(0, len(sources), MAX_FUSE):
         src, w = sources[start:start + MAX_FUSE], [float(x) for x in weights[start:start + MAX_FUSE]]
-        if kid == K_Q8:
+        if save is not None:   # one kernel call: it keeps each block before it folds it
+            _foldc.fold(acc, src, w, kid, None, save.undo, save.mark, save.offset)
+        elif kid == K_Q8:
             if _foldc is not None:
                 _foldc.fold_q8(acc, [x.values for x in src], [x.scales for x in src], w,
                                src[0].phase if src else 0)
@@ -140,11 +191,17 @@ class UpdateViews:
         return self
 
 
-def _fold_groups(out: np.ndarray, sources: list, kids: list[int], weights: list[float]) -> None:
-    """Fold sources of mixed kinds (updates in different encodings), one kernel call per kind."""
-    for kid in sorted(set(kids)):
+def _fold_groups(out: np.ndarray, sources: list, kids: list[int], weights: list[float],
+                 save: Save | None = None) -> None:
+    """Fold sources of mixed kinds (updates in different encodings), one kernel call per kind
+    (with ``save``: several calls over the same elements keep them all first)."""
+    kinds = sorted(set(kids))
+    if save is not None and len(kinds) > 1:
+        save.all_of(out)
+        save = None
+    for kid in kinds:
         sel = [i for i, k in enumerate(kids) if k == kid]
-        fold_arrays(out, [sources[i] for i in sel], [weights[i] for i in sel], kid)
+        fold_arrays(out, [sources[i] for i in sel], [weights[i] for i in sel], kid, save)
 
 
 def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews], weights: Sequence[float]) -> None:
@@ -158,43 +215,53 @@ def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews]
 #: Elements of the float64 sum folded and committed as one piece (1 MiB: it stays in cache
 #: between saving it and folding into it).
 PIECE = 1 << 17
-_HEADER = 64  # journal bytes before the piece generations: [piece being folded, its new generation]
+_HEADER = 64  # journal bytes before the piece generations: [piece being folded, its new generation,
+#               the range of it that the undo area holds (Save)]
+
+
+def _undo_elements(numel: int) -> int:
+    return 2 * KERNEL_BLOCK + min(numel, PIECE)
 
 
 def journal_bytes(numel: int) -> int:
     """Size of the journal that lets folds into an accumulator of ``numel`` run in place."""
-    return _HEADER + 8 * -(-numel // PIECE) + 8 * min(numel, PIECE) + 64
+    return _HEADER + 8 * -(-numel // PIECE) + 8 * _undo_elements(numel) + 64
 
 
 class Journal:
     """How far in-place folds into one accumulator got, in shared memory beside it.
 
     An accumulator carries a generation per piece; a fold takes every piece from
-    generation ``a`` to a new, never reused ``b``: it saves the piece in a one-piece
-    undo area, records (piece, b), folds into the piece in place and marks it. A fold
-    cut short (its function was killed) is simply sent again: pieces at ``b`` are
-    skipped, the piece it was in is restored from the undo area, the rest still hold
-    their generation-``a`` values. So every update is folded exactly once, with one
-    piece of spare memory instead of a second float64 accumulator.
+    generation ``a`` to a new, never reused ``b``: it records (piece, b), folds into the
+    piece in place — keeping each block's old values in the undo area just before changing
+    it, and recording which block that is (:class:`Save`) — and marks the piece. A fold cut
+    short (its function was killed) is simply sent again: pieces at ``b`` are skipped, in the
+    piece it was in the recorded block gets its old values back and the fold resumes there
+    (what came before it is folded, what follows is untouched), the other pieces still hold
+    their generation-``a`` values. So every update is folded exactly once, with one piece of
+    spare memory instead of a second float64 accumulator, and the kernel keeps each block
+    while it is in cache: no second pass over the piece.
     """
 
     def __init__(self, buf, numel: int):
         n = -(-numel // PIECE)
         self.numel = numel
-        self.head = np.frombuffer(buf, np.int64, 2, 0)
+        self.head = np.frombuffer(buf, np.int64, 3, 0)
         self.gens = np.frombuffer(buf, np.int64, n, _HEADER)
         off = _HEADER + 8 * n
         off += -off % 64
-        self.undo = np.frombuffer(buf, np.float64, min(numel, PIECE), off)
+        self.undo = np.frombuffer(buf, np.float64, _undo_elements(numel), off)
 
 
 def fold_in_place(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int | None, add,
                   then=None) -> None:
     """Bring ``acc`` from generation ``from_gen`` (None: logically zero, whatever its bytes) to
-    ``to_gen`` with ``add(out, e0, e1)``, which adds Σ sources[e0:e1] into out. Re-running the
-    same call after it was cut short at any point gives exactly the uninterrupted result.
-    ``then(piece, e0, e1)`` is called with every piece once it is at ``to_gen`` (while it is
-    still in cache: :func:`fold_and_finalize`)."""
+    ``to_gen`` with ``add(out, e0, e1)``, which adds Σ sources[e0:e1] into out (an ``add`` with a
+    true ``saves`` attribute takes a :class:`Save` too and keeps out's old values there before
+    changing them: :func:`add_updates`, :func:`add_partials`). Re-running the same call after it
+    was cut short at any point gives exactly the uninterrupted result. ``then(piece, e0, e1)``
+    is called with every piece once it is at ``to_gen`` (while it is still in cache:
+    :func:`fold_and_finalize`)."""
     head, gens, undo = journal.head, journal.gens, journal.undo
     for k in range(len(gens)):
         g = int(gens[k])
@@ -206,16 +273,24 @@ def fold_in_place(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int 
             continue
         if from_gen is None:             # no old value to keep: start the piece from zero
             dst[:] = 0.0
-        elif head[1] == to_gen and head[0] == k:
-            dst[:] = undo[:e1 - e0]      # cut short inside this piece: restore it first
-        elif g != from_gen:
-            raise RuntimeError(f"accumulator piece {k} is at generation {g}, expected {from_gen} or {to_gen}")
+            add(dst, e0, e1)
         else:
-            head[1] = -1                 # the undo area is being rewritten
-            undo[:e1 - e0] = dst
-            head[0] = k
-            head[1] = to_gen             # the undo area holds piece k as it was before this fold
-        add(dst, e0, e1)
+            start = 0
+            if head[1] == to_gen and head[0] == k:   # cut short inside this piece: what it may
+                start = Save.restore(dst, undo, int(head[2]))   # have changed goes back, and it resumes there
+            elif g != from_gen:
+                raise RuntimeError(f"accumulator piece {k} is at generation {g}, expected {from_gen} or {to_gen}")
+            else:
+                head[1] = -1                 # the record is being rewritten
+                head[0] = k
+                head[2] = 0                  # nothing of piece k changed yet
+                head[1] = to_gen             # from here head[2] says what the undo area holds (Save)
+            save = Save(undo, head[2:3], start)
+            if getattr(add, "saves", False):
+                add(dst[start:], e0 + start, e1, save)
+            else:
+                save.all_of(dst[start:])
+                add(dst[start:], e0 + start, e1)
         gens[k] = to_gen
         if then is not None:
             then(dst, e0, e1)
@@ -232,15 +307,17 @@ def add_updates(layout: Layout, updates: Sequence[UpdateViews], weights: Sequenc
     updates = [u.refresh() for u in updates]
     weights = [float(w) for w in weights]
 
-    def add(out: np.ndarray, e0: int, e1: int) -> None:
+    def add(out: np.ndarray, e0: int, e1: int, save: Save | None = None) -> None:
         i = bisect.bisect_right(starts, e0) - 1
         while i < len(starts) and starts[i] < e1:
             a, b = max(e0, starts[i]), min(e1, ends[i])
             if a < b:
                 t0 = starts[i]
                 _fold_groups(out[a - e0:b - e0], [u.views[i][a - t0:b - t0] for u in updates],
-                             [u.kids[i] for u in updates], weights)
+                             [u.kids[i] for u in updates], weights,
+                             save.at(a - e0) if save is not None else None)
             i += 1
+    add.saves = True
     return add
 
 
@@ -248,8 +325,9 @@ def add_partials(partials: Sequence[np.ndarray]):
     """An ``add`` for :func:`fold_in_place` over children's float64 partial sums."""
     ones = [1.0] * len(partials)
 
-    def add(out: np.ndarray, e0: int, e1: int) -> None:
-        fold_arrays(out, [p[e0:e1] for p in partials], ones, 1)
+    def add(out: np.ndarray, e0: int, e1: int, save: Save | None = None) -> None:
+        fold_arrays(out, [p[e0:e1] for p in partials], ones, 1, save)
+    add.saves = True
     return add
 
 

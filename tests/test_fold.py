@@ -192,18 +192,25 @@ def test_in_place_fold_cut_short_anywhere_is_exact_when_re_run(monkeypatch, seed
     fold.fold_in_place(acc, j, 11, None, real)
     np.testing.assert_array_equal(acc, _expected(layout, views[:3], w[:3]))
     assert (j.gens == 11).all()
-    # fold 2 (11 -> 12): cut inside piece k, after its old value was saved (undo record written)
+    # fold 2 (11 -> 12): cut inside piece k while folding its elements [a, b), whose old values
+    # were kept in the undo area (what the kernel leaves: the elements before a are folded, those
+    # from b on untouched)
     before = acc.copy()
     done = acc.copy()
     jd = bytearray(jbuf)
     fold.fold_in_place(done, fold.Journal(jd, layout.numel), 12, 11, fold.add_updates(layout, views[3:], w[3:]))
     k = int(rng.integers(npieces))
     e0, e1 = k * 8, min(layout.numel, (k + 1) * 8)
-    acc[:e0] = done[:e0]
+    a = int(rng.integers(0, e1 - e0 + 1))
+    b = int(rng.integers(a, e1 - e0 + 1))
+    acc[:e0 + a] = done[:e0 + a]
     j.gens[:k] = 12
-    j.undo[: e1 - e0] = before[e0:e1]
-    j.head[:] = (k, 12)
-    acc[e0:e0 + (e1 - e0) // 2] = 1e300                       # half-folded garbage
+    area = int(rng.integers(0, 3))                            # a kernel block area, or the whole-range one
+    at = area * fold.KERNEL_BLOCK
+    j.undo[:] = -7.0                                          # stale: only the recorded range may be read
+    j.undo[at:at + b - a] = before[e0 + a:e0 + b]
+    j.head[:] = (k, 12, area << 60 | a << 32 | b)
+    acc[e0 + a:e0 + b] = 1e300                                # half-folded garbage
     fold.fold_in_place(acc, j, 12, 11, fold.add_updates(layout, views[3:], w[3:]))
     np.testing.assert_array_equal(acc, done)
     np.testing.assert_allclose(acc, before + _expected(layout, views[3:], w[3:]), rtol=1e-14)
@@ -231,3 +238,92 @@ def test_finalize_arrays_casts_per_tensor_like_the_server():
     assert out["b"].tolist() == [[False, True], [False, True]]  # 0.5 is a tie: False
     assert out["f"].tobytes() == (np.array([1.0, 2.0, 1.0 / 3.0]) / 2.0).astype(np.float32).tobytes()
     assert int(out["s"]) == 4                                    # 4.5 -> 4
+
+
+def test_a_journaled_fold_records_the_last_block_it_changed_with_its_old_values():
+    """After an in-place fold the journal records the last block the kernel changed (the end
+    of the last piece) and holds that block's values from before the fold."""
+    rng = np.random.default_rng(5)
+    n = fold.PIECE * 2 + 12_345                                # three pieces, the last one short
+    acc, x = rng.standard_normal(n), rng.standard_normal(n)
+    before = acc.copy()
+    j = fold.Journal(bytearray(fold.journal_bytes(n)), n)
+    j.gens[:] = 4
+    fold.fold_in_place(acc, j, 5, 4, fold.add_partials([x]))
+    last = n - 2 * fold.PIECE
+    m = int(j.head[2])
+    area, a, b = m >> 60, (m >> 32) & 0x0FFFFFFF, m & 0xFFFFFFFF
+    assert list(j.head[:2]) == [2, 5] and (j.gens == 5).all()
+    assert area in (0, 1) and b == last and 0 < b - a <= fold.KERNEL_BLOCK   # one of the kernel's blocks
+    at = area * fold.KERNEL_BLOCK
+    np.testing.assert_array_equal(j.undo[at:at + b - a], before[2 * fold.PIECE + a:2 * fold.PIECE + b])
+    # the block before it, in the other area, is intact too (the copy a cut-short fold would need)
+    other = (1 - area) * fold.KERNEL_BLOCK
+    np.testing.assert_array_equal(j.undo[other:other + fold.KERNEL_BLOCK],
+                                  before[2 * fold.PIECE + a - fold.KERNEL_BLOCK:2 * fold.PIECE + a])
+    np.testing.assert_array_equal(acc, before + x)
+
+
+_FOLDER = """
+import sys
+import numpy as np
+from lifl import fold
+from lifl.shm import Segment
+acc_n, j_n, x_n, numel = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+acc = Segment.attach(acc_n).array(np.float64, numel)
+j = fold.Journal(Segment.attach(j_n).buf, numel)
+x = Segment.attach(x_n).array(np.float64, numel)
+add = fold.add_partials([x])
+print("ready", flush=True)
+g = 1
+while True:   # generation g -> g + 1, again and again, until killed
+    fold.fold_in_place(acc, j, g + 1, g, add)
+    g += 1
+"""
+
+
+def test_a_process_killed_anywhere_in_a_journaled_fold_leaves_what_a_re_run_completes_exactly(shm_prefix):
+    """A real process folds into shared memory, generation after generation, and is SIGKILLed at
+    a random moment (inside the kernel's block-by-block save and fold, most of the time): the
+    same command re-run here completes that generation bit for bit as the uninterrupted
+    additions do. Some kills must land after part of a piece was saved (else the test proved
+    nothing about the kernel's save)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from lifl.shm import Segment
+    numel = 3 * fold.PIECE + 1000
+    rng = np.random.default_rng(11)
+    x0, acc0 = rng.standard_normal(numel), rng.standard_normal(numel)
+    partial_saves = 0
+    with Segment(f"{shm_prefix}-acc", 8 * numel, True) as a, Segment(f"{shm_prefix}-j", fold.journal_bytes(numel), True) as js, \
+            Segment(f"{shm_prefix}-x", 8 * numel, True) as xs:
+        try:
+            acc, x = a.array(np.float64, numel), xs.array(np.float64, numel)
+            x[:] = x0
+            for trial in range(8):
+                acc[:] = acc0
+                j = fold.Journal(js.buf, numel)
+                j.gens[:] = 1
+                j.head[:] = (-1, -1, 0)
+                p = subprocess.Popen([sys.executable, "-c", _FOLDER, a.name, js.name, xs.name, str(numel)],
+                                     stdout=subprocess.PIPE, text=True)
+                assert p.stdout.readline().strip() == "ready"
+                time.sleep(float(rng.uniform(0.02, 0.2)))
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=30)
+                p.stdout.close()
+                g = int(j.gens.min())
+                if j.head[1] == g + 1 and 0 < (int(j.head[2]) >> 32) & 0x0FFFFFFF:   # resumed inside a piece
+                    partial_saves += 1
+                fold.fold_in_place(acc, j, g + 1, g, fold.add_partials([x]))
+                want = acc0.copy()
+                for _ in range(g):
+                    want += x0
+                np.testing.assert_array_equal(acc, want)
+                assert (j.gens == g + 1).all()
+        finally:
+            for seg in (a, js, xs):
+                seg.unlink()
+    assert partial_saves >= 2
