@@ -41,42 +41,49 @@ static inline double f16_to_double(uint16_t h) {
     return (double)f32_of_bits(r);
 }
 
-/* How a journaled fold keeps what it is about to change (lifl.fold.fold_in_place): before each
- * block [s, e) is folded, its old values are copied to one of two block-sized areas of the undo
- * buffer (they stay in L1), and then *mark = area << 60 | (mark0 + s) << 32 | (mark0 + e), one
- * release store after the copy. Blocks alternate between the areas, so the block the mark names
- * keeps its copy until the mark names the next one (area 2 is the whole-piece copy that
- * lifl.fold.Save.all_of makes). A fold cut short anywhere has folded everything before the
- * marked block, may have changed the marked block (its old values are in the marked area), and
- * has not touched what follows: a re-run puts the block back and resumes there. Where a copy of
- * a whole 1 MiB piece before its fold went out to memory and made the fold ~2x as costly, this
- * stays in cache. */
-typedef struct { double *save; int64_t *mark; int64_t mark0; int area; } Undo;
-static inline void save_block(Undo *u, const double *acc, Py_ssize_t s, Py_ssize_t e) {
-    memcpy(u->save + (Py_ssize_t)u->area * BLOCK, acc + s, (size_t)(e - s) * sizeof(double));
-    __atomic_store_n(u->mark, ((int64_t)u->area << 60) | ((u->mark0 + (int64_t)s) << 32) | (u->mark0 + (int64_t)e),
+/* How a journaled fold changes the accumulator (lifl.fold.fold_in_place): each block [s, e) is
+ * summed aside, into the journal's block-sized area (it stays in L1), from the block's old
+ * values and the sources, which are read from memory together; then the record says the area
+ * holds the block's new values, and they are copied in. The record (*mark, one release store
+ * each time, nothing reordered across it) is (phase << 60 | (mark0 + s) << 32 | (mark0 + e)):
+ * phase 0, summing: the block is untouched and a re-run resumes at s; phase 1, copying: the area
+ * holds the new values, a re-run copies them in and resumes at e. Everything before the block is
+ * folded, everything after it untouched. Where an undo copy of each block (or piece) before its
+ * fold read the accumulator on its own, ahead of the sources, this reads it once, beside them. */
+typedef struct { double *save; int64_t *mark; int64_t mark0; } Undo;
+static inline void record(Undo *u, int64_t phase, Py_ssize_t s, Py_ssize_t e) {
+    __atomic_store_n(u->mark, (phase << 60) | ((u->mark0 + (int64_t)s) << 32) | (u->mark0 + (int64_t)e),
                      __ATOMIC_RELEASE);
-    u->area ^= 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* no later store moves above the record */
 }
 
 #define DEFINE_FOLD(NAME, T, CONV)                                                   \
 MULTIVERSION static void NAME(double *restrict acc, const double *base, Py_ssize_t n, int k, \
                               const void *const *src, const double *w, Undo *u) {  \
+    if (k == 0) u = NULL;                                                            \
     for (Py_ssize_t s = 0; s < n; s += BLOCK) {                                      \
-        Py_ssize_t e = s + BLOCK < n ? s + BLOCK : n;                                \
-        if (base) memcpy(acc + s, base + s, (size_t)(e - s) * sizeof(double));       \
-        if (u) save_block(u, acc, s, e);                                             \
+        Py_ssize_t e = s + BLOCK < n ? s + BLOCK : n, m = e - s;                     \
+        if (base) memcpy(acc + s, base + s, (size_t)m * sizeof(double));             \
+        if (u) record(u, 0, s, e);                                                   \
+        double *o = u ? u->save : acc + s;   /* where the block's new values are summed */ \
+        const double *in = acc + s;                                                  \
         int j = 0;                                                                   \
         for (; j + 4 <= k; j += 4) {                                                 \
-            const T *restrict a = (const T *)src[j], *restrict b = (const T *)src[j + 1]; \
-            const T *restrict c = (const T *)src[j + 2], *restrict d = (const T *)src[j + 3]; \
+            const T *a = (const T *)src[j] + s, *b = (const T *)src[j + 1] + s;      \
+            const T *c = (const T *)src[j + 2] + s, *d = (const T *)src[j + 3] + s;  \
             double wa = w[j], wb = w[j + 1], wc = w[j + 2], wd = w[j + 3];           \
-            for (Py_ssize_t i = s; i < e; i++)                                       \
-                acc[i] += (wa * CONV(a[i]) + wb * CONV(b[i])) + (wc * CONV(c[i]) + wd * CONV(d[i])); \
+            for (Py_ssize_t i = 0; i < m; i++)                                       \
+                o[i] = in[i] + ((wa * CONV(a[i]) + wb * CONV(b[i])) + (wc * CONV(c[i]) + wd * CONV(d[i]))); \
+            in = o;                                                                  \
         }                                                                            \
         for (; j < k; j++) {                                                         \
-            const T *restrict a = (const T *)src[j]; double wa = w[j];               \
-            for (Py_ssize_t i = s; i < e; i++) acc[i] += wa * CONV(a[i]);            \
+            const T *a = (const T *)src[j] + s; double wa = w[j];                    \
+            for (Py_ssize_t i = 0; i < m; i++) o[i] = in[i] + wa * CONV(a[i]);       \
+            in = o;                                                                  \
+        }                                                                            \
+        if (u) {                                                                     \
+            record(u, 1, s, e);                                                      \
+            memcpy(acc + s, u->save, (size_t)m * sizeof(double));                    \
         }                                                                            \
     }                                                                                \
 }
@@ -105,29 +112,39 @@ static fold_fn FOLDS[] = {fold_f32, fold_f64, fold_f16, fold_bf16, fold_i64, fol
 #define H4(p, i) _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((p) + (i)))))
 __attribute__((target("avx2,f16c"))) static void fold_f16_f16c(double *restrict acc, const double *base,
         Py_ssize_t n, int k, const void *const *src, const double *w, Undo *u) {
+    if (k == 0) u = NULL;
     for (Py_ssize_t s = 0; s < n; s += BLOCK) {
-        Py_ssize_t e = s + BLOCK < n ? s + BLOCK : n, v = s + (e - s) / 4 * 4;
-        if (base) memcpy(acc + s, base + s, (size_t)(e - s) * sizeof(double));
-        if (u) save_block(u, acc, s, e);
+        Py_ssize_t e = s + BLOCK < n ? s + BLOCK : n, m = e - s, v = m / 4 * 4;
+        if (base) memcpy(acc + s, base + s, (size_t)m * sizeof(double));
+        if (u) record(u, 0, s, e);
+        double *o = u ? u->save : acc + s;   /* as DEFINE_FOLD: summed aside when journaled */
+        const double *in = acc + s;
         int j = 0;
         for (; j + 4 <= k; j += 4) {
-            const uint16_t *a = src[j], *b = src[j + 1], *c = src[j + 2], *d = src[j + 3];
+            const uint16_t *a = (const uint16_t *)src[j] + s, *b = (const uint16_t *)src[j + 1] + s;
+            const uint16_t *c = (const uint16_t *)src[j + 2] + s, *d = (const uint16_t *)src[j + 3] + s;
             __m256d wa = _mm256_set1_pd(w[j]), wb = _mm256_set1_pd(w[j + 1]);
             __m256d wc = _mm256_set1_pd(w[j + 2]), wd = _mm256_set1_pd(w[j + 3]);
-            for (Py_ssize_t i = s; i < v; i += 4) {
+            for (Py_ssize_t i = 0; i < v; i += 4) {
                 __m256d ab = _mm256_add_pd(_mm256_mul_pd(wa, H4(a, i)), _mm256_mul_pd(wb, H4(b, i)));
                 __m256d cd = _mm256_add_pd(_mm256_mul_pd(wc, H4(c, i)), _mm256_mul_pd(wd, H4(d, i)));
-                _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), _mm256_add_pd(ab, cd)));
+                _mm256_storeu_pd(o + i, _mm256_add_pd(_mm256_loadu_pd(in + i), _mm256_add_pd(ab, cd)));
             }
-            for (Py_ssize_t i = v; i < e; i++)
-                acc[i] += (w[j] * f16_to_double(a[i]) + w[j + 1] * f16_to_double(b[i]))
-                          + (w[j + 2] * f16_to_double(c[i]) + w[j + 3] * f16_to_double(d[i]));
+            for (Py_ssize_t i = v; i < m; i++)
+                o[i] = in[i] + ((w[j] * f16_to_double(a[i]) + w[j + 1] * f16_to_double(b[i]))
+                                + (w[j + 2] * f16_to_double(c[i]) + w[j + 3] * f16_to_double(d[i])));
+            in = o;
         }
         for (; j < k; j++) {
-            const uint16_t *a = src[j]; __m256d wa = _mm256_set1_pd(w[j]);
-            for (Py_ssize_t i = s; i < v; i += 4)
-                _mm256_storeu_pd(acc + i, _mm256_add_pd(_mm256_loadu_pd(acc + i), _mm256_mul_pd(wa, H4(a, i))));
-            for (Py_ssize_t i = v; i < e; i++) acc[i] += w[j] * f16_to_double(a[i]);
+            const uint16_t *a = (const uint16_t *)src[j] + s; __m256d wa = _mm256_set1_pd(w[j]);
+            for (Py_ssize_t i = 0; i < v; i += 4)
+                _mm256_storeu_pd(o + i, _mm256_add_pd(_mm256_loadu_pd(in + i), _mm256_mul_pd(wa, H4(a, i))));
+            for (Py_ssize_t i = v; i < m; i++) o[i] = in[i] + w[j] * f16_to_double(a[i]);
+            in = o;
+        }
+        if (u) {
+            record(u, 1, s, e);
+            memcpy(acc + s, u->save, (size_t)m * sizeof(double));
         }
     }
 }
@@ -144,8 +161,8 @@ static const int ITEMSIZE[] = {4, 8, 2, 2, 8, 4, 2, 1, 1, 1};
 /* fold(acc, sources, weights, kind[, base[, save, mark, mark0]]): acc float64 buffer (writable),
  * sources a sequence of buffers holding acc's element count in `kind`'s type. With base (a
  * float64 buffer of acc's size), acc = base + sum instead of acc += sum: the input accumulator
- * is never modified. With save and mark (base None): each block's old values are kept before it
- * is folded (Undo, above), so a fold cut short can be resumed exactly. */
+ * is never modified. With save and mark (base None): each block is summed aside and recorded
+ * before it is copied in (Undo, above), so a fold cut short can be resumed exactly. */
 static PyObject *py_fold(PyObject *self, PyObject *args) {
     PyObject *acc_obj, *srcs, *ws, *base_obj = Py_None, *save_obj = Py_None, *mark_obj = Py_None; int kind;
     long long mark0 = 0;
@@ -171,10 +188,9 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
     if (save_obj != Py_None) {
         if (PyObject_GetBuffer(save_obj, &save, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
         if (PyObject_GetBuffer(mark_obj, &mark, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
-        if (save.len < 2 * BLOCK * 8 || mark.len != 8 || ((uintptr_t)mark.buf & 7)) {
-            PyErr_SetString(PyExc_ValueError, "save must hold two blocks and mark be one aligned int64"); goto done; }
+        if (save.len < BLOCK * 8 || mark.len != 8 || ((uintptr_t)mark.buf & 7)) {
+            PyErr_SetString(PyExc_ValueError, "save must hold a block and mark be one aligned int64"); goto done; }
         undo.save = (double *)save.buf; undo.mark = (int64_t *)mark.buf; undo.mark0 = mark0;
-        undo.area = (*undo.mark >> 60) == 0;   /* not the area the mark names now */
     }
     for (; got < k; got++) {
         PyObject *o = PySequence_GetItem(srcs, got), *wo = PySequence_GetItem(ws, got);

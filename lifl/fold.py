@@ -87,23 +87,24 @@ def _q8_numpy(acc: np.ndarray, src: Q8, w: float) -> None:
         acc[t:t + n] += ws * part.values
 
 
-#: Elements per block of the C kernel's folds (its ``BLOCK``): the undo area begins with two
-#: areas of this size, where the kernel keeps blocks in turn (:class:`Save`).
+#: Elements per block of the C kernel's folds (its ``BLOCK``): the undo area begins with one
+#: area of this size, where the kernel sums each block aside (:class:`Save`).
 KERNEL_BLOCK = _foldc.BLOCK if _foldc is not None else 4096
-_WHOLE = 2   # the area code of a whole-range copy (after the two block areas)
-
-
-def _area(code: int) -> int:
-    return 2 * KERNEL_BLOCK if code == _WHOLE else code * KERNEL_BLOCK
+_WHOLE = KERNEL_BLOCK   # where a whole-range copy of old values goes in the undo area
 
 
 class Save:
-    """Where a journaled fold keeps what it is about to change (:func:`fold_in_place`): ``undo``,
-    the journal's undo area, and ``mark``, a one-element int64 view of the journal's record,
-    ``area << 60 | a << 32 | b``: elements [a, b) of the piece may have changed and their old
-    values are at the start of that area of undo (0 and 1: the kernel's two block areas, used
-    in turn, so a block's copy survives until the mark names the next one; 2: a whole-range
-    copy); the piece's elements before ``a`` are folded, those from ``b`` on untouched.
+    """How a journaled fold changes the accumulator (:func:`fold_in_place`): ``undo``, the
+    journal's undo area, and ``mark``, a one-element int64 view of the journal's record of
+    elements [a, b) of the piece, ``phase << 60 | a << 32 | b`` (the piece's elements before
+    ``a`` are folded, those from ``b`` on untouched):
+
+    * phase 0: the C kernel is summing [a, b) aside, in the undo area; the piece is untouched there;
+    * phase 1: the undo area holds [a, b)'s new values, being copied in;
+    * phase 2: the undo area (from ``_WHOLE``) holds [a, b)'s old values, which may be changing
+      (:meth:`all_of`: where the folds that follow are not one kernel call that records its own
+      blocks — mixed encodings, int8 sources, no C kernel).
+
     ``offset``: where the array being folded starts in the piece (``at``)."""
 
     __slots__ = ("undo", "mark", "offset")
@@ -116,32 +117,35 @@ class Save:
         return Save(self.undo, self.mark, self.offset + a)
 
     def all_of(self, acc: np.ndarray) -> None:
-        """Keep all of ``acc`` now, in one copy (where the folds that follow are not one kernel
-        call that keeps each block itself: mixed encodings, int8 sources, no C kernel)."""
-        at = _area(_WHOLE)
-        self.undo[at:at + len(acc)] = acc
-        self.mark[0] = _WHOLE << 60 | self.offset << 32 | (self.offset + len(acc))
+        """Keep all of ``acc``'s old values now, in one copy, before it changes."""
+        self.undo[_WHOLE:_WHOLE + len(acc)] = acc
+        self.mark[0] = 2 << 60 | self.offset << 32 | (self.offset + len(acc))
 
     @staticmethod
-    def restore(dst: np.ndarray, undo: np.ndarray, mark: int) -> int:
-        """Put back the elements ``mark`` names into the piece ``dst``; where to resume."""
-        code, a, b = mark >> 60, (mark >> 32) & 0x0FFFFFFF, mark & 0xFFFFFFFF
-        at = _area(code)
-        dst[a:b] = undo[at:at + b - a]
+    def recover(dst: np.ndarray, undo: np.ndarray, mark: int) -> int:
+        """Make the piece ``dst`` consistent with the record ``mark`` after a fold was cut short:
+        every element before the returned position is folded, every one from it on untouched."""
+        phase, a, b = mark >> 60, (mark >> 32) & 0x0FFFFFFF, mark & 0xFFFFFFFF
+        if phase == 1:     # the block's new values were complete: finish copying them in
+            dst[a:b] = undo[:b - a]
+            return b
+        if phase == 2:     # a range's old values: put them back
+            dst[a:b] = undo[_WHOLE:_WHOLE + b - a]
         return a
 
 
 def fold_arrays(acc: np.ndarray, sources: Sequence, weights: Sequence[float], kid: int,
                 save: Save | None = None) -> None:
     """acc += Σ wₖ·xₖ for flat sources of one storage kind (kernel id ``kid``: a layout dtype's,
-    or ``encoding.K_Q8`` for :class:`Q8` sources, which all share one phase). ``save``: keep acc's
-    old values there first (the float kernels do it block by block, as they fold)."""
+    or ``encoding.K_Q8`` for :class:`Q8` sources, which all share one phase). ``save``: journaled
+    (:class:`Save`): one float kernel call records its blocks itself, anything else keeps acc's
+    old values first."""
     if save is not None and not (_foldc is not None and kid != K_Q8 and 0 < len(sources) <= MAX_FUSE):
         save.all_of(acc)
         save = None
     for start in range(0, len(sources), MAX_FUSE):
         src, w = sources[start:start + MAX_FUSE], [float(x) for x in weights[start:start + MAX_FUSE]]
-        if save is not None:   # one kernel call: it keeps each block before it folds it
+        if save is not None:   # one kernel call: it sums each block aside and records it
             _foldc.fold(acc, src, w, kid, None, save.undo, save.mark, save.offset)
         elif kid == K_Q8:
             if _foldc is not None:
@@ -220,7 +224,7 @@ _HEADER = 64  # journal bytes before the piece generations: [piece being folded,
 
 
 def _undo_elements(numel: int) -> int:
-    return 2 * KERNEL_BLOCK + min(numel, PIECE)
+    return _WHOLE + min(numel, PIECE)
 
 
 def journal_bytes(numel: int) -> int:
@@ -233,14 +237,14 @@ class Journal:
 
     An accumulator carries a generation per piece; a fold takes every piece from
     generation ``a`` to a new, never reused ``b``: it records (piece, b), folds into the
-    piece in place — keeping each block's old values in the undo area just before changing
-    it, and recording which block that is (:class:`Save`) — and marks the piece. A fold cut
-    short (its function was killed) is simply sent again: pieces at ``b`` are skipped, in the
-    piece it was in the recorded block gets its old values back and the fold resumes there
-    (what came before it is folded, what follows is untouched), the other pieces still hold
-    their generation-``a`` values. So every update is folded exactly once, with one piece of
-    spare memory instead of a second float64 accumulator, and the kernel keeps each block
-    while it is in cache: no second pass over the piece.
+    piece in place — the C kernel sums each block aside in a block-sized undo area and
+    copies it in, recording which block and which step (:class:`Save`) — and marks the
+    piece. A fold cut short (its function was killed) is simply sent again: pieces at ``b``
+    are skipped, in the piece it was in the recorded block is finished or left as it was and
+    the fold resumes after or at it (what came before is folded, what follows untouched), the
+    other pieces still hold their generation-``a`` values. So every update is folded exactly
+    once, with one piece of spare memory instead of a second float64 accumulator, and the
+    accumulator is read once, beside the sources: no pass of its own.
     """
 
     def __init__(self, buf, numel: int):
@@ -276,8 +280,8 @@ def fold_in_place(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int 
             add(dst, e0, e1)
         else:
             start = 0
-            if head[1] == to_gen and head[0] == k:   # cut short inside this piece: what it may
-                start = Save.restore(dst, undo, int(head[2]))   # have changed goes back, and it resumes there
+            if head[1] == to_gen and head[0] == k:   # cut short inside this piece: resume
+                start = Save.recover(dst, undo, int(head[2]))   # where it stood
             elif g != from_gen:
                 raise RuntimeError(f"accumulator piece {k} is at generation {g}, expected {from_gen} or {to_gen}")
             else:

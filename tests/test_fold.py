@@ -192,9 +192,10 @@ def test_in_place_fold_cut_short_anywhere_is_exact_when_re_run(monkeypatch, seed
     fold.fold_in_place(acc, j, 11, None, real)
     np.testing.assert_array_equal(acc, _expected(layout, views[:3], w[:3]))
     assert (j.gens == 11).all()
-    # fold 2 (11 -> 12): cut inside piece k while folding its elements [a, b), whose old values
-    # were kept in the undo area (what the kernel leaves: the elements before a are folded, those
-    # from b on untouched)
+    # fold 2 (11 -> 12): cut inside piece k while at its elements [a, b), in each step the record
+    # names: 0, the kernel summing the block aside (the piece untouched there); 1, copying the
+    # block's new values in (some copied); 2, a range whose old values were kept, being changed.
+    # Elements before a are folded, those from b on untouched.
     before = acc.copy()
     done = acc.copy()
     jd = bytearray(jbuf)
@@ -203,14 +204,19 @@ def test_in_place_fold_cut_short_anywhere_is_exact_when_re_run(monkeypatch, seed
     e0, e1 = k * 8, min(layout.numel, (k + 1) * 8)
     a = int(rng.integers(0, e1 - e0 + 1))
     b = int(rng.integers(a, e1 - e0 + 1))
+    phase = seed % 3
     acc[:e0 + a] = done[:e0 + a]
     j.gens[:k] = 12
-    area = int(rng.integers(0, 3))                            # a kernel block area, or the whole-range one
-    at = area * fold.KERNEL_BLOCK
-    j.undo[:] = -7.0                                          # stale: only the recorded range may be read
-    j.undo[at:at + b - a] = before[e0 + a:e0 + b]
-    j.head[:] = (k, 12, area << 60 | a << 32 | b)
-    acc[e0 + a:e0 + b] = 1e300                                # half-folded garbage
+    j.undo[:] = -7.0                                          # stale, but for what the record names
+    if phase == 0:
+        j.undo[:b - a] = 1e300                                # a block half summed aside
+    elif phase == 1:
+        j.undo[:b - a] = done[e0 + a:e0 + b]
+        acc[e0 + a:e0 + (a + b) // 2] = done[e0 + a:e0 + (a + b) // 2]   # half copied in
+    else:
+        j.undo[fold.KERNEL_BLOCK:fold.KERNEL_BLOCK + b - a] = before[e0 + a:e0 + b]
+        acc[e0 + a:e0 + b] = 1e300                            # half-folded garbage
+    j.head[:] = (k, 12, phase << 60 | a << 32 | b)
     fold.fold_in_place(acc, j, 12, 11, fold.add_updates(layout, views[3:], w[3:]))
     np.testing.assert_array_equal(acc, done)
     np.testing.assert_allclose(acc, before + _expected(layout, views[3:], w[3:]), rtol=1e-14)
@@ -240,9 +246,9 @@ def test_finalize_arrays_casts_per_tensor_like_the_server():
     assert int(out["s"]) == 4                                    # 4.5 -> 4
 
 
-def test_a_journaled_fold_records_the_last_block_it_changed_with_its_old_values():
-    """After an in-place fold the journal records the last block the kernel changed (the end
-    of the last piece) and holds that block's values from before the fold."""
+def test_a_journaled_fold_records_the_last_block_it_summed_aside():
+    """After an in-place fold the journal records the last block the kernel folded (the end of
+    the last piece) as copied in from the undo area, which holds that block's new values."""
     rng = np.random.default_rng(5)
     n = fold.PIECE * 2 + 12_345                                # three pieces, the last one short
     acc, x = rng.standard_normal(n), rng.standard_normal(n)
@@ -252,15 +258,10 @@ def test_a_journaled_fold_records_the_last_block_it_changed_with_its_old_values(
     fold.fold_in_place(acc, j, 5, 4, fold.add_partials([x]))
     last = n - 2 * fold.PIECE
     m = int(j.head[2])
-    area, a, b = m >> 60, (m >> 32) & 0x0FFFFFFF, m & 0xFFFFFFFF
+    phase, a, b = m >> 60, (m >> 32) & 0x0FFFFFFF, m & 0xFFFFFFFF
     assert list(j.head[:2]) == [2, 5] and (j.gens == 5).all()
-    assert area in (0, 1) and b == last and 0 < b - a <= fold.KERNEL_BLOCK   # one of the kernel's blocks
-    at = area * fold.KERNEL_BLOCK
-    np.testing.assert_array_equal(j.undo[at:at + b - a], before[2 * fold.PIECE + a:2 * fold.PIECE + b])
-    # the block before it, in the other area, is intact too (the copy a cut-short fold would need)
-    other = (1 - area) * fold.KERNEL_BLOCK
-    np.testing.assert_array_equal(j.undo[other:other + fold.KERNEL_BLOCK],
-                                  before[2 * fold.PIECE + a - fold.KERNEL_BLOCK:2 * fold.PIECE + a])
+    assert phase == 1 and b == last and 0 < b - a <= fold.KERNEL_BLOCK   # one of the kernel's blocks
+    np.testing.assert_array_equal(j.undo[:b - a], acc[2 * fold.PIECE + a:2 * fold.PIECE + b])
     np.testing.assert_array_equal(acc, before + x)
 
 
