@@ -33,6 +33,11 @@ SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")  # nos
 
 _SERIALS = itertools.count(1)  # per process, not per arena: two servers in one process never collide
 
+try:
+    from . import _foldc
+except ImportError:  # pragma: no cover - built at install time when a C compiler exists
+    _foldc = None
+
 # madvise(MADV_POPULATE_WRITE), Linux 5.14+: map every page of a range writable in one call
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
@@ -98,13 +103,19 @@ class Segment:
 
         Why: a fresh mapping of a tmpfs file faults one page at a time on first touch (a 4 MiB
         update: ~1,000 faults, ~1.5 ms on the 2-core machine); populating it in one call costs
-        about a third less, and a mapping that is reused (cached slots) pays it once. Returns
-        False where the kernel cannot (before Linux 5.14): pages then fault in as touched."""
+        about a third less, and a mapping that is reused (cached slots) pays it once. The C
+        kernel makes the call without the GIL (``mmap.madvise`` holds it while the kernel zeroes
+        the pages, and a gateway process's other streams would wait). Returns False where the
+        kernel cannot (before Linux 5.14): pages then fault in as touched."""
         if self._prefaulted or self._mmap is None:
             return self._prefaulted
         try:
-            self._mmap.madvise(_MADV_POPULATE_WRITE)
-        except (OSError, ValueError):
+            if _foldc is not None:
+                if _foldc.populate(self._mmap):
+                    return False
+            else:
+                self._mmap.madvise(_MADV_POPULATE_WRITE)
+        except (OSError, ValueError, BufferError):
             return False
         self._prefaulted = True
         return True

@@ -264,6 +264,43 @@ def test_a_prefaulted_slot_is_written_without_a_fault_per_page(shm_prefix):
         a.release_slot(slot.name)
 
 
+def test_prefaulting_a_segment_lets_the_processs_other_threads_run(shm_prefix):
+    """A gateway process prefaults each fresh slot while its other streams copy chunks: the
+    kernel's mapping of the pages (tens of ms for 256 MiB) must not hold the GIL. Another thread
+    counts its loops per millisecond into a preallocated array (no allocation that could wait on
+    the kernel's memory-map lock); it must have run in the middle of the call, where with the GIL
+    held throughout it cannot run Python at all."""
+    import threading
+    import time
+    size = 256 << 20
+    with Arena(size, prefix=shm_prefix) as a:
+        slot = a.acquire_slot(size)
+        with Segment.attach(slot.name) as seg:
+            per_ms = np.zeros(100_000, np.int64)
+            origin, stop, started = [time.monotonic()], threading.Event(), threading.Event()
+
+            def spin():
+                started.set()
+                while not stop.is_set():
+                    per_ms[int((time.monotonic() - origin[0]) * 1000)] += 1
+            t = threading.Thread(target=spin)
+            t.start()
+            try:
+                started.wait(10)
+                t0 = time.monotonic()
+                populated = seg.prefault()
+                t1 = time.monotonic()
+            finally:
+                stop.set()
+                t.join()
+            if not populated:
+                pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
+            ms = lambda x: int((x - origin[0]) * 1000)
+            middle = per_ms[ms(t0 + 0.4 * (t1 - t0)):ms(t1 - 0.1 * (t1 - t0))]
+            assert len(middle) >= 5 and middle.sum() >= 10, (t1 - t0, middle.tolist())
+        a.release_slot(slot.name)
+
+
 def test_a_new_scratch_segment_reads_as_zeros_and_a_reused_one_keeps_its_bytes(shm_prefix):
     """Accumulators and journals come from ``scratch``: a new one is zero (a fresh journal's
     generations mean "nothing folded yet") though the head never writes it; a reused one is not
