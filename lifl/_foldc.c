@@ -56,6 +56,11 @@ static inline void record(Undo *u, int64_t phase, Py_ssize_t s, Py_ssize_t e) {
                      __ATOMIC_RELEASE);
     __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* no later store moves above the record */
 }
+/* The block's new values are complete in the area: record that, then copy them in. */
+static inline void copy_in(Undo *u, double *acc, Py_ssize_t s, Py_ssize_t e) {
+    record(u, 1, s, e);
+    memcpy(acc + s, u->save, (size_t)(e - s) * sizeof(double));
+}
 
 #define DEFINE_FOLD(NAME, T, CONV)                                                   \
 MULTIVERSION static void NAME(double *restrict acc, const double *base, Py_ssize_t n, int k, \
@@ -81,10 +86,7 @@ MULTIVERSION static void NAME(double *restrict acc, const double *base, Py_ssize
             for (Py_ssize_t i = 0; i < m; i++) o[i] = in[i] + wa * CONV(a[i]);       \
             in = o;                                                                  \
         }                                                                            \
-        if (u) {                                                                     \
-            record(u, 1, s, e);                                                      \
-            memcpy(acc + s, u->save, (size_t)m * sizeof(double));                    \
-        }                                                                            \
+        if (u) copy_in(u, acc, s, e);                                                \
     }                                                                                \
 }
 
@@ -142,10 +144,7 @@ __attribute__((target("avx2,f16c"))) static void fold_f16_f16c(double *restrict 
             for (Py_ssize_t i = v; i < m; i++) o[i] = in[i] + w[j] * f16_to_double(a[i]);
             in = o;
         }
-        if (u) {
-            record(u, 1, s, e);
-            memcpy(acc + s, u->save, (size_t)m * sizeof(double));
-        }
+        if (u) copy_in(u, acc, s, e);
     }
 }
 
@@ -614,8 +613,9 @@ static uint64_t copy_hash_plain(unsigned char *d, const unsigned char *s, size_t
 __attribute__((target("avx512f,avx512dq,popcnt"))) static uint64_t copy_hash_avx512(unsigned char *d,
         const unsigned char *s, size_t len, uint64_t h, Py_ssize_t *bad) {
     size_t K = len / 256;
+    if (!K) return copy_hash_plain(d, s, len, h, bad);
     if (d) memcpy(d, s, len);
-    if (K) {
+    {
         const __m512i M = _mm512_set1_epi64((long long)pow_p(HASH_P, 32));
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
         if (bad) {
@@ -637,8 +637,6 @@ __attribute__((target("avx512f,avx512dq,popcnt"))) static uint64_t copy_hash_avx
         _mm512_storeu_si512(l + 16, a2); _mm512_storeu_si512(l + 24, a3);
         for (int j = 0; j < 32; j++) t = t * HASH_P + l[j];
         h = h * pow_p(HASH_P, 32 * K) + t;
-    } else if (bad) {
-        *bad = nonfinite_f32(s, (Py_ssize_t)(len / 4));
     }
     return hash_words(s + 256 * K, (len - 256 * K) / 8, h);
 }

@@ -216,8 +216,8 @@ def fold_updates(acc: np.ndarray, layout: Layout, updates: Sequence[UpdateViews]
         _fold_groups(acc[e:e + spec.numel], [u.views[i] for u in updates], [u.kids[i] for u in updates], weights)
 
 
-#: Elements of the float64 sum folded and committed as one piece (1 MiB: it stays in cache
-#: between saving it and folding into it).
+#: Elements of the float64 sum folded and committed as one piece (1 MiB: a generation per piece
+#: keeps the journal small; a re-sent fold skips whole pieces).
 PIECE = 1 << 17
 _HEADER = 64  # journal bytes before the piece generations: [piece being folded, its new generation,
 #               the range of it that the undo area holds (Save)]
@@ -261,8 +261,9 @@ def fold_in_place(acc: np.ndarray, journal: Journal, to_gen: int, from_gen: int 
                   then=None) -> None:
     """Bring ``acc`` from generation ``from_gen`` (None: logically zero, whatever its bytes) to
     ``to_gen`` with ``add(out, e0, e1)``, which adds Σ sources[e0:e1] into out (an ``add`` with a
-    true ``saves`` attribute takes a :class:`Save` too and keeps out's old values there before
-    changing them: :func:`add_updates`, :func:`add_partials`). Re-running the same call after it
+    true ``saves`` attribute takes a :class:`Save` too and records in it how far it got:
+    :func:`add_updates`, :func:`add_partials`; any other ``add`` gets its range's old values kept
+    first). Re-running the same call after it
     was cut short at any point gives exactly the uninterrupted result. ``then(piece, e0, e1)``
     is called with every piece once it is at ``to_gen`` (while it is still in cache:
     :func:`fold_and_finalize`)."""
